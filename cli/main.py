@@ -1,0 +1,297 @@
+"""The `blastq` command line: parse, call one function, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from blastq.core.errors import BlastqError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"blastq: error: {message}", err=True)
+    sys.exit(code)
+
+
+class BlastqGroup(click.Group):
+    """Turns a BlastqError anywhere in a command into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BlastqError as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=BlastqGroup, context_settings=CONTEXT)
+@click.version_option(package_name="blastq")
+def main() -> None:
+    """blastq: find leukaemic blast cells in blood-smear images.
+
+    \b
+    Quick start:
+      blastq synth --count 1 --size 2048 --out smears     # make an example smear
+      blastq run smears/synth_00000.png --out results     # segment it with the shipped model
+    Each image gets results/<name>/ with mask.png, nuclei.png, instances.tif, overlay.png,
+    cells.csv, cells.geojson and summary.json; results are also recorded in the local database.
+
+    Settings come from BLASTQ_* environment variables (see `blastq config`).
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write each image's files to OUT/<image name>/.",
+)
+@click.option(
+    "--mpp",
+    type=float,
+    help="Microns per pixel of the images (default: from metadata, else estimated from red cells).",
+)
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model checkpoint (default: the shipped model).",
+)
+@click.option("--device", help="cpu or cuda:N (default: BLASTQ_DEVICE or cpu).")
+@click.option("--no-record", is_flag=True, help="Do not record results in the database and store.")
+def run(
+    images: tuple[Path, ...],
+    out_dir: Path | None,
+    mpp: float | None,
+    model: Path | None,
+    device: str | None,
+    no_record: bool,
+) -> None:
+    """Segment IMAGES on this machine and report white cells, blasts and blast percentage.
+
+    Exit status is 0 when every image succeeded; a failed image prints one line with the reason
+    and the others are still processed.
+    """
+    from tqdm import tqdm
+
+    from blastq.core.runner import LocalRunner
+    from blastq.core.settings import load_settings
+
+    settings = load_settings(model=str(model) if model else None, device=device)
+    runner = LocalRunner.from_settings(settings, record=not no_record)
+    failed = 0
+    used: set[str] = set()
+    for path in images:
+        name = _unique(path.stem, used)
+        bar = tqdm(total=1, desc=path.name, unit="tile", leave=False, disable=None)
+
+        def tick(done: int, total: int, bar=bar) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            result = runner.run(path, mpp=mpp, out_folder=out_dir and out_dir / name, progress=tick)
+        except BlastqError as exc:
+            failed += 1
+            bar.close()
+            click.echo(f"FAILED {path}: {exc}", err=True)
+            continue
+        bar.close()
+        s = result.stats
+        flag = "  FLAGGED" if s.flagged else ""
+        click.echo(
+            f"{path}: {s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts{flag}"
+            f"  [{result.mpp:.3f} um/px {result.mpp_source}, {result.seconds:.1f}s]"
+        )
+    if out_dir is not None and failed < len(images):
+        click.echo(f"files written under {out_dir}/")
+    if failed:
+        _fail(f"{failed} of {len(images)} image(s) failed", code=1)
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    # The output folder is named after the image; two images with one name must not overwrite each other.
+    name, i = stem, 2
+    while name in used:
+        name, i = f"{stem}-{i}", i + 1
+    used.add(name)
+    return name
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--count", default=10, show_default=True, type=click.IntRange(1, 100000), help="Number of fields."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write into.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the first field; field i uses seed + i."
+)
+@click.option(
+    "--size", default=1024, show_default=True, type=click.IntRange(64, 16384), help="Field side in pixels."
+)
+@click.option(
+    "--mpp", default=0.2, show_default=True, type=click.FloatRange(0.05, 2.0), help="Microns per pixel."
+)
+@click.option(
+    "--blast-fraction",
+    default=0.3,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Expected share of white cells that are blasts.",
+)
+def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fraction: float) -> None:
+    """Write synthetic smear fields with exact ground truth.
+
+    Each field NAME gets NAME.png (the image), NAME.mask.png (0 background, 1 white cell, 2 blast),
+    NAME.nuclei.png (255 = nucleus) and NAME.instances.tif (one id per white cell).
+    """
+    from tqdm import tqdm
+
+    from blastq.core.synth import write_dataset
+
+    with tqdm(total=count, desc="synth", unit="field", disable=None) as bar:
+        paths = write_dataset(
+            out_dir,
+            count,
+            seed=seed,
+            height_px=size,
+            width_px=size,
+            mpp=mpp,
+            blast_fraction=blast_fraction,
+            progress=bar.update,
+        )
+    click.echo(f"wrote {len(paths)} field(s) to {out_dir}/ (first: {paths[0].name})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model checkpoint (default: the shipped model).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default="test",
+    show_default=True,
+    help="segmentation_wbc only: which part of the fixed split.",
+)
+@click.option(
+    "--mpp", type=float, help="Microns per pixel of a synthetic folder (default 0.2, as `blastq synth`)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def evaluate(folder: Path, model: Path | None, split: str, mpp: float | None, as_json: bool) -> None:
+    """Report Dice, IoU, pixel accuracy, precision, recall and F1 on FOLDER.
+
+    FOLDER is either the segmentation_wbc layout (dataset1/, dataset2/ with NNN.bmp + NNN.png
+    masks: 0 background, 128 cytoplasm, 255 nucleus) or a folder written by `blastq synth`.
+    """
+    from blastq.trainer.report import evaluate_folder
+
+    report = evaluate_folder(folder, model=model, split=split, mpp=mpp)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.as_text())
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Checkpoint file to write (the best epoch).",
+)
+@click.option(
+    "--wbc",
+    "wbc_root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="segmentation_wbc folder to add real crops (train/val split only).",
+)
+@click.option(
+    "--synth-fields",
+    default=300,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Synthetic training fields.",
+)
+@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1), help="Maximum epochs.")
+@click.option("--steps", default=60, show_default=True, type=click.IntRange(1), help="Batches per epoch.")
+@click.option(
+    "--patience",
+    default=6,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Early stopping: epochs without a better validation loss.",
+)
+@click.option(
+    "--width", default=16, show_default=True, type=click.IntRange(4), help="U-Net channels at the top level."
+)
+@click.option(
+    "--depth", default=4, show_default=True, type=click.IntRange(2, 6), help="U-Net resolution levels."
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--version",
+    "model_version",
+    default="unet-dev",
+    show_default=True,
+    help="Version name stored in the checkpoint.",
+)
+def train(
+    out: Path,
+    wbc_root: Path | None,
+    synth_fields: int,
+    epochs: int,
+    steps: int,
+    patience: int,
+    width: int,
+    depth: int,
+    seed: int,
+    model_version: str,
+) -> None:
+    """Train a U-Net on synthetic smears (plus segmentation_wbc crops with --wbc).
+
+    Cross-entropy + Dice loss, rotation/flip/scale and colour augmentation, early stopping on the
+    validation loss; the fixed split is in trainer/SPLIT.md (test images are never loaded).
+    """
+    from blastq.trainer.train import TrainConfig
+    from blastq.trainer.train import train as run_training
+
+    cfg = TrainConfig(
+        out=out,
+        version=model_version,
+        wbc_root=wbc_root,
+        synth_train=synth_fields,
+        max_epochs=epochs,
+        steps_per_epoch=steps,
+        patience=patience,
+        width=width,
+        depth=depth,
+        seed=seed,
+    )
+    result = run_training(cfg, progress=click.echo)
+    click.echo(f"best epoch {result.best_epoch}, validation loss {result.best_val_loss}: {result.checkpoint}")
+
+
+@main.command(context_settings=CONTEXT)
+def config() -> None:
+    """Show the settings in force (passwords masked) and the variables that set them."""
+    from blastq.core.settings import load_settings
+
+    for name, value in load_settings().describe().items():
+        click.echo(f"{name:24} {value}    (BLASTQ_{name.upper()})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

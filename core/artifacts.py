@@ -1,0 +1,152 @@
+"""A slide result as files: mask, nuclei, instances, overlay, cells.csv, cells.geojson, summary.json.
+
+Rendered to bytes here; where the bytes go (a folder, the object store) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import cv2
+import numpy as np
+import tifffile
+from skimage.segmentation import find_boundaries
+
+from blastq.core.cells import CELL_COLUMNS, LABEL_BLAST, CellMaps
+from blastq.core.errors import BlastqError
+from blastq.core.pipeline import SlideResult
+
+ARTIFACT_NAMES = (
+    "mask.png",
+    "nuclei.png",
+    "instances.tif",
+    "overlay.png",
+    "cells.csv",
+    "cells.geojson",
+    "summary.json",
+)
+# Outline colours (RGB): blasts red, other white cells green; QuPath shows the same colours.
+COLOUR_WHITE_CELL = (0, 200, 0)
+COLOUR_BLAST = (230, 0, 0)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    data: bytes
+    content_type: str
+
+
+def blastq_version() -> str:
+    try:
+        return version("blastq")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def _png(arr: np.ndarray) -> bytes:
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise BlastqError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def summary_dict(result: SlideResult) -> dict:
+    """The summary.json fields (also the database row of a result)."""
+    return {
+        "image": result.name,
+        "sha256": result.sha256,
+        "width": result.width,
+        "height": result.height,
+        "mpp": result.mpp,
+        "mpp_source": result.mpp_source,
+        "model_version": result.model_version,
+        "params_key": result.params_key,
+        "white_cells": result.stats.white_cells,
+        "blasts": result.stats.blasts,
+        "blast_percent": result.stats.blast_percent,
+        "flagged": result.stats.flagged,
+        "threshold_percent": result.stats.threshold_percent,
+        "seconds": result.seconds,
+        "tiles_total": result.tiles_total,
+        "tiles_run": result.tiles_run,
+        "blastq_version": blastq_version(),
+    }
+
+
+def overlay(rgb: np.ndarray, maps: CellMaps) -> np.ndarray:
+    """The image with each cell's outline coloured by its label (HWC uint8 RGB)."""
+    out = rgb.copy()
+    edges = find_boundaries(maps.instances, mode="inner")
+    # Thicken outlines on large images so they stay visible when the picture is shown scaled down.
+    thick = max(1, round(max(rgb.shape[:2]) / 1500))
+    if thick > 1:
+        edges = cv2.dilate(edges.astype(np.uint8), np.ones((thick, thick), np.uint8)).astype(bool)
+    edges &= maps.instances > 0
+    out[edges & (maps.classes == 2)] = COLOUR_BLAST
+    out[edges & (maps.classes == 1)] = COLOUR_WHITE_CELL
+    return out
+
+
+def cells_csv(maps: CellMaps) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CELL_COLUMNS)
+    for cell in maps.cells:
+        writer.writerow(asdict(cell).values())
+    return buf.getvalue().encode()
+
+
+def cells_geojson(maps: CellMaps) -> bytes:
+    """Cells as polygons in input-pixel coordinates, in the GeoJSON flavour QuPath imports."""
+    features = []
+    for cell in maps.cells:
+        crop = maps.instances[cell.bbox_y0 : cell.bbox_y1, cell.bbox_x0 : cell.bbox_x1] == cell.cell_id
+        contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        contour = max(contours, key=cv2.contourArea)[:, 0, :]
+        ring = [[int(x) + cell.bbox_x0, int(y) + cell.bbox_y0] for x, y in contour]
+        if len(ring) < 3:  # a one- or two-pixel-wide sliver: outline its bounding box
+            x0, y0, x1, y1 = cell.bbox_x0, cell.bbox_y0, cell.bbox_x1, cell.bbox_y1
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+        ring.append(ring[0])
+        is_blast = cell.label == LABEL_BLAST
+        colour = COLOUR_BLAST if is_blast else COLOUR_WHITE_CELL
+        props = asdict(cell)
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(cell.cell_id),
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": "Blast" if is_blast else "White cell", "color": list(colour)},
+                    "measurements": {k: v for k, v in props.items() if isinstance(v, int | float)},
+                    **props,
+                },
+            }
+        )
+    return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+def render_artifacts(result: SlideResult, rgb: np.ndarray) -> list[Artifact]:
+    """All output files of one slide, in ARTIFACT_NAMES order."""
+    maps = result.maps
+    tif = io.BytesIO()
+    tifffile.imwrite(tif, maps.instances.astype(np.uint32), compression="zlib")
+    return [
+        Artifact("mask.png", _png(maps.classes), "image/png"),
+        Artifact("nuclei.png", _png(np.where(maps.nuclei, 255, 0).astype(np.uint8)), "image/png"),
+        Artifact("instances.tif", tif.getvalue(), "image/tiff"),
+        Artifact("overlay.png", _png(overlay(rgb, maps)), "image/png"),
+        Artifact("cells.csv", cells_csv(maps), "text/csv"),
+        Artifact("cells.geojson", cells_geojson(maps), "application/geo+json"),
+        Artifact("summary.json", json.dumps(summary_dict(result), indent=2).encode(), "application/json"),
+    ]

@@ -1,0 +1,151 @@
+"""From probability maps to white-cell instances (touching cells split) and per-cell measurements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.measure import regionprops
+from skimage.segmentation import watershed
+
+from blastq.core.unet import MARKER_CHANNEL, NUCLEUS_CHANNEL
+
+LABEL_WHITE_CELL = "white_cell"
+LABEL_BLAST = "blast"
+# Smaller objects are platelets, debris or specks of stain; the smallest lymphocytes are ~7 um (38 um^2).
+MIN_CELL_AREA_UM2 = 15.0
+MIN_MARKER_AREA_UM2 = 2.0
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """One white cell; pixel coordinates are those of the input image, bbox x1/y1 exclusive."""
+
+    cell_id: int
+    label: str
+    centroid_x: float
+    centroid_y: float
+    bbox_x0: int
+    bbox_y0: int
+    bbox_x1: int
+    bbox_y1: int
+    area_px: int
+    area_um2: float
+    perimeter_um: float
+    circularity: float
+    nucleus_area_px: int
+    nucleus_area_um2: float
+    nc_ratio: float
+    mean_r: float
+    mean_g: float
+    mean_b: float
+    blast_probability: float
+
+
+CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CellRecord))
+
+
+@dataclass(frozen=True)
+class CellMaps:
+    """Per-pixel results at input resolution."""
+
+    classes: np.ndarray  # HW uint8: 0 background, 1 white cell, 2 blast (each cell has one label)
+    nuclei: np.ndarray  # HW bool
+    instances: np.ndarray  # HW int32, 0 background, ids == CellRecord.cell_id
+    cells: tuple[CellRecord, ...]
+
+
+def split_instances(
+    foreground: np.ndarray, marker_prob: np.ndarray, mpp: float, *, marker_threshold: float = 0.5
+) -> np.ndarray:
+    """Instance ids (HW int32) for a foreground mask, touching cells split at the predicted markers.
+
+    Each predicted marker (a cell's inner core) seeds a watershed on the distance to the background,
+    so two touching cells part along the neck between them. Foreground blobs with no marker keep one id.
+    """
+    px_per_um2 = 1.0 / (mpp * mpp)
+    seeds, _ = ndi.label((marker_prob > marker_threshold) & foreground)
+    seeds = _drop_small(seeds, MIN_MARKER_AREA_UM2 * px_per_um2)
+    blobs, n_blobs = ndi.label(foreground)
+    if n_blobs == 0:
+        return np.zeros(foreground.shape, np.int32)
+    # Blobs the marker head missed still become cells (seeded by themselves).
+    seeded = np.zeros(n_blobs + 1, bool)
+    seeded[np.unique(blobs[seeds > 0])] = True
+    unseeded = ~seeded[blobs] & foreground
+    seeds = np.where(unseeded, blobs + int(seeds.max()), seeds)
+    distance = ndi.distance_transform_edt(foreground)
+    labels = watershed(-distance, seeds, mask=foreground)
+    labels = _drop_small(labels, MIN_CELL_AREA_UM2 * px_per_um2)
+    return _relabel(labels)
+
+
+def _drop_small(labels: np.ndarray, min_px: float) -> np.ndarray:
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_px
+    small[0] = False
+    return np.where(small[labels], 0, labels)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def extract_cells(
+    probs: np.ndarray, rgb: np.ndarray, mpp: float, *, blast_threshold: float = 0.5
+) -> CellMaps:
+    """Cells from a (C, H, W) probability map (unet channel order) aligned with an HWC RGB image."""
+    p_wbc, p_blast = probs[1], probs[2]
+    foreground = (p_wbc + p_blast) > probs[0]
+    instances = split_instances(foreground, probs[MARKER_CHANNEL], mpp)
+    nuclei = (probs[NUCLEUS_CHANNEL] > 0.5) & (instances > 0)
+    n = int(instances.max())
+    if n == 0:
+        return CellMaps(np.zeros(instances.shape, np.uint8), nuclei, instances, ())
+    index = np.arange(1, n + 1)
+    # A cell is labelled from all its pixels: the mean share of blast among white-cell probability.
+    blast_share = p_blast / np.maximum(p_wbc + p_blast, 1e-6)
+    blast_prob = np.asarray(ndi.mean(blast_share, instances, index))
+    nucleus_px = np.asarray(ndi.sum(nuclei, instances, index)).astype(int)
+    means = [np.asarray(ndi.mean(rgb[..., c], instances, index)) for c in range(3)]
+    is_blast = blast_prob >= blast_threshold
+    label_of = np.concatenate([[0], np.where(is_blast, 2, 1)]).astype(np.uint8)
+    classes = label_of[instances]
+    um2 = mpp * mpp
+    cells = []
+    for i, region in enumerate(regionprops(instances)):
+        area = int(region.area)
+        perimeter = float(region.perimeter)
+        cy, cx = region.centroid
+        y0, x0, y1, x1 = region.bbox
+        cells.append(
+            CellRecord(
+                cell_id=int(region.label),
+                label=LABEL_BLAST if is_blast[i] else LABEL_WHITE_CELL,
+                centroid_x=round(float(cx), 2),
+                centroid_y=round(float(cy), 2),
+                bbox_x0=int(x0),
+                bbox_y0=int(y0),
+                bbox_x1=int(x1),
+                bbox_y1=int(y1),
+                area_px=area,
+                area_um2=round(area * um2, 3),
+                perimeter_um=round(perimeter * mpp, 3),
+                circularity=round(
+                    float(min(1.0, 4 * np.pi * area / perimeter**2)) if perimeter > 0 else 0.0, 4
+                ),
+                nucleus_area_px=int(nucleus_px[i]),
+                nucleus_area_um2=round(nucleus_px[i] * um2, 3),
+                nc_ratio=round(nucleus_px[i] / area, 4),
+                mean_r=round(float(means[0][i]), 2),
+                mean_g=round(float(means[1][i]), 2),
+                mean_b=round(float(means[2][i]), 2),
+                blast_probability=round(float(blast_prob[i]), 4),
+            )
+        )
+    return CellMaps(classes, nuclei, instances, tuple(cells))

@@ -1,0 +1,139 @@
+"""One slide, start to end: scale -> preprocess -> tiles -> engine -> stitch -> cells -> stats.
+
+`blastq run` and the worker's task both call `process_slide`; the queue adds delivery, never
+different image logic. Nothing here touches files, databases or queues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from blastq.core.cells import CellMaps, extract_cells
+from blastq.core.engines import Engine
+from blastq.core.errors import InvalidConfig
+from blastq.core.preprocess import PreprocessConfig, preprocess, resample
+from blastq.core.slide import Slide
+from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT, SlideStats, slide_stats
+from blastq.core.stitch import Stitcher, logits_to_probabilities
+from blastq.core.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+from blastq.core.unet import N_OUTPUTS, ModelInfo, to_model_input
+
+Progress = Callable[[int, int], None]  # (tiles done, tiles total)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Parameters that change results; their hash is part of a result's identity."""
+
+    tile_px: int = 256  # at the model's scale
+    overlap_px: int = 64  # at least the radius of the largest cell, so every cell is whole in some tile
+    batch_size: int = 8
+    skip_empty_tiles: bool = True
+    blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+
+    def __post_init__(self) -> None:
+        if self.tile_px < 32 or not 0 <= self.overlap_px < self.tile_px // 2 + 1 or self.batch_size < 1:
+            raise InvalidConfig(
+                f"bad tiling: tile_px={self.tile_px} (>= 32), overlap_px={self.overlap_px} "
+                f"(0..tile_px/2), batch_size={self.batch_size} (>= 1)"
+            )
+
+    def key(self) -> str:
+        """Short stable hash of the parameters that affect the mask (batch size does not)."""
+        params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    name: str
+    sha256: str
+    width: int
+    height: int
+    mpp: float
+    mpp_source: str
+    model_version: str
+    params_key: str
+    maps: CellMaps
+    stats: SlideStats
+    seconds: float
+    tiles_total: int
+    tiles_run: int
+
+
+def segment_probabilities(
+    rgb: np.ndarray,
+    mpp: float,
+    engine: Engine,
+    info: ModelInfo,
+    config: PipelineConfig = PipelineConfig(),
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """(C, H, W) float32 probabilities at the input's size, plus (tiles total, tiles run)."""
+    if config.tile_px % engine.stride:
+        raise InvalidConfig(f"tile_px={config.tile_px} must be a multiple of {engine.stride} for this model")
+    height, width = rgb.shape[:2]
+    work = resample(rgb, mpp, info.mpp)
+    work = preprocess(work, info.mpp, PreprocessConfig(**info.preprocess))
+    wh, ww = work.shape[:2]
+    work = pad_to_tiles(work, config.tile_px)
+    tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
+    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1], config.tile_px)
+    todo = []
+    for tile in tiles:
+        if config.skip_empty_tiles and is_empty_tile(work[tile.slices]):
+            stitcher.add_background(tile)
+        else:
+            todo.append(tile)
+    done = len(tiles) - len(todo)
+    if progress:
+        progress(done, len(tiles))
+    for batch in iter_batches(todo, config.batch_size):
+        x = to_model_input(np.stack([work[t.slices] for t in batch]))
+        probs = logits_to_probabilities(engine.infer(x))
+        for t, p in zip(batch, probs, strict=True):
+            stitcher.add(t, p)
+        done += len(batch)
+        if progress:
+            progress(done, len(tiles))
+    probs = stitcher.result()[:, :wh, :ww]
+    if (wh, ww) != (height, width):
+        probs = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in probs])
+    return probs, len(tiles), len(todo)
+
+
+def process_slide(
+    slide: Slide,
+    engine: Engine,
+    info: ModelInfo,
+    config: PipelineConfig = PipelineConfig(),
+    progress: Progress | None = None,
+) -> SlideResult:
+    """Segment one slide and measure its cells."""
+    start = time.perf_counter()
+    probs, n_tiles, n_run = segment_probabilities(slide.rgb, slide.mpp, engine, info, config, progress)
+    maps = extract_cells(probs, slide.rgb, slide.mpp)
+    stats = slide_stats(maps.cells, config.blast_threshold_percent)
+    height, width = slide.rgb.shape[:2]
+    return SlideResult(
+        name=slide.name,
+        sha256=slide.sha256,
+        width=width,
+        height=height,
+        mpp=slide.mpp,
+        mpp_source=slide.mpp_source,
+        model_version=info.version,
+        params_key=config.key(),
+        maps=maps,
+        stats=stats,
+        seconds=round(time.perf_counter() - start, 3),
+        tiles_total=n_tiles,
+        tiles_run=n_run,
+    )

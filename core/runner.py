@@ -1,0 +1,69 @@
+"""Running slides on this machine: read, process, store artifacts, record rows, copy to a folder.
+
+The edge around `core.pipeline` that `blastq run` uses; the worker's task does the same steps with
+the job row around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blastq.core.artifacts import render_artifacts, summary_dict
+from blastq.core.db import connect, record_result
+from blastq.core.engines import Engine, load_engine
+from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
+from blastq.core.settings import Settings
+from blastq.core.slide import read_slide
+from blastq.core.store import ObjectStore, open_store, slide_prefix
+from blastq.core.unet import ModelInfo
+
+
+@dataclass
+class LocalRunner:
+    """Loads the model once, then processes slides one by one."""
+
+    settings: Settings
+    engine: Engine
+    info: ModelInfo
+    store: ObjectStore
+    db: object
+    config: PipelineConfig
+
+    @classmethod
+    def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
+        engine, info = load_engine(settings.model or None, kind=settings.engine, device=settings.device)
+        config = PipelineConfig(
+            tile_px=settings.tile_px,
+            overlap_px=settings.overlap_px,
+            batch_size=settings.batch_size,
+            blast_threshold_percent=settings.blast_threshold_percent,
+        )
+        store = open_store(settings.store_url) if record else None
+        db = connect(settings.database_url) if record else None
+        return cls(settings, engine, info, store, db, config)
+
+    def run(
+        self,
+        path: Path,
+        *,
+        mpp: float | None = None,
+        out_folder: Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SlideResult:
+        """Process one image; artifacts go to the store (and into out_folder when given)."""
+        slide = read_slide(path, mpp=mpp, max_pixels=self.settings.max_pixels)
+        result = process_slide(slide, self.engine, self.info, self.config, progress)
+        artifacts = render_artifacts(result, slide.rgb)
+        prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
+        if self.store is not None:
+            for a in artifacts:
+                self.store.put(f"{prefix}/{a.name}", a.data, a.content_type)
+        if self.db is not None:
+            record_result(self.db, summary_dict(result), result.maps.cells, prefix)
+        if out_folder is not None:
+            Path(out_folder).mkdir(parents=True, exist_ok=True)
+            for a in artifacts:
+                (Path(out_folder) / a.name).write_bytes(a.data)
+        return result

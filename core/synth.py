@@ -1,0 +1,913 @@
+"""Synthetic May-Grunwald-Giemsa blood-smear fields with exact pixel ground truth.
+
+A field is rendered as optical density (Beer-Lambert: stains absorb, overlapping red cells add up)
+and exposed through a simulated microscope at the end. Geometry is planned in microns, so cell sizes
+in pixels follow `mpp`. White cells are drawn last and own every pixel they cover; red cells,
+platelets and plasma are background. Optical artefacts are applied after the truth is fixed, so the
+same seed with and without `artefacts` gives the same masks. Training code calls `generate_field` on
+the fly; `write_dataset` stores fields for runs that want a fixed set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+from scipy.spatial import cKDTree
+
+from blastq.core.errors import InvalidConfig
+
+CELL_KINDS: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "blast")
+
+# Relative frequencies of the normal kinds in a peripheral differential (basophils are not modelled).
+_NORMAL_KINDS: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+_NORMAL_WEIGHTS = np.array([0.50, 0.32, 0.10, 0.08])
+
+_DIAMETER_UM: Mapping[str, tuple[float, float]] = {
+    "neutrophil": (12.0, 14.0),
+    "lymphocyte": (7.0, 10.0),
+    "monocyte": (14.0, 20.0),
+    "eosinophil": (12.0, 15.0),
+    "blast": (12.0, 20.0),
+}
+
+# Stain colours as RGB at unit density under white light, each tied to the dye that carries it so one
+# per-field gain can make a whole smear eosin-heavy or azure-weak, as real staining runs do. They were
+# matched to CellaVision crops after removing that camera's warm white balance (see _LIGHTS), which
+# is why red cells look lilac here and salmon in the output.
+_STAIN_RGB: Mapping[str, tuple[tuple[int, int, int], str]] = {
+    "rbc": ((195, 140, 178), "eosin"),
+    "platelet": ((140, 94, 189), "azure"),
+    "precipitate": ((77, 51, 140), "azure"),
+    "neutrophil_nucleus": ((99, 51, 171), "azure"),
+    "neutrophil_cytoplasm": ((231, 209, 238), "eosin"),
+    "neutrophil_granule": ((189, 155, 219), "azure"),
+    "lymphocyte_nucleus": ((85, 42, 163), "azure"),
+    "lymphocyte_cytoplasm": ((163, 189, 235), "azure"),
+    "monocyte_nucleus": ((127, 85, 189), "azure"),
+    "monocyte_cytoplasm": ((175, 182, 217), "azure"),
+    "eosinophil_nucleus": ((99, 51, 171), "azure"),
+    "eosinophil_cytoplasm": ((240, 222, 231), "eosin"),
+    "eosinophil_granule": ((226, 140, 147), "eosin"),
+    "blast_nucleus": ((120, 77, 185), "azure"),
+    "blast_cytoplasm": ((115, 148, 210), "azure"),
+    "auer_rod": ((155, 77, 171), "azure"),
+}
+
+# Transmitted light colour: neutral, warm (CellaVision-like), yellow (cheap halogen camera) and cool.
+_LIGHTS: tuple[tuple[float, float, float], ...] = (
+    (1.00, 0.98, 0.96),
+    (1.00, 0.91, 0.81),
+    (1.00, 0.98, 0.74),
+    (0.95, 0.97, 1.00),
+)
+_LIGHT_WEIGHTS = np.array([0.35, 0.40, 0.15, 0.10])
+
+# Plasma tint as optical density: near white, pale yellow, pale pink.
+_PLASMA_OD: tuple[tuple[float, float, float], ...] = (
+    (0.005, 0.008, 0.012),
+    (0.004, 0.015, 0.070),
+    (0.006, 0.045, 0.035),
+)
+
+# Fraction of the background's optical density that still shows through white-cell cytoplasm: cells
+# are thin and translucent, so a red cell under a white cell darkens it a little.
+_SHOW_THROUGH = 0.18
+
+
+@dataclass(frozen=True)
+class SynthCell:
+    """One visible white cell of a synthetic field."""
+
+    cell_id: int
+    kind: str
+    is_blast: bool
+    centroid_xy: tuple[float, float]
+
+
+# eq=False: the generated __eq__/__hash__ would compare arrays element-wise and raise.
+@dataclass(frozen=True, eq=False)
+class SynthField:
+    """A rendered field and its ground truth; every mask is exact for the image."""
+
+    image: np.ndarray  # HWC uint8 RGB
+    classes: np.ndarray  # HW uint8: 0 background, 1 white cell, 2 blast
+    nuclei: np.ndarray  # HW bool
+    instances: np.ndarray  # HW int32: 0 background, 1..n
+    cells: tuple[SynthCell, ...]
+    mpp: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Outline:
+    """A star-shaped closed curve: radius times (1 + harmonics + angular bumps)."""
+
+    radius: float
+    harmonics: tuple[tuple[int, float, float], ...]  # (order, relative amplitude, phase)
+    bumps: tuple[tuple[float, float, float], ...] = ()  # (angle, relative height, angular width)
+
+    @cached_property
+    def bound(self) -> float:
+        extra = sum(abs(a) for _, a, _ in self.harmonics) + max((h for _, h, _ in self.bumps), default=0.0)
+        return self.radius * (1.0 + extra)
+
+    def radius_at(self, theta: np.ndarray) -> np.ndarray:
+        r = np.ones_like(theta)
+        for order, amp, phase in self.harmonics:
+            r = r + amp * np.cos(order * theta + phase)
+        for angle, height, width in self.bumps:
+            dth = (theta - angle + math.pi) % (2 * math.pi) - math.pi
+            r = r + height * np.exp(-((dth / width) ** 2))
+        return r * self.radius
+
+    def scaled(self, factor: float) -> _Outline:
+        return _Outline(self.radius * factor, self.harmonics, self.bumps)
+
+
+@dataclass(frozen=True)
+class _WhiteCellPlan:
+    kind: str
+    is_blast: bool
+    x_um: float
+    y_um: float
+    outline: _Outline  # in microns
+
+
+@dataclass(frozen=True)
+class _Stain:
+    od: Mapping[str, np.ndarray]  # component name -> (3,) float32 optical density at unit density
+    light: np.ndarray  # (3,) transmitted light per channel, 0..1
+    plasma: np.ndarray  # (3,) plasma optical density
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Pixel coordinates of one cell's bounding box, relative to the cell centre (px)."""
+
+    dx: np.ndarray  # (1, w)
+    dy: np.ndarray  # (h, 1)
+    d_cell: np.ndarray  # (h, w) signed distance to the membrane, negative inside
+    radius_px: float
+    mpp: float
+
+
+def generate_field(
+    seed: int,
+    height_px: int = 512,
+    width_px: int = 512,
+    *,
+    mpp: float = 0.2,
+    blast_fraction: float = 0.3,
+    wbc_per_10k_um2: float = 6.0,
+    rbc_coverage: float = 0.35,
+    touching_fraction: float = 0.3,
+    artefacts: bool = True,
+) -> SynthField:
+    """Render one synthetic smear field (RGB HWC uint8) with its class, nucleus and instance truth."""
+    _check_args(height_px, width_px, mpp, blast_fraction, wbc_per_10k_um2, rbc_coverage, touching_fraction)
+    rng = np.random.default_rng(seed)
+    h_um, w_um = height_px * mpp, width_px * mpp
+    stain = _sample_stain(rng)
+    plans = _place_white_cells(rng, h_um, w_um, mpp, blast_fraction, wbc_per_10k_um2, touching_fraction)
+
+    od = _plasma(rng, height_px, width_px, stain)
+    rbcs = _place_red_cells(rng, h_um, w_um, rbc_coverage, plans)
+    rbc_layer = np.zeros((height_px, width_px), np.float32)
+    _draw_red_cells(rbc_layer, rbcs, mpp)
+    od += rbc_layer[..., None] * stain.od["rbc"]
+    del rbc_layer
+    _draw_platelets(od, rng, rbcs, h_um, w_um, mpp, stain)
+
+    classes = np.zeros((height_px, width_px), np.uint8)
+    nuclei = np.zeros((height_px, width_px), bool)
+    instances = np.zeros((height_px, width_px), np.int32)
+    boxes = []
+    for cell_id, plan in enumerate(plans, start=1):
+        boxes.append(_paint_white_cell(od, classes, nuclei, instances, plan, cell_id, rng, mpp, stain))
+    cells, instances = _collect_cells(plans, boxes, instances)
+
+    # Everything below changes pixels only, never geometry or truth.
+    if artefacts:
+        _draw_precipitate(od, rng, mpp, stain)
+    image = _expose(od, rng, stain, mpp, artefacts)
+    return SynthField(image, classes, nuclei, instances, cells, float(mpp), int(seed))
+
+
+def write_field(field: SynthField, out_dir: Path, stem: str) -> Path:
+    """Write a field as <stem>.png plus .mask.png, .nuclei.png and .instances.tif; return the image path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_path = out_dir / f"{stem}.png"
+    for path, array in (
+        (image_path, cv2.cvtColor(field.image, cv2.COLOR_RGB2BGR)),
+        (out_dir / f"{stem}.mask.png", field.classes.astype(np.uint8)),
+        (out_dir / f"{stem}.nuclei.png", np.where(field.nuclei, 255, 0).astype(np.uint8)),
+    ):
+        if not cv2.imwrite(str(path), array):
+            raise OSError(f"could not write {path}")
+    tifffile.imwrite(out_dir / f"{stem}.instances.tif", field.instances.astype(np.uint32), compression="zlib")
+    return image_path
+
+
+def read_field_masks(image_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read the (classes uint8, nuclei bool, instances int32) written next to `image_path` by write_field."""
+    image_path = Path(image_path)
+    stem = image_path.stem
+    mask_path = image_path.with_name(f"{stem}.mask.png")
+    nuclei_path = image_path.with_name(f"{stem}.nuclei.png")
+    instances_path = image_path.with_name(f"{stem}.instances.tif")
+    for path in (mask_path, nuclei_path, instances_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"missing synthetic ground truth {path}")
+    classes = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+    nuclei = cv2.imread(str(nuclei_path), cv2.IMREAD_UNCHANGED)
+    if classes is None or nuclei is None:
+        raise FileNotFoundError(f"unreadable synthetic ground truth next to {image_path}")
+    instances = tifffile.imread(instances_path).astype(np.int32)
+    return classes.astype(np.uint8), nuclei > 0, instances
+
+
+def write_dataset(
+    out_dir: Path,
+    count: int,
+    *,
+    seed: int = 0,
+    height_px: int = 512,
+    width_px: int = 512,
+    mpp: float = 0.2,
+    blast_fraction: float = 0.3,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write `count` fields named synth_<seed+i:05d> (field i uses seed + i); return the image paths."""
+    if count < 0:
+        raise InvalidConfig(f"count must be >= 0, got {count}")
+    paths = []
+    for i in range(count):
+        field = generate_field(seed + i, height_px, width_px, mpp=mpp, blast_fraction=blast_fraction)
+        paths.append(write_field(field, Path(out_dir), f"synth_{seed + i:05d}"))
+        if progress is not None:
+            progress(1)
+    return paths
+
+
+def _check_args(
+    height_px: int,
+    width_px: int,
+    mpp: float,
+    blast_fraction: float,
+    wbc_per_10k_um2: float,
+    rbc_coverage: float,
+    touching_fraction: float,
+) -> None:
+    if height_px < 1 or width_px < 1:
+        raise InvalidConfig(f"field size must be positive, got {height_px}x{width_px} px")
+    if not 0.02 <= mpp <= 5.0:
+        raise InvalidConfig(f"mpp must be within 0.02..5 microns per pixel, got {mpp}")
+    for name, value in (
+        ("blast_fraction", blast_fraction),
+        ("rbc_coverage", rbc_coverage),
+        ("touching_fraction", touching_fraction),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise InvalidConfig(f"{name} must be within 0..1, got {value}")
+    if not 0.0 <= wbc_per_10k_um2 <= 200.0:
+        raise InvalidConfig(f"wbc_per_10k_um2 must be within 0..200, got {wbc_per_10k_um2}")
+
+
+def _sample_stain(rng: np.random.Generator) -> _Stain:
+    # A near-identity mix of the OD vectors shifts hue; scaling around the grey axis changes saturation.
+    mix = np.eye(3) + rng.normal(0.0, 0.04, (3, 3))
+    saturation = rng.uniform(0.8, 1.2)
+    gains = {"eosin": rng.uniform(0.75, 1.2), "azure": rng.uniform(0.75, 1.2)}
+    if rng.random() < 0.15:  # a weak, pale staining run
+        pale = rng.uniform(0.5, 0.75)
+        gains = {k: v * pale for k, v in gains.items()}
+    od = {}
+    for name, (rgb, dye) in _STAIN_RGB.items():
+        vec = -np.log(np.asarray(rgb, np.float64) / 255.0)
+        vec = vec.mean() + saturation * (vec - vec.mean())
+        vec = np.clip(mix @ vec, 0.005, None) * gains[dye]
+        od[name] = vec.astype(np.float32)
+    light = np.asarray(_LIGHTS[rng.choice(len(_LIGHTS), p=_LIGHT_WEIGHTS)], np.float64)
+    light = np.clip(light + rng.normal(0.0, 0.015, 3), 0.6, 1.0) * rng.uniform(0.92, 1.06)
+    plasma = np.asarray(_PLASMA_OD[rng.integers(len(_PLASMA_OD))]) * rng.uniform(0.5, 1.6)
+    return _Stain(od, light.astype(np.float32), plasma.astype(np.float32))
+
+
+def _sample_outline(rng: np.random.Generator, kind: str) -> _Outline:
+    radius = rng.uniform(*_DIAMETER_UM[kind]) / 2.0
+    # Order 2 is the ellipticity; higher orders give the smooth lumpiness of a squashed cell.
+    harmonics = [(2, rng.uniform(0.0, 0.07), rng.uniform(0, 2 * math.pi))]
+    lumpiness = 0.04 if kind == "monocyte" else 0.02
+    harmonics += [(k, rng.uniform(0.0, lumpiness), rng.uniform(0, 2 * math.pi)) for k in (3, 4, 5)]
+    bumps: list[tuple[float, float, float]] = []
+    if kind == "blast" and rng.random() < 0.35:  # irregular outline with cytoplasmic blebs
+        harmonics += [(k, rng.uniform(0.01, 0.035), rng.uniform(0, 2 * math.pi)) for k in (6, 7, 8)]
+        bumps = [
+            (rng.uniform(0, 2 * math.pi), rng.uniform(0.05, 0.12), rng.uniform(0.15, 0.35))
+            for _ in range(rng.integers(1, 4))
+        ]
+    return _Outline(radius, tuple(harmonics), tuple(bumps))
+
+
+class _Neighbours:
+    """A uniform grid of placed white cells, so each overlap check looks at a few cells, not all."""
+
+    def __init__(self, cell_um: float) -> None:
+        self.cell_um = cell_um
+        self.buckets: dict[tuple[int, int], list[int]] = {}
+        self.plans: list[_WhiteCellPlan] = []
+        self.leaning: list[int] = []  # how many cells were placed touching each cell
+
+    def add(self, plan: _WhiteCellPlan) -> None:
+        key = (int(plan.x_um // self.cell_um), int(plan.y_um // self.cell_um))
+        self.buckets.setdefault(key, []).append(len(self.plans))
+        self.plans.append(plan)
+        self.leaning.append(0)
+
+    def fits(self, x: float, y: float, outline: _Outline, skip: int, gap: float) -> bool:
+        bx, by = int(x // self.cell_um), int(y // self.cell_um)
+        for kx in (bx - 1, bx, bx + 1):
+            for ky in (by - 1, by, by + 1):
+                for i in self.buckets.get((kx, ky), ()):
+                    other = self.plans[i]
+                    reach = outline.bound + other.outline.bound + gap
+                    if i != skip and math.hypot(x - other.x_um, y - other.y_um) < reach:
+                        return False
+        return True
+
+
+def _place_white_cells(
+    rng: np.random.Generator,
+    h_um: float,
+    w_um: float,
+    mpp: float,
+    blast_fraction: float,
+    wbc_per_10k_um2: float,
+    touching_fraction: float,
+) -> list[_WhiteCellPlan]:
+    count = int(rng.poisson(wbc_per_10k_um2 * h_um * w_um / 1e4))
+    if h_um >= 60.0 and w_um >= 60.0:
+        count = max(count, 1)
+    wanted = []
+    for _ in range(count):
+        is_blast = bool(rng.random() < blast_fraction)
+        kind = "blast" if is_blast else _NORMAL_KINDS[rng.choice(len(_NORMAL_KINDS), p=_NORMAL_WEIGHTS)]
+        wanted.append((kind, is_blast, _sample_outline(rng, kind), bool(rng.random() < touching_fraction)))
+    # Cells not meant to touch keep this gap between bounding circles, so they never share a pixel edge.
+    gap = max(1.0, 3.0 * mpp)
+    edge = 1.5 * mpp
+    largest = max((outline.bound for _, _, outline, _ in wanted), default=1.0)
+    placed = _Neighbours(2 * largest + gap)
+    for kind, is_blast, outline, touch in wanted:
+        position = None
+        if touch and placed.plans:
+            position = _touching_position(rng, placed, outline, h_um, w_um, gap, edge, mpp)
+        if position is None:
+            position = _free_position(rng, placed, outline, h_um, w_um, gap, edge)
+        if position is not None:  # else the field is full
+            placed.add(_WhiteCellPlan(kind, is_blast, position[0], position[1], outline))
+    return placed.plans
+
+
+def _free_position(
+    rng: np.random.Generator,
+    placed: _Neighbours,
+    outline: _Outline,
+    h_um: float,
+    w_um: float,
+    gap: float,
+    edge: float,
+) -> tuple[float, float] | None:
+    # Cells stay whole inside the field so the truth never holds a sliver cut by the border; crops
+    # taken by the trainer supply the cut cells.
+    margin = outline.bound + edge
+    if 2 * margin >= min(h_um, w_um):
+        return None
+    for _ in range(40):
+        x, y = float(rng.uniform(margin, w_um - margin)), float(rng.uniform(margin, h_um - margin))
+        if placed.fits(x, y, outline, -1, gap):
+            return x, y
+    return None
+
+
+def _touching_position(
+    rng: np.random.Generator,
+    placed: _Neighbours,
+    outline: _Outline,
+    h_um: float,
+    w_um: float,
+    gap: float,
+    edge: float,
+    mpp: float,
+) -> tuple[float, float] | None:
+    margin = outline.bound + edge
+    # At most three cells lean on one cell: each hides under 4 % of it, so none is ever half hidden.
+    candidates = [i for i, n in enumerate(placed.leaning) if n < 3]
+    if not candidates:
+        return None
+    for _ in range(20):
+        j = candidates[int(rng.integers(len(candidates)))]
+        other = placed.plans[j]
+        phi = float(rng.uniform(0, 2 * math.pi))
+        # Contact along the line of centres: the two membranes meet there, then overlap by up to
+        # 15 % of the smaller radius (at least 1.5 px, so the rasterised masks always share an edge).
+        reach = float(other.outline.radius_at(np.float64(phi))) + float(
+            outline.radius_at(np.float64(phi + math.pi))
+        )
+        min_overlap = 1.5 * mpp
+        max_overlap = max(min_overlap, 0.15 * min(outline.radius, other.outline.radius))
+        dist = reach - float(rng.uniform(min_overlap, max_overlap))
+        x, y = other.x_um + dist * math.cos(phi), other.y_um + dist * math.sin(phi)
+        if not (margin <= x <= w_um - margin and margin <= y <= h_um - margin):
+            continue
+        if placed.fits(x, y, outline, j, gap):
+            placed.leaning[j] += 1
+            return x, y
+    return None
+
+
+def _place_red_cells(
+    rng: np.random.Generator, h_um: float, w_um: float, coverage: float, plans: list[_WhiteCellPlan]
+) -> np.ndarray:
+    """Red cells as rows: x_um, y_um, radius_um, ellipticity, angle, pallor, rim, density, wobble, phase."""
+    pad = 4.5  # red cells may be cut by the field border
+    ext_area = (h_um + 2 * pad) * (w_um + 2 * pad)
+    target = coverage * ext_area
+    n = int(target / (math.pi * 3.75**2) * 3) + 8
+    xs = rng.uniform(-pad, w_um + pad, n)
+    ys = rng.uniform(-pad, h_um + pad, n)
+    radius = np.clip(rng.normal(3.75, 0.25, n), 3.2, 4.4)
+    # Most red cells only touch; some overlap by a share of the sum of radii, as in a thicker area.
+    tolerance = np.where(rng.random(n) < 0.2, rng.uniform(0.08, 0.45, n), 0.0)
+    # How deep a red cell may tuck under a white cell (um): most sit beside it, some under its edge.
+    tuck = np.where(rng.random(n) < 0.35, rng.uniform(0.2, 1.3, n), 0.0) * radius
+    params = np.stack(
+        [
+            xs,
+            ys,
+            radius,
+            rng.uniform(0.0, 0.08, n),
+            rng.uniform(0.0, math.pi, n),
+            rng.uniform(0.35, 0.7, n),
+            rng.uniform(0.1, 0.3, n),
+            rng.uniform(0.85, 1.1, n),
+            rng.uniform(0.0, 0.025, n),
+            rng.uniform(0.0, 2 * math.pi, n),
+        ],
+        axis=1,
+    )
+    if target <= 0:
+        return params[:0]
+    allowed = np.ones(n, bool)
+    if plans:
+        wxy = np.array([(p.x_um, p.y_um) for p in plans])
+        wr = np.array([p.outline.radius for p in plans])
+        near = cKDTree(np.stack([xs, ys], axis=1)).query_ball_point(
+            wxy, wr + radius.max(), return_sorted=False
+        )
+        for k, idx in enumerate(near):
+            if idx:
+                idx = np.asarray(idx)
+                dist = np.hypot(xs[idx] - wxy[k, 0], ys[idx] - wxy[k, 1])
+                allowed[idx[dist < wr[k] + radius[idx] - tuck[idx]]] = False
+    pairs = cKDTree(np.stack([xs, ys], axis=1)).query_pairs(2 * radius.max(), output_type="ndarray")
+    earlier: list[list[int]] = [[] for _ in range(n)]
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        d = np.hypot(xs[i] - xs[j], ys[i] - ys[j])
+        clash = d < (radius[i] + radius[j]) * (1.0 - np.maximum(tolerance[i], tolerance[j]))
+        for a, b in pairs[clash].tolist():
+            earlier[max(a, b)].append(min(a, b))
+    accepted = [False] * n
+    area = 0.0
+    allowed_list = allowed.tolist()
+    areas = (math.pi * radius**2).tolist()
+    for k in range(n):
+        if not allowed_list[k] or any(accepted[m] for m in earlier[k]):
+            continue
+        accepted[k] = True
+        area += areas[k]
+        if area >= target:
+            break
+    return params[np.asarray(accepted)]
+
+
+def _box(cx: float, cy: float, half: float, h: int, w: int) -> tuple[int, int, int, int] | None:
+    x0, x1 = max(int(math.floor(cx - half)), 0), min(int(math.ceil(cx + half)) + 1, w)
+    y0, y1 = max(int(math.floor(cy - half)), 0), min(int(math.ceil(cy + half)) + 1, h)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return y0, y1, x0, x1
+
+
+def _draw_red_cells(layer: np.ndarray, rbcs: np.ndarray, mpp: float) -> None:
+    h, w = layer.shape
+    for x, y, r_um, ecc, angle, pallor, rim, density, wobble, phase in rbcs.tolist():
+        cx, cy, r = x / mpp, y / mpp, r_um / mpp
+        box = _box(cx, cy, r * (1 + ecc + wobble) + 2, h, w)
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+        c, s = math.cos(angle), math.sin(angle)
+        u = dx * c + dy * s
+        v = dy * c - dx * s
+        q = np.sqrt((u / (1 + ecc)) ** 2 + (v / (1 - ecc)) ** 2) / r
+        q *= 1.0 - wobble * np.cos(3 * np.arctan2(v, u) + phase)
+        # A biconcave disc: thin pale centre, thick rim that reads darker, soft anti-aliased edge.
+        profile = 1.0 - pallor * np.exp(-((q / 0.42) ** 4)) + rim * np.exp(-(((q - 0.82) / 0.14) ** 2))
+        profile *= np.clip((1.0 - q) * r + 0.5, 0.0, 1.0)
+        layer[y0:y1, x0:x1] += profile * density
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """Unit-variance Gaussian-filtered white noise: the building block of every texture."""
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if sigma_px > 0.25:
+        noise = cv2.GaussianBlur(noise, (0, 0), sigma_px, borderType=cv2.BORDER_REFLECT)
+    std = float(noise.std())
+    return noise / std if std > 0 else noise
+
+
+def _draw_platelets(
+    od: np.ndarray,
+    rng: np.random.Generator,
+    rbcs: np.ndarray,
+    h_um: float,
+    w_um: float,
+    mpp: float,
+    stain: _Stain,
+) -> None:
+    h, w = od.shape[:2]
+    # Roughly one platelet per 15 red cells; some gather in small clumps.
+    n = int(rng.poisson(max(len(rbcs), 1) / 15.0))
+    xs, ys = list(rng.uniform(0, w_um, n)), list(rng.uniform(0, h_um, n))
+    for k in range(n):
+        if rng.random() < 0.12:
+            m = int(rng.integers(3, 9))
+            xs += list(xs[k] + rng.normal(0, 1.8, m))
+            ys += list(ys[k] + rng.normal(0, 1.8, m))
+    vec = stain.od["platelet"]
+    for x, y in zip(xs, ys, strict=True):
+        radius = rng.uniform(0.9, 1.5) / mpp
+        outline = _Outline(
+            radius, tuple((k, rng.uniform(0.0, 0.12), rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4))
+        )
+        cx, cy = x / mpp, y / mpp
+        box = _box(cx, cy, outline.bound + 2, h, w)
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+        d = np.hypot(dx, dy) - outline.radius_at(np.arctan2(dy, dx))
+        alpha = np.clip(0.5 - d, 0.0, 1.0)
+        # Pale hyalomere with a granular purple centre (granulomere).
+        grains = np.clip(_smooth_noise(rng, alpha.shape, 0.12 / mpp) + 0.3, 0.0, None)
+        centre = np.exp(-((np.hypot(dx, dy) / (0.6 * radius)) ** 2))
+        density = alpha * (0.35 + 0.45 * centre * grains) * rng.uniform(0.8, 1.2)
+        od[y0:y1, x0:x1] += density[..., None] * vec
+
+
+def _plasma(rng: np.random.Generator, h: int, w: int, stain: _Stain) -> np.ndarray:
+    # Plasma thickness varies slowly over a field; a coarse noise grid, upsampled, is enough.
+    coarse = rng.normal(1.0, 0.35, (6, 6)).astype(np.float32)
+    variation = np.clip(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), 0.2, None)
+    return variation[..., None] * stain.plasma
+
+
+def _star_distance(dx: np.ndarray, dy: np.ndarray, cx: float, cy: float, outline: _Outline) -> np.ndarray:
+    """Signed radial distance (px) to a star-shaped outline centred at (cx, cy); negative inside."""
+    ex, ey = dx - np.float32(cx), dy - np.float32(cy)
+    return np.hypot(ex, ey) - outline.radius_at(np.arctan2(ey, ex))
+
+
+def _ellipse_distance(
+    dx: np.ndarray, dy: np.ndarray, cx: float, cy: float, a: float, b: float, angle: float
+) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    ex, ey = dx - np.float32(cx), dy - np.float32(cy)
+    u, v = ex * c + ey * s, ey * c - ex * s
+    return (np.sqrt((u / a) ** 2 + (v / b) ** 2) - 1.0) * math.sqrt(a * b)
+
+
+def _segment_distance(
+    dx: np.ndarray, dy: np.ndarray, p: tuple[float, float], q: tuple[float, float], half_width: float
+) -> np.ndarray:
+    vx, vy = q[0] - p[0], q[1] - p[1]
+    t = np.clip(((dx - p[0]) * vx + (dy - p[1]) * vy) / max(vx * vx + vy * vy, 1e-6), 0.0, 1.0)
+    return np.hypot(dx - (p[0] + t * vx), dy - (p[1] + t * vy)) - half_width
+
+
+def _random_outline(rng: np.random.Generator, radius: float, lumpiness: float) -> _Outline:
+    harmonics = [(2, rng.uniform(0.0, 0.08), rng.uniform(0, 2 * math.pi))]
+    harmonics += [(k, rng.uniform(0.0, lumpiness), rng.uniform(0, 2 * math.pi)) for k in (3, 4, 5)]
+    return _Outline(radius, tuple(harmonics))
+
+
+def _round_nucleus(
+    rng: np.random.Generator, g: _Grid, area_ratio: float, eccentricity: float, lumpiness: float
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    radius = g.radius_px * math.sqrt(area_ratio)
+    shift = rng.uniform(0.3, 1.0) * eccentricity * (g.radius_px - radius)
+    phi = rng.uniform(0, 2 * math.pi)
+    cx, cy = shift * math.cos(phi), shift * math.sin(phi)
+    outline = _random_outline(rng, radius, lumpiness)
+    return _star_distance(g.dx, g.dy, cx, cy, outline), (cx, cy, radius)
+
+
+def _lobed_nucleus(
+    rng: np.random.Generator,
+    g: _Grid,
+    lobes: int,
+    lobe_scale: tuple[float, float],
+    strand_um: tuple[float, float],
+) -> np.ndarray:
+    """Lobes joined by thin chromatin strands along a bending path, centred in the cell."""
+    r = g.radius_px
+    sizes = [rng.uniform(*lobe_scale) * r for _ in range(lobes)]
+    heading = rng.uniform(0, 2 * math.pi)
+    centres = [(0.0, 0.0)]
+    for k in range(1, lobes):
+        heading += rng.normal(0.0, 1.1)
+        step = sizes[k - 1] + sizes[k] + rng.uniform(*strand_um) / g.mpp
+        px, py = centres[-1]
+        centres.append((px + step * math.cos(heading), py + step * math.sin(heading)))
+    mx = sum(c[0] for c in centres) / lobes
+    my = sum(c[1] for c in centres) / lobes
+    centres = [(x - mx, y - my) for x, y in centres]
+    # Pull the lobes together if the path strays outside the cell.
+    reach = max(math.hypot(x, y) + s for (x, y), s in zip(centres, sizes, strict=True))
+    if reach > 0.85 * r:
+        f = max(0.85 * r - max(sizes), 0.0) / max(reach - max(sizes), 1e-6)
+        centres = [(x * f, y * f) for x, y in centres]
+    d = None
+    for (x, y), s in zip(centres, sizes, strict=True):
+        elong = rng.uniform(1.0, 1.35)
+        dk = _ellipse_distance(g.dx, g.dy, x, y, s * elong, s / elong, rng.uniform(0, math.pi))
+        d = dk if d is None else np.minimum(d, dk)
+    half_width = rng.uniform(0.12, 0.25) / g.mpp
+    for p, q in zip(centres[:-1], centres[1:], strict=True):
+        d = np.minimum(d, _segment_distance(g.dx, g.dy, p, q, half_width))
+    return d
+
+
+# What a kind renderer returns: nucleus signed distance (px, HW), chromatin density (HW), nucleus
+# colour as optical density (3,), cytoplasm optical density (HWC).
+_Look = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _disc_alpha(g: _Grid, cx: float, cy: float, radius: float) -> np.ndarray:
+    return np.clip(radius + 0.5 - np.hypot(g.dx - np.float32(cx), g.dy - np.float32(cy)), 0.0, 1.0)
+
+
+def _render_neutrophil(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    lobes = int(rng.choice([2, 3, 4, 5], p=[0.15, 0.45, 0.3, 0.1]))
+    d_nuc = _lobed_nucleus(rng, g, lobes, (0.24, 0.31), (0.2, 0.8))
+    chromatin = (
+        1.0 + 0.25 * _smooth_noise(rng, shape, 0.45 / g.mpp) + 0.1 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+    )
+    cyt = 1.0 + 0.1 * _smooth_noise(rng, shape, 1.5 / g.mpp)
+    granules = np.clip(_smooth_noise(rng, shape, 0.1 / g.mpp) - 0.5, 0.0, None) * 0.35
+    cyt_od = (
+        cyt[..., None] * stain.od["neutrophil_cytoplasm"]
+        + granules[..., None] * stain.od["neutrophil_granule"]
+    )
+    return d_nuc, chromatin * 0.95, stain.od["neutrophil_nucleus"], cyt_od
+
+
+def _render_eosinophil(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    lobes = 2 if rng.random() < 0.85 else 3
+    d_nuc = _lobed_nucleus(rng, g, lobes, (0.28, 0.34), (0.2, 0.8))
+    chromatin = 1.0 + 0.22 * _smooth_noise(rng, shape, 0.45 / g.mpp)
+    # Cytoplasm packed with large orange-red granules.
+    granules = np.clip(0.9 + 0.45 * _smooth_noise(rng, shape, 0.14 / g.mpp), 0.0, None)
+    cyt_od = 0.5 * stain.od["eosinophil_cytoplasm"] + granules[..., None] * stain.od["eosinophil_granule"]
+    return d_nuc, chromatin * 0.95, stain.od["eosinophil_nucleus"], cyt_od
+
+
+def _render_lymphocyte(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    d_nuc, _ = _round_nucleus(rng, g, rng.uniform(0.68, 0.88), 0.7, 0.03)
+    if rng.random() < 0.25:  # a shallow indentation
+        phi = rng.uniform(0, 2 * math.pi)
+        notch = np.hypot(g.dx - 0.9 * g.radius_px * math.cos(phi), g.dy - 0.9 * g.radius_px * math.sin(phi))
+        d_nuc = np.maximum(d_nuc, 0.35 * g.radius_px - notch)
+    # Dense chromatin in coarse clumps with paler gaps.
+    clumps = _smooth_noise(rng, shape, 0.45 / g.mpp)
+    chromatin = 1.05 + 0.25 * np.clip(clumps, -1.2, 1.5) + 0.08 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+    edge = np.exp(np.minimum(g.d_cell, 0.0) * (g.mpp / 0.5))
+    cyt = (0.85 + 0.08 * _smooth_noise(rng, shape, 1.0 / g.mpp)) * (1.0 + 0.6 * edge)
+    return d_nuc, chromatin, stain.od["lymphocyte_nucleus"], cyt[..., None] * stain.od["lymphocyte_cytoplasm"]
+
+
+def _render_monocyte(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    d_nuc, (cx, cy, rn) = _round_nucleus(rng, g, rng.uniform(0.48, 0.62), 0.8, 0.05)
+    # Kidney or horseshoe shape: bite a disc out of one side of the nucleus.
+    phi = rng.uniform(0, 2 * math.pi)
+    bite_r = rng.uniform(0.35, 0.6) * rn
+    bite_at = rng.uniform(0.85, 1.1) * rn
+    bite = np.hypot(g.dx - (cx + bite_at * math.cos(phi)), g.dy - (cy + bite_at * math.sin(phi))) - bite_r
+    d_nuc = np.maximum(d_nuc, -bite)
+    # Lacy chromatin: dark strands along the zero crossings of smooth noise.
+    lace = np.exp(-(_smooth_noise(rng, shape, 0.4 / g.mpp) ** 2) / 0.4)
+    chromatin = 0.74 + 0.3 * lace + 0.06 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+    cyt = 1.0 + 0.12 * _smooth_noise(rng, shape, 0.8 / g.mpp)
+    dust = np.clip(_smooth_noise(rng, shape, 0.12 / g.mpp) - 1.2, 0.0, None) * 0.5
+    if rng.random() < 0.5:
+        for _ in range(int(rng.integers(1, 7))):
+            a = rng.uniform(0, 2 * math.pi)
+            rr = rng.uniform(0.3, 0.85) * g.radius_px
+            cyt *= 1.0 - 0.75 * _disc_alpha(
+                g, rr * math.cos(a), rr * math.sin(a), rng.uniform(0.3, 0.8) / g.mpp
+            )
+    cyt_od = (
+        cyt[..., None] * stain.od["monocyte_cytoplasm"] + dust[..., None] * stain.od["neutrophil_granule"]
+    )
+    return d_nuc, chromatin, stain.od["monocyte_nucleus"], cyt_od
+
+
+def _render_blast(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    d_nuc, (cx, cy, rn) = _round_nucleus(rng, g, rng.uniform(0.74, 0.93), 0.6, 0.03)
+    if rng.random() < 0.15:  # a cleft, as in monoblasts
+        phi = rng.uniform(0, 2 * math.pi)
+        cleft = np.hypot(g.dx - (cx + 1.05 * rn * math.cos(phi)), g.dy - (cy + 1.05 * rn * math.sin(phi)))
+        d_nuc = np.maximum(d_nuc, 0.3 * rn - cleft)
+    # Fine, evenly dispersed chromatin, lighter than a lymphocyte's, with 1-3 pale nucleoli.
+    chromatin = (
+        0.78 + 0.06 * _smooth_noise(rng, shape, 0.18 / g.mpp) + 0.05 * _smooth_noise(rng, shape, 0.6 / g.mpp)
+    )
+    for _ in range(int(rng.integers(1, 4))):
+        a, rr = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.55) * rn
+        nr = rng.uniform(0.6, 1.2) / g.mpp
+        ex, ey = g.dx - (cx + rr * math.cos(a)), g.dy - (cy + rr * math.sin(a))
+        # Soft-edged, slightly oval pale body with a thin darker chromatin ring around it.
+        q = np.hypot(ex, ey * rng.uniform(0.75, 1.0)) / nr
+        nucleolus = np.exp(-(q**4))
+        ring = np.exp(-(((q - 1.15) / 0.25) ** 2))
+        chromatin = chromatin * (1.0 - rng.uniform(0.25, 0.4) * nucleolus) + 0.1 * ring
+    edge = np.exp(np.minimum(g.d_cell, 0.0) * (g.mpp / 0.5))
+    cyt = (1.0 + 0.08 * _smooth_noise(rng, shape, 1.0 / g.mpp)) * (1.0 + 0.4 * edge)
+    cyt_od = cyt[..., None] * stain.od["blast_cytoplasm"]
+    if rng.random() < 0.3:  # a few azurophilic granules
+        dots = np.clip(_smooth_noise(rng, shape, 0.12 / g.mpp) - 2.2, 0.0, None)
+        cyt_od = cyt_od + dots[..., None] * stain.od["auer_rod"]
+    if rng.random() < 0.08:  # an Auer rod
+        a, rr = rng.uniform(0, 2 * math.pi), 0.75 * g.radius_px
+        px, py = rr * math.cos(a), rr * math.sin(a)
+        b = a + math.pi / 2 + rng.normal(0, 0.3)
+        half = rng.uniform(1.0, 2.0) / g.mpp
+        rod = _segment_distance(
+            g.dx,
+            g.dy,
+            (px - half * math.cos(b), py - half * math.sin(b)),
+            (px + half * math.cos(b), py + half * math.sin(b)),
+            0.15 / g.mpp,
+        )
+        cyt_od = cyt_od + np.clip(0.5 - rod, 0.0, 1.0)[..., None] * stain.od["auer_rod"] * 1.5
+    return d_nuc, chromatin, stain.od["blast_nucleus"], cyt_od
+
+
+_RENDERERS: Mapping[str, Callable[[np.random.Generator, _Grid, _Stain, tuple[int, int]], _Look]] = {
+    "neutrophil": _render_neutrophil,
+    "lymphocyte": _render_lymphocyte,
+    "monocyte": _render_monocyte,
+    "eosinophil": _render_eosinophil,
+    "blast": _render_blast,
+}
+
+
+def _paint_white_cell(
+    od: np.ndarray,
+    classes: np.ndarray,
+    nuclei: np.ndarray,
+    instances: np.ndarray,
+    plan: _WhiteCellPlan,
+    cell_id: int,
+    rng: np.random.Generator,
+    mpp: float,
+    stain: _Stain,
+) -> tuple[int, int, int, int]:
+    h, w = classes.shape
+    cx, cy = plan.x_um / mpp, plan.y_um / mpp
+    outline = plan.outline.scaled(1.0 / mpp)
+    box = _box(cx, cy, outline.bound + 2, h, w)
+    assert box is not None  # placement keeps every white cell inside the field
+    y0, y1, x0, x1 = box
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+    d_cell = _star_distance(dx, dy, 0.0, 0.0, outline)
+    grid = _Grid(dx, dy, d_cell, outline.radius, mpp)
+    shape = d_cell.shape
+    d_nuc, chromatin, nuc_vec, cyt_od = _RENDERERS[plan.kind](rng, grid, stain, shape)
+    # A rough nuclear edge, and the nucleus kept a little inside the membrane.
+    d_nuc = d_nuc + (0.12 / mpp) * _smooth_noise(rng, shape, 0.5 / mpp)
+    d_nuc = np.maximum(d_nuc, d_cell + max(0.25 / mpp, 0.75))
+    nuc_mask = d_nuc < 0
+    cell_mask = d_cell < 0
+    # Chromatin condenses under the nuclear membrane, so nuclei read darker at their rim.
+    inner = cv2.distanceTransform(nuc_mask.astype(np.uint8), cv2.DIST_L2, 3)
+    chromatin = np.clip(chromatin, 0.15, None) * (1.0 + 0.3 * np.exp(-inner * (mpp / 0.3)))
+    a_nuc = np.clip(0.5 - d_nuc, 0.0, 1.0)[..., None]
+    a_cell = np.clip(0.5 - d_cell, 0.0, 1.0)[..., None]
+    density = rng.uniform(0.9, 1.1)
+    cell_od = (cyt_od * (1.0 - a_nuc) + chromatin[..., None] * nuc_vec * a_nuc) * density
+    region = od[y0:y1, x0:x1]
+    keep = a_cell * (1.0 - _SHOW_THROUGH * (1.0 - a_nuc))
+    region *= 1.0 - keep
+    region += a_cell * cell_od
+    instances[y0:y1, x0:x1][cell_mask] = cell_id
+    classes[y0:y1, x0:x1][cell_mask] = 2 if plan.is_blast else 1
+    nuclei[y0:y1, x0:x1][cell_mask] = nuc_mask[cell_mask]
+    return box
+
+
+def _collect_cells(
+    plans: list[_WhiteCellPlan],
+    boxes: list[tuple[int, int, int, int]],
+    instances: np.ndarray,
+) -> tuple[tuple[SynthCell, ...], np.ndarray]:
+    counts = np.bincount(instances.ravel(), minlength=len(plans) + 1)
+    lookup = np.zeros(len(plans) + 1, np.int32)
+    cells = []
+    for old_id, (plan, (y0, y1, x0, x1)) in enumerate(zip(plans, boxes, strict=True), start=1):
+        if counts[old_id] == 0:
+            continue  # fully hidden: placement should prevent it, but the truth must not list it
+        new_id = len(cells) + 1
+        lookup[old_id] = new_id
+        ys, xs = np.nonzero(instances[y0:y1, x0:x1] == old_id)
+        centroid = (float(xs.mean() + x0), float(ys.mean() + y0))
+        cells.append(SynthCell(new_id, plan.kind, plan.is_blast, centroid))
+    if len(cells) < len(plans):
+        instances = lookup[instances]
+    return tuple(cells), instances
+
+
+def _draw_precipitate(od: np.ndarray, rng: np.random.Generator, mpp: float, stain: _Stain) -> None:
+    """Dye precipitate: tiny dark specks lying on top of everything, cells included."""
+    h, w = od.shape[:2]
+    n = int(rng.poisson(h * w * mpp * mpp / 2500.0))
+    for _ in range(n):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        radius = max(rng.uniform(0.15, 0.45) / mpp, 0.5)
+        box = _box(cx, cy, radius + 2, h, w)
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+        alpha = np.clip(radius + 0.5 - np.hypot(dx, dy), 0.0, 1.0)
+        od[y0:y1, x0:x1] += (alpha * rng.uniform(0.6, 1.4))[..., None] * stain.od["precipitate"]
+
+
+def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    # Built on a coarse grid and upsampled: illumination varies over hundreds of pixels, not one.
+    gh, gw = max(2, min(h, 64)), max(2, min(w, 64))
+    yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
+    yy, xx = yy / (gh - 1) - 0.5, xx / (gw - 1) - 0.5
+    vx, vy = rng.uniform(-0.2, 0.2, 2)
+    vignette = rng.uniform(0.0, 0.25) * ((xx - vx) ** 2 + (yy - vy) ** 2)
+    gx, gy = rng.normal(0.0, 0.05, 2)
+    coarse = 1.0 - vignette + gx * xx + gy * yy
+    blotches = cv2.resize(
+        rng.normal(0.0, 0.02, (4, 4)).astype(np.float32), (gw, gh), interpolation=cv2.INTER_CUBIC
+    )
+    coarse = (coarse + blotches).astype(np.float32)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _expose(
+    od: np.ndarray, rng: np.random.Generator, stain: _Stain, mpp: float, artefacts: bool
+) -> np.ndarray:
+    h, w = od.shape[:2]
+    np.negative(od, out=od)
+    image = np.exp(od, out=od)
+    image *= 255.0 * stain.light
+    if artefacts:
+        image *= _illumination(rng, h, w)[..., None]
+        sigma = rng.uniform(0.04, 0.22) / mpp  # slight defocus, in microns
+        if sigma > 0.3:
+            image = cv2.GaussianBlur(image, (0, 0), sigma)
+        read, shot = rng.uniform(0.8, 3.0), rng.uniform(0.0, 0.35)
+        noise = rng.standard_normal(image.shape, dtype=np.float32)
+        noise *= read + shot * np.sqrt(np.maximum(image, 0.0))
+        image += noise
+    image += 0.5
+    np.clip(image, 0.0, 255.0, out=image)
+    image = image.astype(np.uint8)
+    if artefacts:
+        quality = int(rng.integers(60, 96))
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        if ok:
+            image = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return image

@@ -1,0 +1,66 @@
+"""Regenerate the README figures: synthetic cells beside real segmentation_wbc crops, and an overlay.
+
+    python docs/make_figures.py [--wbc ../shared/data/segmentation_wbc]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from blastq.core.synth import generate_field
+
+HERE = Path(__file__).parent
+THUMB = 140
+
+
+def _thumb(rgb: np.ndarray) -> np.ndarray:
+    return cv2.resize(rgb, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+
+
+def synthetic_cells(n: int) -> list[np.ndarray]:
+    """Crops centred on synthetic white cells of different kinds (blasts first)."""
+    crops, kinds_seen = [], set()
+    for seed in range(200):
+        field = generate_field(seed, 384, 384, blast_fraction=0.5)
+        for cell in field.cells:
+            if cell.kind in kinds_seen or len(crops) >= n:
+                continue
+            cx, cy = (int(v) for v in cell.centroid_xy)
+            half = 60  # 24 um at 0.2 um/px: one cell and its neighbourhood
+            if half <= cx < 384 - half and half <= cy < 384 - half:
+                crops.append((cell.kind, field.image[cy - half : cy + half, cx - half : cx + half]))
+                kinds_seen.add(cell.kind)
+        if len(crops) >= n:
+            break
+    crops.sort(key=lambda kc: kc[0] != "blast")
+    return [_thumb(c) for _, c in crops]
+
+
+def real_cells(root: Path, numbers: list[tuple[str, int]]) -> list[np.ndarray]:
+    out = []
+    for ds, n in numbers:
+        bgr = cv2.imread(str(root / ds / f"{n:03d}.bmp"))
+        out.append(_thumb(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--wbc", type=Path, default=HERE.parent.parent / "shared" / "data" / "segmentation_wbc")
+    args = ap.parse_args()
+    synth = synthetic_cells(5)
+    real = real_cells(args.wbc, [("dataset1", 2), ("dataset1", 7), ("dataset2", 3), ("dataset2", 8), ("dataset2", 14)])
+    gap = np.full((THUMB, 6, 3), 255, np.uint8)
+    row = lambda ims: np.hstack([x for im in ims for x in (im, gap)][:-1])  # noqa: E731
+    grid = np.vstack([row(synth), np.full((6, row(synth).shape[1], 3), 255, np.uint8), row(real)])
+    cv2.imwrite(str(HERE / "synthetic_vs_real.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    field = generate_field(2026, 768, 768, blast_fraction=0.4)
+    cv2.imwrite(str(HERE / "example_smear.png"), cv2.cvtColor(field.image, cv2.COLOR_RGB2BGR))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""End-to-end: the commands a lab user types."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, text
+
+from blastq.cli.main import main
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLASTQ_DATA_DIR", str(tmp_path / "data"))
+    for var in ("BLASTQ_DATABASE_URL", "BLASTQ_STORE_URL", "BLASTQ_CONFIG", "BLASTQ_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def smears(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smears")
+    result = CliRunner().invoke(main, ["synth", "--count", "2", "--size", "512", "--out", str(out), "--seed", "40"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_synth_writes_image_and_truth_files(smears):
+    names = sorted(p.name for p in smears.iterdir())
+    assert names[:4] == ["synth_00040.instances.tif", "synth_00040.mask.png", "synth_00040.nuclei.png", "synth_00040.png"]
+    assert len(names) == 8
+
+
+def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_path):
+    out = tmp_path / "results"
+    result = cli("run", smears / "synth_00040.png", smears / "synth_00041.png", "--out", out, "--mpp", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "white cells" in result.output and "blasts" in result.output
+    for stem in ("synth_00040", "synth_00041"):
+        files = {p.name for p in (out / stem).iterdir()}
+        assert files == {"mask.png", "nuclei.png", "instances.tif", "overlay.png", "cells.csv", "cells.geojson", "summary.json"}
+    summary = json.loads((out / "synth_00040" / "summary.json").read_text())
+    assert summary["mpp_source"] == "user" and summary["mpp"] == 0.2
+    db = create_engine(f"sqlite:///{tmp_path}/data/blastq.db")
+    with db.connect() as c:
+        assert c.execute(text("select count(*) from results")).scalar() == 2
+        n_cells = c.execute(text("select count(*) from cells")).scalar()
+    assert n_cells == sum(json.loads((out / s / "summary.json").read_text())["white_cells"] for s in ("synth_00040", "synth_00041"))
+    stored = list((tmp_path / "data" / "store" / "slides").rglob("summary.json"))
+    assert len(stored) == 2
+
+
+def test_running_a_slide_again_does_not_duplicate_its_result(cli, smears, tmp_path):
+    for _ in range(2):
+        assert cli("run", smears / "synth_00040.png", "--mpp", "0.2").exit_code == 0
+    with create_engine(f"sqlite:///{tmp_path}/data/blastq.db").connect() as c:
+        assert c.execute(text("select count(*) from results")).scalar() == 1
+
+
+def test_bad_images_fail_alone_with_one_line_each(cli, smears, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes((smears / "synth_00040.png").read_bytes()[:2000])
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    out = tmp_path / "r"
+    result = cli("run", bad, smears / "synth_00041.png", text_file, tmp_path / "missing.png", "--out", out, "--mpp", "0.2")
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 3
+    assert any("broken.png" in line for line in failed) and any("missing.png" in line for line in failed)
+    assert (out / "synth_00041" / "summary.json").is_file()
+    assert "Traceback" not in result.output
+
+
+def test_two_images_with_one_name_get_two_folders(cli, smears, tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(smears / "synth_00041.png", other / "synth_00040.png")
+    out = tmp_path / "r"
+    assert cli("run", smears / "synth_00040.png", other / "synth_00040.png", "--out", out, "--mpp", "0.2").exit_code == 0
+    assert (out / "synth_00040").is_dir() and (out / "synth_00040-2").is_dir()
+
+
+def test_mpp_is_estimated_from_red_cells_when_not_given(cli, smears, tmp_path):
+    out = tmp_path / "r"
+    assert cli("run", smears / "synth_00040.png", "--out", out, "--no-record").exit_code == 0
+    summary = json.loads((out / "synth_00040" / "summary.json").read_text())
+    assert summary["mpp_source"] == "estimated" and summary["mpp"] == pytest.approx(0.2, rel=0.2)
+
+
+def test_a_bad_model_path_is_one_clear_line(cli, smears, tmp_path):
+    result = cli("run", smears / "synth_00040.png", "--model", tmp_path / "none.pt")
+    assert result.exit_code == 2 and "model file not found" in result.output
+
+
+def test_evaluate_reports_metrics_on_a_synth_folder(cli, smears):
+    result = cli("evaluate", smears, "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output[result.output.index("{") :])
+    assert figures["synthetic"]["fields"] == 2 and 0 <= figures["synthetic"]["blast_dice"] <= 1
+
+
+def test_evaluate_refuses_a_folder_without_pairs(cli, tmp_path):
+    result = cli("evaluate", tmp_path)
+    assert result.exit_code == 2 and "neither" in result.output
+
+
+def test_the_console_script_is_installed_and_teaches():
+    exe = Path(sys.executable).with_name("blastq")
+    out = subprocess.run([str(exe), "run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--mpp" in out and "--out" in out
+
+
+def test_png_overlay_is_a_viewable_image(cli, smears, tmp_path):
+    out = tmp_path / "r"
+    cli("run", smears / "synth_00040.png", "--out", out, "--mpp", "0.2", "--no-record")
+    img = cv2.imread(str(out / "synth_00040" / "overlay.png"))
+    assert img is not None and img.shape[:2] == (512, 512) and np.ptp(img) > 0

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blastq.core.errors import InvalidConfig
+from blastq.core.settings import load_settings, mask_secret
+
+
+def test_embedded_defaults_live_under_the_data_dir(tmp_path):
+    s = load_settings({"BLASTQ_DATA_DIR": str(tmp_path)})
+    assert s.database_url == f"sqlite:///{tmp_path}/blastq.db"
+    assert s.store_url == f"file://{tmp_path}/store"
+    assert s.engine == "auto" and s.device == "cpu"
+
+
+def test_environment_overrides_file_and_overrides_win(tmp_path):
+    cfg = tmp_path / "blastq.toml"
+    cfg.write_text('tile_px = 128\ndevice = "cuda:0"\nblast_threshold_percent = 10\n')
+    env = {"BLASTQ_CONFIG": str(cfg), "BLASTQ_TILE_PX": "512", "BLASTQ_DATA_DIR": str(tmp_path)}
+    s = load_settings(env, device="cpu")
+    assert (s.tile_px, s.device, s.blast_threshold_percent) == (512, "cpu", 10.0)
+    assert isinstance(s.data_dir, Path)
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"BLASTQ_TILE_PX": "big"}, "tile_px"),
+        ({"BLASTQ_BLAST_THRESHOLD_PERCENT": "150"}, "blast_threshold_percent"),
+        ({"BLASTQ_MAX_PIXELS": "0"}, "max_pixels"),
+        ({"BLASTQ_CONFIG": "/nonexistent/blastq.toml"}, "not found"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(env, match):
+    with pytest.raises(InvalidConfig, match=match):
+        load_settings(env)
+
+
+def test_unknown_or_broken_config_file_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("tile_pix = 3\n")
+    with pytest.raises(InvalidConfig, match="tile_pix"):
+        load_settings({"BLASTQ_CONFIG": str(cfg)})
+    cfg.write_text("tile_px = = 3\n")
+    with pytest.raises(InvalidConfig, match="TOML"):
+        load_settings({"BLASTQ_CONFIG": str(cfg)})
+
+
+def test_passwords_never_printed():
+    s = load_settings(
+        {"BLASTQ_DATABASE_URL": "postgresql://lab:s3cret@db:5432/blastq", "BLASTQ_DATA_DIR": "/tmp/x"}
+    )
+    shown = " ".join(s.describe().values())
+    assert "s3cret" not in shown and "lab:***@db" in shown
+    assert mask_secret("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
