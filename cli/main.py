@@ -97,10 +97,12 @@ def run(
 
         try:
             result = runner.run(path, mpp=mpp, out_folder=out_dir and out_dir / name, progress=tick)
-        except BlastqError as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
             failed += 1
             bar.close()
-            click.echo(f"FAILED {path}: {exc}", err=True)
+            reason = str(exc) if isinstance(exc, BlastqError) else f"internal error ({type(exc).__name__}: {exc})"
+            # Slide errors already name the file; do not print it twice.
+            click.echo(f"FAILED {reason}" if str(path) in reason else f"FAILED {path}: {reason}", err=True)
             continue
         bar.close()
         s = result.stats

@@ -1,35 +1,89 @@
-"""The database adapter: results and cells as rows (SQLAlchemy 2).
+"""The database adapter: batches, jobs, results, cells and the watcher's ledger (SQLAlchemy 2, Alembic).
 
 A result is keyed by (slide sha256, model version, pipeline parameters key): recording the same
-slide again replaces its row and its cells, never duplicates them.
+slide again replaces its row and its cells, never duplicates them. A job is a row before it is a
+message: workers claim it here, so a redelivered message never redoes finished work and a slide that
+kills its worker fails after `max_attempts` instead of killing every worker in turn.
+
+The schema belongs to the Alembic history in the `migrations` folder. SQLite (the single-machine
+default) is brought to the newest revision on connect; any other database must be upgraded on
+purpose with `blastq db upgrade`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from datetime import UTC, datetime
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import uuid4
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import (
+    BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
+    MetaData,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     delete,
+    event,
+    func,
+    insert,
     select,
+    text,
+    update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import NullPool
 
-from blastq.core.errors import DatabaseUnavailable
+from blastq.core.errors import DatabaseUnavailable, InvalidConfig
+
+JOB_STATES = ("queued", "running", "succeeded", "failed")
+LEDGER_STATES = ("seen", "submitted", "rejected")
+MAX_ERROR_CHARS = 2000
+
+# Explicit names for every constraint and index, so a migration written on SQLite drops or alters the
+# same object on PostgreSQL. The index pattern is the one SQLAlchemy used before the naming convention,
+# so databases created before migrations keep matching names.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 
 class Base(DeclarativeBase):
-    pass
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class BatchRow(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class ResultRow(Base):
@@ -81,43 +135,495 @@ class CellRow(Base):
     blast_probability: Mapped[float] = mapped_column(Float)
 
 
-def connect(url: str) -> Engine:
-    """An engine with the schema in place (Alembic migrations take over with the slide service)."""
-    if url.startswith("sqlite:///"):
-        from pathlib import Path
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", JOB_STATES), name="state"),
+        # Serves `requeue` (state IN (...) AND updated_at < cutoff) and, by its leading column, any
+        # lookup by state alone, so state has no index of its own.
+        Index("ix_jobs_state_updated_at", "state", "updated_at"),
+    )
 
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(512))  # the name the user submitted
+    input_key: Mapped[str] = mapped_column(String(300))  # store key: inputs/<sha256>.<ext>
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    mpp: Mapped[float | None] = mapped_column(Float)  # user-given; None: from the slide's metadata
+    params_key: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str | None] = mapped_column(String(64))  # known once a worker has run it
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # times a worker started it
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(200))  # hostname/pid of the last claim
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WatchLedgerRow(Base):
+    """The folder watcher's memory: one row per file version seen, so a restart never submits twice."""
+
+    __tablename__ = "watch_ledger"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", LEDGER_STATES), name="state"),
+        UniqueConstraint("root", "relpath", "size", "mtime_ns", name="uq_watch_ledger_file"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    root: Mapped[str] = mapped_column(String(1000))
+    relpath: Mapped[str] = mapped_column(String(1000))
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# --- connecting and migrating ---------------------------------------------------------------------
+
+# Alembic installs its `context` proxy process-wide, so two threads must not run migrations at once.
+# Across processes, SQLite's BEGIN IMMEDIATE and PostgreSQL's advisory lock do the same job.
+_ALEMBIC_LOCK = threading.Lock()
+_PG_MIGRATION_LOCK_KEY = 0x626C61737471  # "blastq"
+
+
+def migrations_dir() -> Path:
+    """The Alembic folder: the installed `blastq.migrations` package, else the source tree's migrations/."""
     try:
-        Base.metadata.create_all(engine)
-    except OperationalError as exc:
-        raise DatabaseUnavailable(f"database not reachable: {exc.orig}") from exc
+        import blastq.migrations as package
+    except ImportError:  # an editable install made before the package was mapped
+        folder = Path(__file__).resolve().parents[1] / "migrations"
+    else:
+        folder = Path(package.__file__).parent
+    if not (folder / "env.py").is_file():
+        raise InvalidConfig(f"blastq's migrations are missing from this installation: {folder}")
+    return folder
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    """An Alembic Config built in code (no ini file): the script folder, and the URL when given.
+
+    For Alembic's own commands, e.g. `command.revision(alembic_config(url), autogenerate=True, ...)`.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if database_url:
+        # The config is an ini parser: a literal % (URL-encoded passwords) must be doubled.
+        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of blastq knows."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(database_url: str) -> str | None:
+    """The schema revision the database is at; None for a database never migrated."""
+    engine = _engine(_parse(database_url), pooled=False)
+    try:
+        return _revision_of(engine)
+    finally:
+        engine.dispose()
+
+
+def upgrade(database_url: str, revision: str = "head") -> str:
+    """Apply the migrations up to `revision` (the newest by default); returns the revision now in place.
+
+    Safe to run twice, and from several processes at once.
+    """
+    url = _parse(database_url)
+    _make_sqlite_folder(url)
+    engine = _engine(url, pooled=False, exclusive=True)
+    try:
+        return _migrate(engine, lambda config: command.upgrade(config, revision)) or "base"
+    finally:
+        engine.dispose()
+
+
+def downgrade(database_url: str, revision: str) -> str | None:
+    """Undo migrations down to `revision` ("base" removes every blastq table); returns the revision now."""
+    engine = _engine(_parse(database_url), pooled=False, exclusive=True)
+    try:
+        return _migrate(engine, lambda config: command.downgrade(config, revision))
+    finally:
+        engine.dispose()
+
+
+def connect(url: str) -> Engine:
+    """An engine on a database whose schema is at the newest revision.
+
+    SQLite is created (folder included) and upgraded here. Any other database is only checked:
+    upgrading a shared server is an operator's decision (`blastq db upgrade`).
+    """
+    parsed = _parse(url)
+    _make_sqlite_folder(parsed)
+    engine = _engine(parsed, pooled=True)
+    try:
+        current, head = _revision_of(engine), head_revision()
+        if current == head:
+            return engine
+        if parsed.get_backend_name() != "sqlite":
+            raise InvalidConfig(_revision_problem(parsed, current, head))
+        if _in_memory(parsed):  # a second engine would open a second, empty database
+            _migrate(engine, lambda config: command.upgrade(config, "head"))
+        else:
+            upgrade(url)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
+
+
+def _revision_problem(url: URL, current: str | None, head: str) -> str:
+    where = f"database {_masked(url)}"
+    if current is None:
+        return f"{where} has no blastq schema yet: run `blastq db upgrade`"
+    try:
+        ScriptDirectory.from_config(alembic_config()).get_revision(current)
+    except CommandError:  # a revision this blastq has never heard of
+        return f"{where} is at schema revision {current}, newer than this blastq knows: upgrade blastq"
+    return f"{where} is at schema revision {current}, this blastq needs {head}: run `blastq db upgrade`"
+
+
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        # Not echoed: an unparsable URL may still hold a password.
+        raise InvalidConfig(
+            "the database URL cannot be read; expected a form like "
+            "sqlite:///path/blastq.db or postgresql+psycopg://user:password@host/dbname"
+        ) from None
+
+
+def _masked(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _in_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _make_sqlite_folder(url: URL) -> None:
+    if url.get_backend_name() != "sqlite" or _in_memory(url) or url.database.startswith("file:"):
+        return
+    folder = Path(url.database).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidConfig(f"cannot create the database folder {folder}: {exc.strerror}") from exc
+
+
+def _engine(url: URL, *, pooled: bool, exclusive: bool = False) -> Engine:
+    """An engine for `url`. `exclusive`: SQLite transactions take the write lock when they begin."""
+    options: dict = {} if pooled else {"poolclass": NullPool}
+    if url.get_backend_name() == "postgresql":
+        options["pool_pre_ping"] = pooled  # a worker outlives database restarts
+        if url.get_driver_name() in ("psycopg", "psycopg2") and "connect_timeout" not in url.query:
+            options["connect_args"] = {"connect_timeout": 10}  # libpq waits forever by default
+    engine = create_engine(url, **options)
+    if exclusive and url.get_backend_name() == "sqlite":
+        # pysqlite runs DDL outside any transaction; take over BEGIN so a whole migration is one
+        # transaction, and make it IMMEDIATE so a second process waits instead of racing it.
+        @event.listens_for(engine, "connect")
+        def _no_implicit_transactions(dbapi_connection, _record) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection: Connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _revision_of(engine: Engine) -> str | None:
+    with _reachable(engine), engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _migrate(engine: Engine, action: Callable[[Config], None]) -> str | None:
+    with _ALEMBIC_LOCK, _reachable(engine), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        try:
+            action(config)
+        except CommandError as exc:
+            raise InvalidConfig(f"database {_masked(engine.url)}: {exc}") from exc
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextmanager
+def _reachable(engine: Engine) -> Iterator[None]:
+    """Database faults as DatabaseUnavailable, with the URL's password masked."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        reason = " ".join(str(exc.orig).split())
+        if engine.url.password:
+            reason = reason.replace(str(engine.url.password), "***")
+        raise DatabaseUnavailable(f"database {_masked(engine.url)} not reachable: {reason}") from exc
+
+
+# --- results --------------------------------------------------------------------------------------
 
 
 def record_result(engine: Engine, summary: dict, cells, store_prefix: str) -> int:
     """Upsert one result and replace its cells; returns the result id."""
     keys = {c.name for c in ResultRow.__table__.columns} - {"id", "store_prefix", "created_at"}
-    fields = {k: summary[k] for k in keys}
-    try:
-        with Session(engine) as session, session.begin():
-            row = session.scalar(
-                select(ResultRow).where(
-                    ResultRow.sha256 == fields["sha256"],
-                    ResultRow.model_version == fields["model_version"],
-                    ResultRow.params_key == fields["params_key"],
-                )
+    values = {k: summary[k] for k in keys}
+    with _reachable(engine), Session(engine) as session, session.begin():
+        row = session.scalar(
+            select(ResultRow).where(
+                ResultRow.sha256 == values["sha256"],
+                ResultRow.model_version == values["model_version"],
+                ResultRow.params_key == values["params_key"],
             )
-            if row is None:
-                row = ResultRow(**fields, store_prefix=store_prefix, created_at=datetime.now(UTC))
-                session.add(row)
-                session.flush()
-            else:
-                for k, v in fields.items():
-                    setattr(row, k, v)
-                row.store_prefix = store_prefix
-                session.execute(delete(CellRow).where(CellRow.result_id == row.id))
-            session.add_all(CellRow(result_id=row.id, **asdict(c)) for c in cells)
-            return row.id
-    except OperationalError as exc:
-        raise DatabaseUnavailable(f"database not reachable: {exc.orig}") from exc
+        )
+        if row is None:
+            row = ResultRow(**values, store_prefix=store_prefix, created_at=_now())
+            session.add(row)
+            session.flush()
+        else:
+            for k, v in values.items():
+                setattr(row, k, v)
+            row.store_prefix = store_prefix
+            session.execute(delete(CellRow).where(CellRow.result_id == row.id))
+        session.add_all(CellRow(result_id=row.id, **asdict(c)) for c in cells)
+        return row.id
+
+
+def find_result(engine: Engine, sha256: str, model_version: str, params_key: str) -> int | None:
+    """The id of the result for this slide content, model and parameters, if one is recorded."""
+    with _reachable(engine), engine.connect() as conn:
+        return conn.scalar(
+            select(ResultRow.id).where(
+                ResultRow.sha256 == sha256,
+                ResultRow.model_version == model_version,
+                ResultRow.params_key == params_key,
+            )
+        )
+
+
+# --- batches and jobs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job row, as the worker and the CLI see it. Times are timezone-aware UTC."""
+
+    id: str
+    batch_id: str | None
+    state: str
+    filename: str
+    input_key: str
+    sha256: str
+    mpp: float | None
+    params_key: str
+    model_version: str | None
+    attempts: int
+    error: str | None
+    worker: str | None
+    result_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def _from_row(cls, row) -> JobInfo:
+        values = dict(row._mapping)
+        return cls(**{f.name: _utc(values[f.name]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """A batch and how many of its jobs are in each state."""
+
+    id: str
+    name: str
+    created_at: datetime
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.running + self.succeeded + self.failed
+
+    @property
+    def finished(self) -> bool:
+        return self.queued == 0 and self.running == 0
+
+
+_jobs = JobRow.__table__
+
+
+def create_batch(engine: Engine, name: str) -> str:
+    """A new batch; returns its id."""
+    batch_id = str(uuid4())
+    with _reachable(engine), engine.begin() as conn:
+        conn.execute(insert(BatchRow).values(id=batch_id, name=name, created_at=_now()))
+    return batch_id
+
+
+def create_job(
+    engine: Engine,
+    *,
+    batch_id: str | None,
+    filename: str,
+    input_key: str,
+    sha256: str,
+    mpp: float | None,
+    params_key: str,
+) -> JobInfo:
+    """A new queued job: the row exists before any message about it is sent."""
+    now = _now()
+    values = {
+        "id": str(uuid4()),
+        "batch_id": batch_id,
+        "state": "queued",
+        "filename": filename,
+        "input_key": input_key,
+        "sha256": sha256,
+        "mpp": mpp,
+        "params_key": params_key,
+        "model_version": None,
+        "attempts": 0,
+        "error": None,
+        "worker": None,
+        "result_id": None,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+    }
+    with _reachable(engine), engine.begin() as conn:
+        conn.execute(insert(_jobs).values(**values))
+    return JobInfo(**values)
+
+
+def claim_job(engine: Engine, job_id: str, worker: str, max_attempts: int) -> JobInfo | None:
+    """Move a queued (or redelivered running) job to running for `worker`; None when it must not run.
+
+    None when the job is unknown or already finished (a redelivered message must not redo it), when
+    another worker claimed it at the same moment, or when it has been started `max_attempts` times
+    already: the worker died each time, so the job is failed rather than handed to the next victim.
+    """
+    if max_attempts < 1:
+        raise InvalidConfig(f"max_attempts must be at least 1, got {max_attempts}")
+    now = _now()
+    with _reachable(engine), engine.begin() as conn:
+        seen = conn.execute(select(_jobs.c.state, _jobs.c.attempts).where(_jobs.c.id == job_id)).first()
+        if seen is None or seen.state not in ("queued", "running"):
+            return None
+        if seen.attempts >= max_attempts:
+            values = {
+                "state": "failed",
+                "error": f"gave up after {seen.attempts} attempts (the worker died each time)",
+                "finished_at": now,
+            }
+        else:
+            values = {"state": "running", "attempts": seen.attempts + 1, "worker": worker, "started_at": now}
+        # Compare-and-set on attempts: of two workers that read the same row, only the first write
+        # matches; PostgreSQL makes the second wait for the first's commit, then re-checks the WHERE.
+        claimed = conn.execute(
+            update(_jobs)
+            .where(
+                _jobs.c.id == job_id,
+                _jobs.c.state.in_(("queued", "running")),
+                _jobs.c.attempts == seen.attempts,
+            )
+            .values(**values, updated_at=now)
+        )
+        if claimed.rowcount != 1 or values["state"] == "failed":
+            return None
+        return JobInfo._from_row(conn.execute(select(_jobs).where(_jobs.c.id == job_id)).one())
+
+
+def finish_job(engine: Engine, job_id: str, result_id: int) -> None:
+    """Mark a job succeeded with its result (and the result's model version)."""
+    now = _now()
+    model_version = select(ResultRow.model_version).where(ResultRow.id == result_id).scalar_subquery()
+    with _reachable(engine), engine.begin() as conn:
+        done = conn.execute(
+            update(_jobs)
+            .where(_jobs.c.id == job_id)
+            .values(
+                state="succeeded",
+                result_id=result_id,
+                model_version=model_version,
+                error=None,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        if done.rowcount != 1:
+            raise LookupError(f"no job {job_id}")
+
+
+def fail_job(engine: Engine, job_id: str, error: str) -> None:
+    """Mark a job failed with the reason (cut to 2000 characters). A succeeded job stays succeeded:
+    a late duplicate's failure does not undo a result already recorded."""
+    now = _now()
+    with _reachable(engine), engine.begin() as conn:
+        failed = conn.execute(
+            update(_jobs)
+            .where(_jobs.c.id == job_id, _jobs.c.state != "succeeded")
+            .values(state="failed", error=error[:MAX_ERROR_CHARS], finished_at=now, updated_at=now)
+        )
+        if failed.rowcount != 1 and conn.scalar(select(_jobs.c.id).where(_jobs.c.id == job_id)) is None:
+            raise LookupError(f"no job {job_id}")
+
+
+def stale_jobs(engine: Engine, older_than: timedelta) -> list[JobInfo]:
+    """Jobs still queued or running whose row has not changed for `older_than`, oldest first."""
+    cutoff = _now() - older_than
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(
+            select(_jobs)
+            .where(_jobs.c.state.in_(("queued", "running")), _jobs.c.updated_at < cutoff)
+            .order_by(_jobs.c.updated_at)
+        )
+        return [JobInfo._from_row(r) for r in rows]
+
+
+def job_status(engine: Engine, job_id: str) -> JobInfo | None:
+    """The job's row; None for an unknown id."""
+    with _reachable(engine), engine.connect() as conn:
+        row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).first()
+    return None if row is None else JobInfo._from_row(row)
+
+
+def batch_status(engine: Engine, batch_id: str) -> BatchStatus | None:
+    """The batch with its job counts by state; None for an unknown id."""
+    with _reachable(engine), engine.connect() as conn:
+        batch = conn.execute(select(BatchRow.__table__).where(BatchRow.id == batch_id)).first()
+        if batch is None:
+            return None
+        counts = conn.execute(
+            select(_jobs.c.state, func.count()).where(_jobs.c.batch_id == batch_id).group_by(_jobs.c.state)
+        )
+        return BatchStatus(
+            id=batch.id, name=batch.name, created_at=_utc(batch.created_at), **{s: n for s, n in counts}
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value):
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in its session zone."""
+    if not isinstance(value, datetime):
+        return value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

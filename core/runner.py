@@ -40,7 +40,15 @@ class LocalRunner:
             batch_size=settings.batch_size,
             blast_threshold_percent=settings.blast_threshold_percent,
         )
-        store = open_store(settings.store_url) if record else None
+        store = (
+            open_store(
+                settings.store_url,
+                endpoint_url=settings.s3_endpoint_url or None,
+                region=settings.s3_region or None,
+            )
+            if record
+            else None
+        )
         db = connect(settings.database_url) if record else None
         return cls(settings, engine, info, store, db, config)
 

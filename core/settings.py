@@ -10,11 +10,14 @@ import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blastq.core.errors import InvalidConfig
 from blastq.core.slide import DEFAULT_MAX_PIXELS
 from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT
+
+if TYPE_CHECKING:
+    from blastq.core.pipeline import PipelineConfig
 
 
 def _default_data_dir() -> Path:
@@ -26,7 +29,13 @@ def _default_data_dir() -> Path:
 class Settings:
     data_dir: Path
     database_url: str = ""  # default: sqlite:///<data_dir>/blastq.db
-    store_url: str = ""  # default: file://<data_dir>/store
+    # default: Kombu's SQLAlchemy transport on SQLite, sqla+sqlite:///<data_dir>/broker.db; or redis://...
+    broker_url: str = ""
+    store_url: str = ""  # default: file://<data_dir>/store; or s3://bucket/prefix
+    s3_endpoint_url: str = (
+        ""  # S3-compatible server (MinIO, Ceph...); empty: AWS. Credentials: AWS_* variables
+    )
+    s3_region: str = ""
     model: str = ""  # checkpoint path; default: the model shipped in the package
     engine: str = "auto"
     device: str = "cpu"
@@ -35,10 +44,20 @@ class Settings:
     tile_px: int = 256
     overlap_px: int = 64
     batch_size: int = 8
+    max_attempts: int = 3  # deliveries of one job before it is failed (a slide that kills its worker)
+    visibility_timeout_s: int = 3600  # Redis redelivers an unacknowledged job after this: > longest slide
+    task_retry_max: int = 5  # retries, with backoff, of a job hit by a transient fault (database, store)
+    worker_concurrency: int = 1  # worker processes per `blastq worker`, each with its own engine
 
     def __post_init__(self) -> None:
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'blastq.db'}")
+        if not self.broker_url:
+            # The embedded broker. Kombu's SQLAlchemy transport on SQLite takes each message in one
+            # BEGIN IMMEDIATE transaction, so of several worker processes exactly one gets it, and a
+            # failed publish raises. The filesystem transport moves message files without a lock and,
+            # across file systems, by copy-then-delete, which can hand one message to two workers.
+            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{self.data_dir / 'broker.db'}")
         if not self.store_url:
             object.__setattr__(self, "store_url", f"file://{self.data_dir / 'store'}")
         if self.max_pixels < 1:
@@ -47,6 +66,14 @@ class Settings:
             raise InvalidConfig(
                 f"blast_threshold_percent must be in (0, 100], got {self.blast_threshold_percent}"
             )
+        for name, least in (
+            ("max_attempts", 1),
+            ("visibility_timeout_s", 1),
+            ("task_retry_max", 0),
+            ("worker_concurrency", 1),
+        ):
+            if getattr(self, name) < least:
+                raise InvalidConfig(f"{name} must be at least {least}, got {getattr(self, name)}")
 
     def describe(self) -> dict[str, str]:
         """Settings as printable strings, passwords masked."""
@@ -54,8 +81,20 @@ class Settings:
 
 
 def mask_secret(url: str) -> str:
-    """Hide the password in a URL such as postgresql://user:pw@host/db."""
-    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", url)
+    """Hide the password in a URL such as postgresql://user:pw@host/db or redis://:pw@host:6379/0."""
+    return re.sub(r"(//[^:/@]*:)[^@/]+@", r"\1***@", url)
+
+
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    """The pipeline parameters these settings ask for; their key is part of a result's identity."""
+    from blastq.core.pipeline import PipelineConfig  # torch-heavy: only when a slide is to be run
+
+    return PipelineConfig(
+        tile_px=settings.tile_px,
+        overlap_px=settings.overlap_px,
+        batch_size=settings.batch_size,
+        blast_threshold_percent=settings.blast_threshold_percent,
+    )
 
 
 def _coerce(name: str, raw: Any, kind: type) -> Any:
@@ -78,6 +117,10 @@ _TYPES = {
     "tile_px": int,
     "overlap_px": int,
     "batch_size": int,
+    "max_attempts": int,
+    "visibility_timeout_s": int,
+    "task_retry_max": int,
+    "worker_concurrency": int,
 }
 
 

@@ -1,5 +1,7 @@
 """Regenerate the README figures: synthetic cells beside real segmentation_wbc crops, and an overlay.
 
+The overlay uses the shipped model, so regenerate after replacing it.
+
     python docs/make_figures.py [--wbc ../shared/data/segmentation_wbc]
 """
 
@@ -58,8 +60,22 @@ def main() -> None:
     row = lambda ims: np.hstack([x for im in ims for x in (im, gap)][:-1])  # noqa: E731
     grid = np.vstack([row(synth), np.full((6, row(synth).shape[1], 3), 255, np.uint8), row(real)])
     cv2.imwrite(str(HERE / "synthetic_vs_real.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    field = generate_field(2026, 768, 768, blast_fraction=0.4)
-    cv2.imwrite(str(HERE / "example_smear.png"), cv2.cvtColor(field.image, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(HERE / "example_overlay.png"), cv2.cvtColor(example_overlay(), cv2.COLOR_RGB2BGR))
+
+
+def example_overlay() -> np.ndarray:
+    """A synthetic smear beside the shipped model's overlay (green: white cells, red: blasts)."""
+    from blastq.core.artifacts import overlay
+    from blastq.core.engines import load_engine
+    from blastq.core.pipeline import process_slide
+    from blastq.core.slide import Slide
+
+    field = generate_field(2026, 640, 640, blast_fraction=0.4, wbc_per_10k_um2=12.0)
+    engine, info = load_engine()
+    result = process_slide(Slide(field.image, 0.2, "user", "example", ""), engine, info)
+    crop = (slice(100, 540), slice(60, 500))  # 88 um square with touching blasts, at full resolution
+    both = [field.image[crop], np.full((440, 8, 3), 255, np.uint8), overlay(field.image, result.maps)[crop]]
+    return np.hstack(both)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from blastq.core.synth import generate_field, read_field_masks
 
 IGNORE = 255
 
-# segmentation_wbc has no scale in its files. Microns per pixel measured with
-# blastq.core.slide.estimate_mpp_from_red_cells over each dataset (median over the images; see
-# trainer/SPLIT.md), i.e. the same red-cell rule blastq applies to any slide without metadata.
+# segmentation_wbc has no scale in its files. blastq sets each dataset's scale so that its median
+# neutrophil is ~13 um across, as in the synthetic generator (dataset1: 76.5 px, dataset2: 160 px), so
+# real and synthetic cells of one kind have one size at the model's scale. See trainer/SPLIT.md.
 SEGMENTATION_WBC_MPP = {"dataset1": 0.17, "dataset2": 0.08}
 
 

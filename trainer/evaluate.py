@@ -29,7 +29,8 @@ class WbcEvaluation:
 
     dataset: str
     images: int
-    cell_dice: float
+    cell_dice: float  # the labelled cell: predicted cells that overlap it
+    cell_dice_all_pixels: float  # every predicted cell, unlabelled neighbours counted as false positives
     cell_iou: float
     nucleus_dice: float
     nucleus_iou: float
@@ -67,8 +68,12 @@ def evaluate_wbc(
     for item in items:
         rgb, truth = read_rgb(item.image_path), read_wbc_mask(item.mask_path)
         result = process_slide(_slide(rgb, item.mpp, item.image_path.name), engine, info, config)
-        cell_pred = result.maps.instances > 0
-        nuc_pred = result.maps.nuclei
+        instances = result.maps.instances
+        # Each crop labels one white cell; other (partial) cells in it are unlabelled, not background.
+        # Score the predicted cells that overlap the labelled one, and report all pixels beside it.
+        touching = np.setdiff1d(np.unique(instances[truth >= 1]), [0])
+        cell_pred = np.isin(instances, touching)
+        nuc_pred = result.maps.nuclei & cell_pred
         pred3 = np.where(nuc_pred, 2, np.where(cell_pred, 1, 0))
         per.setdefault(item.dataset, []).append(
             (
@@ -76,6 +81,7 @@ def evaluate_wbc(
                 pixel_counts(nuc_pred, truth == 2),
                 int((pred3 == truth).sum()),
                 truth.size,
+                pixel_counts(instances > 0, truth >= 1),
             )
         )
         if tick:
@@ -88,6 +94,7 @@ def evaluate_wbc(
                 dataset=ds,
                 images=len(rows),
                 cell_dice=float(np.mean([c.dice for c in cells])),
+                cell_dice_all_pixels=float(np.mean([r[4].dice for r in rows])),
                 cell_iou=float(np.mean([c.iou for c in cells])),
                 nucleus_dice=float(np.mean([n.dice for n in nucs])),
                 nucleus_iou=float(np.mean([n.iou for n in nucs])),

@@ -29,6 +29,7 @@ class EvaluationReport:
                 e.dataset: {
                     "images": e.images,
                     "cell_dice": round(e.cell_dice, 4),
+                    "cell_dice_all_pixels": round(e.cell_dice_all_pixels, 4),
                     "cell_iou": round(e.cell_iou, 4),
                     "nucleus_dice": round(e.nucleus_dice, 4),
                     "nucleus_iou": round(e.nucleus_iou, 4),
@@ -65,13 +66,13 @@ class EvaluationReport:
         if self.wbc:
             lines.append(
                 f"{'dataset':10} {'images':>6} {'cell Dice':>9} {'cell IoU':>8} {'nuc Dice':>8} {'nuc IoU':>8} "
-                f"{'pix acc':>7} {'cell P':>6} {'cell R':>6} {'cell F1':>7}"
+                f"{'pix acc':>7} {'cell P':>6} {'cell R':>6} {'cell F1':>7} {'Dice all px':>11}"
             )
             for e in self.wbc:
                 lines.append(
                     f"{e.dataset:10} {e.images:6d} {e.cell_dice:9.4f} {e.cell_iou:8.4f} {e.nucleus_dice:8.4f} "
                     f"{e.nucleus_iou:8.4f} {e.pixel_accuracy:7.4f} {e.cell.precision:6.3f} {e.cell.recall:6.3f} "
-                    f"{e.cell.f1:7.4f}"
+                    f"{e.cell.f1:7.4f} {e.cell_dice_all_pixels:11.4f}"
                 )
         if s := self.synthetic:
             lines.append(f"synthetic fields: {s.fields}")

@@ -29,14 +29,21 @@ def cli(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def smears(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smears")
-    result = CliRunner().invoke(main, ["synth", "--count", "2", "--size", "512", "--out", str(out), "--seed", "40"])
+    result = CliRunner().invoke(
+        main, ["synth", "--count", "2", "--size", "512", "--out", str(out), "--seed", "40"]
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
 def test_synth_writes_image_and_truth_files(smears):
     names = sorted(p.name for p in smears.iterdir())
-    assert names[:4] == ["synth_00040.instances.tif", "synth_00040.mask.png", "synth_00040.nuclei.png", "synth_00040.png"]
+    assert names[:4] == [
+        "synth_00040.instances.tif",
+        "synth_00040.mask.png",
+        "synth_00040.nuclei.png",
+        "synth_00040.png",
+    ]
     assert len(names) == 8
 
 
@@ -47,14 +54,25 @@ def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_
     assert "white cells" in result.output and "blasts" in result.output
     for stem in ("synth_00040", "synth_00041"):
         files = {p.name for p in (out / stem).iterdir()}
-        assert files == {"mask.png", "nuclei.png", "instances.tif", "overlay.png", "cells.csv", "cells.geojson", "summary.json"}
+        assert files == {
+            "mask.png",
+            "nuclei.png",
+            "instances.tif",
+            "overlay.png",
+            "cells.csv",
+            "cells.geojson",
+            "summary.json",
+        }
     summary = json.loads((out / "synth_00040" / "summary.json").read_text())
     assert summary["mpp_source"] == "user" and summary["mpp"] == 0.2
     db = create_engine(f"sqlite:///{tmp_path}/data/blastq.db")
     with db.connect() as c:
         assert c.execute(text("select count(*) from results")).scalar() == 2
         n_cells = c.execute(text("select count(*) from cells")).scalar()
-    assert n_cells == sum(json.loads((out / s / "summary.json").read_text())["white_cells"] for s in ("synth_00040", "synth_00041"))
+    assert n_cells == sum(
+        json.loads((out / s / "summary.json").read_text())["white_cells"]
+        for s in ("synth_00040", "synth_00041")
+    )
     stored = list((tmp_path / "data" / "store" / "slides").rglob("summary.json"))
     assert len(stored) == 2
 
@@ -72,7 +90,17 @@ def test_bad_images_fail_alone_with_one_line_each(cli, smears, tmp_path):
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
     out = tmp_path / "r"
-    result = cli("run", bad, smears / "synth_00041.png", text_file, tmp_path / "missing.png", "--out", out, "--mpp", "0.2")
+    result = cli(
+        "run",
+        bad,
+        smears / "synth_00041.png",
+        text_file,
+        tmp_path / "missing.png",
+        "--out",
+        out,
+        "--mpp",
+        "0.2",
+    )
     assert result.exit_code == 1
     failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 3
@@ -86,7 +114,12 @@ def test_two_images_with_one_name_get_two_folders(cli, smears, tmp_path):
     other.mkdir()
     shutil.copy(smears / "synth_00041.png", other / "synth_00040.png")
     out = tmp_path / "r"
-    assert cli("run", smears / "synth_00040.png", other / "synth_00040.png", "--out", out, "--mpp", "0.2").exit_code == 0
+    assert (
+        cli(
+            "run", smears / "synth_00040.png", other / "synth_00040.png", "--out", out, "--mpp", "0.2"
+        ).exit_code
+        == 0
+    )
     assert (out / "synth_00040").is_dir() and (out / "synth_00040-2").is_dir()
 
 

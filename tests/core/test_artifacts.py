@@ -46,7 +46,9 @@ def test_instance_ids_are_the_cell_ids_of_the_table(rendered):
     assert {int(r["cell_id"]) for r in rows} == set(np.unique(instances[instances > 0]).tolist())
     for r in rows:
         ys, xs = np.nonzero(instances == int(r["cell_id"]))
-        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == tuple(int(r[k]) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == tuple(
+            int(r[k]) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+        )
         assert int(r["area_px"]) == len(xs) and r["label"] in ("white_cell", "blast")
 
 
@@ -63,14 +65,31 @@ def test_geojson_has_one_closed_polygon_per_cell(rendered):
 def test_summary_states_the_counts_and_provenance(rendered):
     result, files = rendered
     s = json.loads(files["summary.json"])
-    for key in ("image", "sha256", "width", "height", "mpp", "mpp_source", "model_version", "white_cells", "blasts", "blast_percent", "flagged", "seconds"):
+    for key in (
+        "image",
+        "sha256",
+        "width",
+        "height",
+        "mpp",
+        "mpp_source",
+        "model_version",
+        "white_cells",
+        "blasts",
+        "blast_percent",
+        "flagged",
+        "seconds",
+    ):
         assert key in s
-    assert s["white_cells"] == len(result.maps.cells) and s["sha256"] == "ab" * 32 and s["mpp_source"] == "user"
+    assert (
+        s["white_cells"] == len(result.maps.cells) and s["sha256"] == "ab" * 32 and s["mpp_source"] == "user"
+    )
 
 
 def test_overlay_outlines_cells_in_label_colours(rendered, smear):
     result, files = rendered
-    ov = cv2.cvtColor(cv2.imdecode(np.frombuffer(files["overlay.png"], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    ov = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(files["overlay.png"], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
     changed = (ov != smear.image).any(axis=2)
     assert changed.any() == bool(result.maps.cells)
     assert not changed[result.maps.instances == 0].any()

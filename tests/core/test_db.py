@@ -1,19 +1,62 @@
-"""The results adapter on SQLite and on the real PostgreSQL server."""
+"""The database adapter on SQLite and on the real PostgreSQL server: results, jobs, connecting."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+import textwrap
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import create_engine, event, func, make_url, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from blastq.core.cells import CellRecord
-from blastq.core.db import CellRow, ResultRow, connect, record_result
+from blastq.core.db import (
+    Base,
+    CellRow,
+    JobRow,
+    ResultRow,
+    batch_status,
+    claim_job,
+    connect,
+    create_batch,
+    create_job,
+    current_revision,
+    fail_job,
+    find_result,
+    finish_job,
+    head_revision,
+    job_status,
+    record_result,
+    stale_jobs,
+    upgrade,
+)
+from blastq.core.errors import DatabaseUnavailable, InvalidConfig
 
 PG_URL = os.environ.get("BLASTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# Imports, says it is ready, and connects once all three are: their migrations race.
+RACER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from blastq.core.db import connect
+
+    url, ready, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    (ready / name).touch()
+    deadline = time.time() + 60
+    while len(list(ready.iterdir())) < 3 and time.time() < deadline:
+        time.sleep(0.005)
+    connect(url).dispose()
+    """
+)
 CELL = CellRecord(1, "blast", 5.0, 6.0, 0, 0, 10, 12, 90, 3.6, 7.0, 0.9, 60, 2.4, 0.67, 100, 80, 160, 0.93)
 
 
@@ -25,20 +68,55 @@ def summary(sha: str, blasts: int = 1) -> dict:
     }  # fmt: skip
 
 
+@contextmanager
+def pg_schema(url: str = PG_URL):
+    """A URL whose search_path is a new, empty schema, dropped afterwards. The service is part of the
+    test: unreachable in CI is a failure, elsewhere a skip."""
+    admin = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    schema = f"blastq_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.begin() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL not reachable at {make_url(PG_URL)}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {make_url(PG_URL)}")
+    try:
+        yield (
+            make_url(url)
+            .update_query_dict({"options": f"-csearch_path={schema}"})
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        with admin.begin() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    with pg_schema() as url:
+        upgrade(url)
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request, tmp_path):
-    if request.param == "sqlite":
-        yield connect(f"sqlite:///{tmp_path}/t.db")
-        return
-    try:
-        eng = connect(PG_URL)
-        with eng.connect() as c:
-            c.execute(text("select 1"))
-    except Exception as exc:  # the service is part of the test: in CI its absence is a failure
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    url = f"sqlite:///{tmp_path}/t.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    eng = connect(url)
     yield eng
+    eng.dispose()
+
+
+def new_job(engine, batch_id=None, sha=None):
+    sha = sha or uuid.uuid4().hex
+    return create_job(
+        engine, batch_id=batch_id, filename="smear 1.png", input_key=f"inputs/{sha}.png", sha256=sha,
+        mpp=None, params_key="k1",
+    )  # fmt: skip
+
+
+# --- results -------------------------------------------------------------------------------------
 
 
 def test_recording_the_same_result_twice_keeps_one_row_and_one_set_of_cells(engine):
@@ -60,3 +138,192 @@ def test_a_new_model_version_is_a_new_result(engine):
     a = record_result(engine, summary(sha), [CELL], "p1")
     b = record_result(engine, {**summary(sha), "model_version": "v2"}, [CELL], "p2")
     assert a != b
+    assert find_result(engine, sha, "v2", "k1") == b
+    assert find_result(engine, sha, "v3", "k1") is None
+
+
+# --- connecting ----------------------------------------------------------------------------------
+
+
+def test_connect_creates_the_sqlite_folder_and_brings_the_schema_to_head(tmp_path):
+    url = f"sqlite:///{tmp_path}/new/folder/blastq.db"
+    connect(url).dispose()
+    assert (tmp_path / "new" / "folder" / "blastq.db").is_file()
+    assert current_revision(url) == head_revision()
+    connect(url).dispose()  # a second time finds it in place
+
+
+def test_processes_connecting_at_once_to_a_new_sqlite_database_all_get_it(tmp_path):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, url, ready, str(i)], stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    errors = [p.communicate(timeout=90)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert current_revision(url) == head_revision()
+
+
+def test_threads_connecting_at_once_to_a_new_sqlite_database_all_get_it(tmp_path):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    with ThreadPoolExecutor(4) as pool:
+        engines = list(pool.map(lambda _: connect(url), range(4)))
+    for e in engines:
+        e.dispose()
+    assert current_revision(url) == head_revision()
+
+
+def test_a_sqlite_database_from_before_migrations_keeps_its_results(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = create_engine(url)
+    Base.metadata.create_all(old, tables=[ResultRow.__table__, CellRow.__table__])
+    rid = record_result(old, summary("a" * 64), [CELL], "slides/a")
+    old.dispose()
+    engine = connect(url)
+    assert find_result(engine, "a" * 64, "v1", "k1") == rid
+    assert new_job(engine).state == "queued"
+    engine.dispose()
+
+
+def test_a_database_from_a_newer_blastq_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/newer.db"
+    connect(url).dispose()
+    with create_engine(url).begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    with pytest.raises(InvalidConfig, match="f00d"):
+        connect(url)
+
+
+def test_a_postgresql_database_from_a_newer_blastq_asks_for_a_newer_blastq():
+    with pg_schema() as url:
+        upgrade(url)
+        engine = create_engine(url, poolclass=NullPool)
+        with engine.begin() as c:
+            c.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+        engine.dispose()
+        with pytest.raises(InvalidConfig, match="f00d, newer than this blastq knows: upgrade blastq"):
+            connect(url)
+
+
+def _with_password(url: str) -> str:
+    """The test URL with a password (trust authentication ignores it), to check it is never shown."""
+    parsed = make_url(url)
+    return url if parsed.password else parsed.set(password="hunter2").render_as_string(hide_password=False)
+
+
+def test_connect_refuses_an_unmigrated_postgresql_database_without_showing_the_password():
+    with pg_schema(_with_password(PG_URL)) as url:
+        password = make_url(url).password
+        with pytest.raises(InvalidConfig) as info:
+            connect(url)
+    message = str(info.value)
+    assert "blastq db upgrade" in message and password not in message and "***" in message
+    assert "\n" not in message
+
+
+def test_an_unreachable_database_is_unavailable_without_showing_the_password():
+    url = "postgresql+psycopg://postgres:hunter2@127.0.0.1:1/test"
+    with pytest.raises(DatabaseUnavailable) as info:
+        connect(url)
+    assert "hunter2" not in str(info.value) and "127.0.0.1:1" in str(info.value)
+    with pytest.raises(DatabaseUnavailable) as info:
+        upgrade(url)
+    assert "hunter2" not in str(info.value)
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+def test_a_job_goes_from_queued_to_running_to_succeeded(engine):
+    batch = create_batch(engine, "morning run")
+    job = new_job(engine, batch)
+    other = new_job(engine, batch)
+    assert (job.state, job.attempts, job.created_at.tzinfo) == ("queued", 0, UTC)
+    assert job_status(engine, job.id) == job
+
+    running = claim_job(engine, job.id, "host-a/123", max_attempts=3)
+    assert (running.state, running.attempts, running.worker) == ("running", 1, "host-a/123")
+    assert running.started_at is not None and running.updated_at >= job.updated_at
+    result_id = record_result(engine, summary(job.sha256), [CELL], "slides/x")
+    finish_job(engine, job.id, result_id)
+    fail_job(engine, other.id, "not an image: smear 2.png")
+
+    done = job_status(engine, job.id)
+    assert (done.state, done.result_id, done.model_version) == ("succeeded", result_id, "v1")
+    assert done.error is None and done.finished_at.tzinfo == UTC
+    status = batch_status(engine, batch)
+    assert (status.name, status.succeeded, status.failed, status.queued, status.total) == (
+        "morning run", 1, 1, 0, 2,
+    )  # fmt: skip
+    assert status.finished
+    assert job_status(engine, str(uuid.uuid4())) is None and batch_status(engine, "nope") is None
+
+
+def test_two_workers_claiming_one_job_at_once_exactly_one_wins(engine):
+    job = new_job(engine)
+    barrier = threading.Barrier(2, timeout=20)
+
+    # Both workers have read the row before either writes: the worst interleaving, every time.
+    def both_read_before_either_writes(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("UPDATE JOBS"):
+            barrier.wait()
+
+    event.listen(engine, "before_cursor_execute", both_read_before_either_writes)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            claims = list(pool.map(lambda w: claim_job(engine, job.id, w, max_attempts=3), ["w1", "w2"]))
+    finally:
+        event.remove(engine, "before_cursor_execute", both_read_before_either_writes)
+    winners = [c for c in claims if c is not None]
+    assert len(winners) == 1
+    row = job_status(engine, job.id)
+    assert (row.state, row.attempts, row.worker) == ("running", 1, winners[0].worker)
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(engine):
+    job = new_job(engine)
+    for attempt in (1, 2, 3):  # each claim after the first is a redelivery after the worker died
+        assert claim_job(engine, job.id, f"w{attempt}", max_attempts=3).attempts == attempt
+    assert claim_job(engine, job.id, "w4", max_attempts=3) is None
+    row = job_status(engine, job.id)
+    assert row.state == "failed" and row.attempts == 3
+    assert row.error == "gave up after 3 attempts (the worker died each time)"
+    assert claim_job(engine, job.id, "w5", max_attempts=10) is None
+
+
+def test_a_redelivered_finished_job_is_not_run_again(engine):
+    done, failed = new_job(engine), new_job(engine)
+    claim_job(engine, done.id, "w1", max_attempts=3)
+    finish_job(engine, done.id, record_result(engine, summary(done.sha256), [], "slides/d"))
+    claim_job(engine, failed.id, "w1", max_attempts=3)
+    fail_job(engine, failed.id, "truncated image")
+    assert claim_job(engine, done.id, "w2", max_attempts=3) is None
+    assert claim_job(engine, failed.id, "w2", max_attempts=3) is None
+    assert job_status(engine, done.id).attempts == 1
+    assert claim_job(engine, str(uuid.uuid4()), "w2", max_attempts=3) is None
+
+
+def test_a_late_failure_does_not_undo_a_success_and_long_errors_are_cut(engine):
+    job, other = new_job(engine), new_job(engine)
+    finish_job(engine, job.id, record_result(engine, summary(job.sha256), [], "slides/j"))
+    fail_job(engine, job.id, "duplicate delivery lost the store")
+    assert job_status(engine, job.id).state == "succeeded"
+    fail_job(engine, other.id, "x" * 5000)
+    assert len(job_status(engine, other.id).error) == 2000
+    with pytest.raises(LookupError):
+        fail_job(engine, str(uuid.uuid4()), "no such job")
+
+
+def test_stale_jobs_finds_a_running_job_not_updated_for_a_while(engine):
+    stuck, fresh, finished = new_job(engine), new_job(engine), new_job(engine)
+    claim_job(engine, stuck.id, "w1", max_attempts=3)
+    fail_job(engine, finished.id, "bad input")
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    with engine.begin() as c:
+        c.execute(update(JobRow).where(JobRow.id.in_([stuck.id, finished.id])).values(updated_at=long_ago))
+    found = {j.id: j for j in stale_jobs(engine, timedelta(hours=1))}
+    assert stuck.id in found and fresh.id not in found and finished.id not in found
+    assert found[stuck.id].state == "running"
+    assert abs(found[stuck.id].updated_at - long_ago) < timedelta(seconds=1)

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from blastq.core import metrics
 from blastq.core.metrics import (
     ClassReport,

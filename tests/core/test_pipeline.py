@@ -17,8 +17,12 @@ def as_slide(rgb, mpp=0.2):
 def test_tiled_and_whole_masks_agree_away_from_borders(shipped_engine, smear):
     """Tiles of 128 px with Gaussian blending vs one 768 px tile: the masks agree on >= 99% of pixels."""
     engine, info = shipped_engine
-    tiled, n_tiles, _ = segment_probabilities(smear.image, 0.2, engine, info, PipelineConfig(tile_px=128, overlap_px=48))
-    whole, n_whole, _ = segment_probabilities(smear.image, 0.2, engine, info, PipelineConfig(tile_px=768, overlap_px=0))
+    tiled, n_tiles, _ = segment_probabilities(
+        smear.image, 0.2, engine, info, PipelineConfig(tile_px=128, overlap_px=48)
+    )
+    whole, n_whole, _ = segment_probabilities(
+        smear.image, 0.2, engine, info, PipelineConfig(tile_px=768, overlap_px=0)
+    )
     assert n_tiles > 30 and n_whole == 1
     inner = (slice(16, -16), slice(16, -16))
     agree = (tiled[:3].argmax(0) == whole[:3].argmax(0))[inner].mean()
@@ -54,7 +58,9 @@ def test_cells_found_match_the_truth_on_a_smear(shipped_engine, smear):
 def test_bad_tiling_is_a_config_error(shipped_engine):
     engine, info = shipped_engine
     with pytest.raises(InvalidConfig, match="multiple"):
-        segment_probabilities(np.zeros((64, 64, 3), np.uint8), 0.2, engine, info, PipelineConfig(tile_px=100, overlap_px=10))
+        segment_probabilities(
+            np.zeros((64, 64, 3), np.uint8), 0.2, engine, info, PipelineConfig(tile_px=100, overlap_px=10)
+        )
     with pytest.raises(InvalidConfig):
         PipelineConfig(tile_px=64, overlap_px=64)
 

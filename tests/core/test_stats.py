@@ -28,7 +28,7 @@ def test_flag_at_exactly_the_threshold():
 
 @pytest.mark.parametrize("threshold", [5.0, 50.0])
 def test_threshold_is_configurable(threshold):
-    assert slide_stats(cells(8, 2), threshold).flagged is (20.0 >= threshold)
+    assert slide_stats(cells(8, 2), threshold).flagged is (threshold <= 20.0)
 
 
 def test_no_cells_is_zero_percent_not_flagged():

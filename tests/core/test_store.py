@@ -35,3 +35,26 @@ def test_unknown_scheme_is_a_config_error():
 def test_slide_prefix_is_stable_per_identity():
     assert slide_prefix("ab" * 32, "v1", "k") == slide_prefix("ab" * 32, "v1", "k")
     assert slide_prefix("ab" * 32, "v1", "k") != slide_prefix("ab" * 32, "v2", "k")
+
+
+def test_listing_skips_files_still_being_written(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    store.put("a/b.txt", b"x")
+    (tmp_path / "a" / ".c.txt.k2j4.part").write_bytes(b"half")  # a put in progress elsewhere
+    assert store.list() == ["a/b.txt"]
+    assert store.list("a") == ["a/b.txt"]
+
+
+def test_deleting_leaves_sibling_objects_and_tolerates_a_missing_key(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    store.put("a/b.txt", b"x")
+    store.put("a/c.txt", b"y")
+    store.delete("a/b.txt")
+    store.delete("a/never.txt")
+    assert store.list() == ["a/c.txt"]
+    assert not (tmp_path / "a" / "b.txt").exists()
+
+
+def test_listing_a_bad_prefix_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        open_store(f"file://{tmp_path}").list("../up")

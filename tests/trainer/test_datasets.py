@@ -26,7 +26,9 @@ def test_real_split_sizes_and_test_never_in_train(wbc_root):
     test = segmentation_wbc_items(wbc_root, "test")
     train = segmentation_wbc_items(wbc_root, "train")
     val = segmentation_wbc_items(wbc_root, "val")
-    assert sum(i.dataset == "dataset1" for i in test) == 60 and sum(i.dataset == "dataset2" for i in test) == 20
+    assert (
+        sum(i.dataset == "dataset1" for i in test) == 60 and sum(i.dataset == "dataset2" for i in test) == 20
+    )
     assert len(test) + len(train) + len(val) == 400
     assert not {(i.dataset, i.number) for i in test} & {(i.dataset, i.number) for i in train + val}
 

@@ -1,0 +1,124 @@
+"""The Alembic history against the models, on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, create_engine, inspect, make_url, text
+from sqlalchemy.pool import NullPool
+
+from blastq.core.db import (
+    Base,
+    CellRow,
+    ResultRow,
+    current_revision,
+    downgrade,
+    head_revision,
+    migrations_dir,
+    upgrade,
+)
+
+PG_URL = os.environ.get("BLASTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+TABLES = {"batches", "jobs", "results", "cells", "watch_ledger"}
+
+
+@contextmanager
+def pg_schema():
+    """A URL whose search_path is a new, empty schema, dropped afterwards. The service is part of the
+    test: unreachable in CI is a failure, elsewhere a skip."""
+    admin = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    schema = f"blastq_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.begin() as c:
+            c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL not reachable at {make_url(PG_URL)}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {make_url(PG_URL)}")
+    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/empty.db"
+        return
+    with pg_schema() as url:
+        yield url
+
+
+def differences(url: str) -> list:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def tables(url: str) -> set[str]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_the_migrations_build_the_schema_the_models_describe(empty_url):
+    assert upgrade(empty_url) == head_revision()
+    assert differences(empty_url) == []  # a model changed without a migration fails here
+
+
+def test_upgrading_twice_is_harmless_and_downgrading_to_base_removes_the_tables(empty_url):
+    assert current_revision(empty_url) is None
+    upgrade(empty_url)
+    assert upgrade(empty_url) == head_revision() == current_revision(empty_url)
+    assert tables(empty_url) >= TABLES
+    assert downgrade(empty_url, "base") is None
+    assert current_revision(empty_url) is None
+    assert not TABLES & tables(empty_url)
+    upgrade(empty_url)
+    assert tables(empty_url) >= TABLES
+
+
+def test_a_database_from_before_migrations_is_adopted_as_it_is(empty_url):
+    # blastq 0.1 created results and cells with create_all and SQLAlchemy's default names.
+    legacy = MetaData()
+    for table in (ResultRow.__table__, CellRow.__table__):
+        table.to_metadata(legacy)
+    engine = create_engine(empty_url, poolclass=NullPool)
+    legacy.create_all(engine)
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO results (sha256, model_version, params_key, image, width, height, mpp, mpp_source,"
+                " white_cells, blasts, blast_percent, flagged, threshold_percent, seconds, store_prefix,"
+                " created_at) VALUES ('s', 'v1', 'k', 'a.png', 1, 1, 0.2, 'user', 1, 0, 0, false, 20, 1,"
+                " 'p', '2024-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    upgrade(empty_url)
+    assert differences(empty_url) == []
+    engine = create_engine(empty_url, poolclass=NullPool)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM results")).scalar() == 1
+    engine.dispose()
+
+
+def test_the_migrations_folder_ships_its_environment_and_one_initial_revision():
+    folder = migrations_dir()
+    assert (folder / "env.py").is_file() and (folder / "script.py.mako").is_file()
+    assert head_revision() == "0001"
