@@ -1,6 +1,6 @@
 """Time one synthetic smear end to end on this machine and print the figures.
 
-    python benchmarks/bench_slide.py [--size 2048] [--threads 2] [--repeat 3]
+python benchmarks/bench_slide.py [--size 2048] [--threads 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     best = min(times)
     print(f"slide {args.size}x{args.size} px at 0.2 um/px, {args.threads} threads, model {info.version}")
-    print(f"tiles: {result.tiles_total} total, {result.tiles_run} run, {result.tiles_total - result.tiles_run} skipped empty")
+    print(
+        f"tiles: {result.tiles_total} total, {result.tiles_run} run, {result.tiles_total - result.tiles_run} skipped empty"
+    )
     print(f"cells: {result.stats.white_cells} found ({len(field.cells)} true), blasts {result.stats.blasts}")
     print(f"seconds: best {best:.2f}, all {', '.join(f'{t:.2f}' for t in times)}")
-    print(f"throughput: {args.size * args.size / best / 1e6:.2f} megapixels/s, {result.tiles_run / best:.1f} tiles/s")
+    print(
+        f"throughput: {args.size * args.size / best / 1e6:.2f} megapixels/s, {result.tiles_run / best:.1f} tiles/s"
+    )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,9 @@ def run(
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
             failed += 1
             bar.close()
-            reason = str(exc) if isinstance(exc, BlastqError) else f"internal error ({type(exc).__name__}: {exc})"
+            reason = (
+                str(exc) if isinstance(exc, BlastqError) else f"internal error ({type(exc).__name__}: {exc})"
+            )
             # Slide errors already name the file; do not print it twice.
             click.echo(f"FAILED {reason}" if str(path) in reason else f"FAILED {path}: {reason}", err=True)
             continue

@@ -55,7 +55,9 @@ def main() -> None:
     ap.add_argument("--wbc", type=Path, default=HERE.parent.parent / "shared" / "data" / "segmentation_wbc")
     args = ap.parse_args()
     synth = synthetic_cells(5)
-    real = real_cells(args.wbc, [("dataset1", 2), ("dataset1", 7), ("dataset2", 3), ("dataset2", 8), ("dataset2", 14)])
+    real = real_cells(
+        args.wbc, [("dataset1", 2), ("dataset1", 7), ("dataset2", 3), ("dataset2", 8), ("dataset2", 14)]
+    )
     gap = np.full((THUMB, 6, 3), 255, np.uint8)
     row = lambda ims: np.hstack([x for im in ims for x in (im, gap)][:-1])  # noqa: E731
     grid = np.vstack([row(synth), np.full((6, row(synth).shape[1], 3), 255, np.uint8), row(real)])
