@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from blastq.cli.service import register as register_service_commands
 from blastq.core.errors import BlastqError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -296,6 +297,8 @@ def config() -> None:
     for name, value in load_settings().describe().items():
         click.echo(f"{name:24} {value}    (BLASTQ_{name.upper()})")
 
+
+register_service_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

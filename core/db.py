@@ -627,3 +627,97 @@ def _utc(value):
     if not isinstance(value, datetime):
         return value
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Queries for the service commands (status, results, requeue).
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    """One result row (the summary.json figures and where the files are). Times are UTC."""
+
+    id: int
+    image: str
+    sha256: str
+    model_version: str
+    params_key: str
+    width: int
+    height: int
+    mpp: float
+    mpp_source: str
+    white_cells: int
+    blasts: int
+    blast_percent: float
+    flagged: bool
+    threshold_percent: float
+    seconds: float
+    store_prefix: str
+    created_at: datetime
+
+
+def touch_job(engine: Engine, job: JobInfo) -> bool:
+    """Bump a queued/running job's updated_at if nobody changed the row since `job` was read.
+
+    True when this caller won: of two `requeue` runs that read the same stale row, only one sends it.
+    """
+    with _reachable(engine), engine.begin() as conn:
+        done = conn.execute(
+            update(_jobs)
+            .where(
+                _jobs.c.id == job.id,
+                _jobs.c.state.in_(("queued", "running")),
+                _jobs.c.updated_at == job.updated_at,
+            )
+            .values(updated_at=datetime.now(UTC))
+        )
+        return done.rowcount == 1
+
+
+def batch_jobs(engine: Engine, batch_id: str) -> list[JobInfo]:
+    """The jobs of a batch in the order they were created."""
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(
+            select(_jobs).where(_jobs.c.batch_id == batch_id).order_by(_jobs.c.created_at, _jobs.c.id)
+        )
+        return [JobInfo._from_row(r) for r in rows]
+
+
+def job_counts(engine: Engine) -> dict[str, int]:
+    """How many jobs are in each state, over all batches."""
+    with _reachable(engine), engine.connect() as conn:
+        return dict(conn.execute(select(_jobs.c.state, func.count()).group_by(_jobs.c.state)).all())
+
+
+def recent_batches(engine: Engine, limit: int = 10) -> list[BatchStatus]:
+    """The newest batches with their job counts, newest first."""
+    with _reachable(engine), engine.connect() as conn:
+        ids = conn.scalars(select(BatchRow.id).order_by(BatchRow.created_at.desc()).limit(limit)).all()
+    return [b for b in (batch_status(engine, i) for i in ids) if b is not None]
+
+
+def list_results(
+    engine: Engine,
+    *,
+    batch_id: str | None = None,
+    flagged: bool | None = None,
+    since: datetime | None = None,
+    min_blast_percent: float | None = None,
+) -> list[ResultInfo]:
+    """Results, oldest first; with `batch_id`, those of the batch's succeeded jobs (each once)."""
+    query = select(ResultRow.__table__)
+    if batch_id is not None:
+        query = query.where(
+            ResultRow.__table__.c.id.in_(
+                select(_jobs.c.result_id).where(_jobs.c.batch_id == batch_id, _jobs.c.result_id.is_not(None))
+            )
+        )
+    if flagged is not None:
+        query = query.where(ResultRow.__table__.c.flagged.is_(flagged))
+    if since is not None:
+        query = query.where(ResultRow.__table__.c.created_at >= since.astimezone(UTC))
+    if min_blast_percent is not None:
+        query = query.where(ResultRow.__table__.c.blast_percent >= min_blast_percent)
+    names = [f.name for f in fields(ResultInfo)]
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(query.order_by(ResultRow.__table__.c.created_at, ResultRow.__table__.c.id))
+        return [ResultInfo(**{n: _utc(getattr(r, n)) for n in names}) for r in rows]

@@ -14,7 +14,7 @@ from blastq.core.artifacts import render_artifacts, summary_dict
 from blastq.core.db import connect, record_result
 from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
-from blastq.core.settings import Settings
+from blastq.core.settings import Settings, pipeline_config
 from blastq.core.slide import read_slide
 from blastq.core.store import ObjectStore, open_store, slide_prefix
 from blastq.core.unet import ModelInfo
@@ -34,12 +34,7 @@ class LocalRunner:
     @classmethod
     def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
         engine, info = load_engine(settings.model or None, kind=settings.engine, device=settings.device)
-        config = PipelineConfig(
-            tile_px=settings.tile_px,
-            overlap_px=settings.overlap_px,
-            batch_size=settings.batch_size,
-            blast_threshold_percent=settings.blast_threshold_percent,
-        )
+        config = pipeline_config(settings)
         store = (
             open_store(
                 settings.store_url,

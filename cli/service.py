@@ -1,0 +1,282 @@
+"""The slide-service commands: submit, worker, status, results, requeue, db upgrade.
+
+Parse, call one function of blastq.worker (or core.db), print. `register(main)` adds them to the
+`blastq` group; a BlastqError becomes one line and exit status 2 there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+RESULT_COLUMNS = ("id", "image", "white_cells", "blasts", "blast_percent", "flagged", "mpp", "created_at")
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--batch", "batch_name", help="Name of the batch (default: the date and time).")
+@click.option("--wait", is_flag=True, help="Show progress until the batch ends; exit 1 if a slide failed.")
+@click.option("--force", is_flag=True, help="Process slides again even when a result exists.")
+@click.option(
+    "--mpp", type=float, help="Microns per pixel of the slides (default: from metadata, else estimated)."
+)
+def submit(
+    paths: tuple[str, ...], batch_name: str | None, wait: bool, force: bool, mpp: float | None
+) -> None:
+    """Queue PATHS (files, folders of images, or glob patterns) for the workers.
+
+    Prints one line per slide with its job id, then the batch id. Content already processed with
+    the current model and parameters is not queued again: its job points at the existing result.
+    """
+    from blastq.core.settings import load_settings
+    from blastq.worker.submit import submit as submit_slides
+
+    settings = load_settings()
+    outcome = submit_slides(settings, paths, batch_name=batch_name, force=force, mpp=mpp)
+    for job in outcome.jobs:
+        if job.job_id is None:
+            click.echo(f"FAILED {job.error}", err=True)
+            continue
+        reused = f" (existing result {job.reused_result_id})" if job.reused_result_id is not None else ""
+        click.echo(f"{job.path}: job {job.job_id} {job.state}{reused}")
+        if job.error:
+            click.echo(f"WARNING {job.error}", err=True)
+    n_jobs = sum(j.job_id is not None for j in outcome.jobs)
+    if outcome.batch_id is not None:
+        click.echo(f"batch {outcome.batch_id}: {n_jobs} job(s)")
+    unsent = [j for j in outcome.errors if j.job_id is not None]
+    if unsent:
+        click.echo(f"{len(unsent)} job(s) not sent: start the broker, then run `blastq requeue`", err=True)
+    elif wait and n_jobs:
+        status = _wait(settings, outcome.batch_id, n_jobs)
+        click.echo(
+            f"batch {outcome.batch_id}: {status.succeeded} succeeded, {status.failed} failed"
+            + (f" (see `blastq status --batch {outcome.batch_id}`)" if status.failed else "")
+        )
+        if status.failed:
+            sys.exit(1)
+    if outcome.errors:
+        sys.exit(1)
+
+
+def _wait(settings, batch_id: str, total: int):
+    from tqdm import tqdm
+
+    from blastq.worker.submit import wait_for_batch
+
+    with tqdm(total=total, desc="slides", unit="slide", disable=None) as bar:
+
+        def tick(status) -> None:
+            bar.total = status.total
+            bar.n = status.succeeded + status.failed
+            bar.set_postfix(failed=status.failed, refresh=False)
+            bar.refresh()
+
+        return wait_for_batch(settings, batch_id, progress=tick)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--queues",
+    default="slides",
+    show_default=True,
+    help="Comma-separated queues to take jobs from (slides, train).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1),
+    help="Worker processes (default: BLASTQ_WORKER_CONCURRENCY or 1).",
+)
+@click.option("--device", help="cpu or cuda:N (default: BLASTQ_DEVICE or cpu).")
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo"]),
+    default="prefork",
+    show_default=True,
+    help="prefork: child processes, one engine each; solo: this process runs the jobs.",
+)
+@click.option("--loglevel", default="INFO", show_default=True, help="Celery log level.")
+def worker(queues: str, concurrency: int | None, device: str | None, pool: str, loglevel: str) -> None:
+    """Run a worker that processes queued slides until stopped (Ctrl-C or SIGTERM finish the slide first).
+
+    Point more machines at the same broker, database and store (BLASTQ_BROKER_URL,
+    BLASTQ_DATABASE_URL, BLASTQ_STORE_URL) to add workers.
+    """
+    from blastq.core.settings import load_settings
+    from blastq.worker.celery_app import make_app, run_worker
+
+    settings = load_settings(device=device, worker_concurrency=concurrency)
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    sys.exit(run_worker(make_app(settings), queues=names, pool=pool, loglevel=loglevel))
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("job_id", required=False)
+@click.option("--batch", "batch_id", help="Show a batch and each of its jobs.")
+def status(job_id: str | None, batch_id: str | None) -> None:
+    """Show a job, a batch (--batch), or without arguments the job counts and the latest batches."""
+    from blastq.core.db import batch_jobs, batch_status, connect, job_counts, job_status, recent_batches
+    from blastq.core.errors import InvalidConfig
+    from blastq.core.settings import load_settings
+
+    db = connect(load_settings().database_url)
+    try:
+        if job_id:
+            job = job_status(db, job_id)
+            if job is None:
+                raise InvalidConfig(f"no job {job_id}")
+            for name, value in asdict(job).items():
+                click.echo(f"{name:14} {'' if value is None else value}")
+        elif batch_id:
+            batch = batch_status(db, batch_id)
+            if batch is None:
+                raise InvalidConfig(f"no batch {batch_id}")
+            click.echo(_batch_line(batch))
+            for job in batch_jobs(db, batch_id):
+                error = f"  {job.error}" if job.error else ""
+                click.echo(f"  {job.id}  {job.state:9}  attempts {job.attempts}  {job.filename}{error}")
+        else:
+            counts = job_counts(db)
+            click.echo(
+                "jobs: "
+                + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "succeeded", "failed"))
+            )
+            for batch in recent_batches(db):
+                click.echo(_batch_line(batch))
+    finally:
+        db.dispose()
+
+
+def _batch_line(batch) -> str:
+    state = "finished" if batch.finished else "in progress"
+    return (
+        f"batch {batch.id} {batch.name!r} ({batch.created_at:%Y-%m-%d %H:%M} UTC), {state}: "
+        f"{batch.total} jobs, {batch.queued} queued, {batch.running} running, "
+        f"{batch.succeeded} succeeded, {batch.failed} failed"
+    )
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--batch", "batch_id", help="Only the results of this batch's jobs.")
+@click.option("--flagged", is_flag=True, help="Only slides flagged at the blast threshold.")
+@click.option(
+    "--since",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="Only results recorded since this local date/time.",
+)
+@click.option(
+    "--min-blast-percent", type=click.FloatRange(0, 100), help="Only slides at or above this blast %."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
+def results(
+    batch_id: str | None, flagged: bool, since: datetime | None, min_blast_percent: float | None, fmt: str
+) -> None:
+    """List recorded results (one per slide content, model and parameters), oldest first."""
+    from blastq.core.db import connect, list_results
+    from blastq.core.settings import load_settings
+
+    db = connect(load_settings().database_url)
+    try:
+        rows = list_results(
+            db,
+            batch_id=batch_id,
+            flagged=True if flagged else None,
+            since=since.astimezone() if since else None,  # naive: local time
+            min_blast_percent=min_blast_percent,
+        )
+    finally:
+        db.dispose()
+    records = [{**asdict(r), "created_at": r.created_at.isoformat()} for r in rows]
+    if fmt == "json":
+        click.echo(json.dumps(records, indent=2))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else [], lineterminator="\n")
+        if records:
+            writer.writeheader()
+            writer.writerows(records)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        click.echo(_table(records))
+
+
+def _table(records: list[dict]) -> str:
+    if not records:
+        return "no results"
+    cells = [[_show(r[c]) for c in RESULT_COLUMNS] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(RESULT_COLUMNS)]
+    lines = [RESULT_COLUMNS, *cells]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "FLAGGED" if value else ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, str) and "T" in value and value[:4].isdigit():
+        return value[:19].replace("T", " ")
+    return str(value)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--older-than",
+    "older_than_s",
+    type=click.FloatRange(0),
+    help="Seconds a queued or running job has not changed (default: BLASTQ_VISIBILITY_TIMEOUT_S).",
+)
+def requeue(older_than_s: float | None) -> None:
+    """Send again the jobs stuck in queued or running (the database rebuilds the broker's queue).
+
+    A job still being processed when it is sent again runs twice (its result is recorded once):
+    keep --older-than above the longest slide unless the workers are stopped.
+    """
+    from blastq.core.settings import load_settings
+    from blastq.worker.submit import requeue as requeue_jobs
+
+    settings = load_settings()
+    sent = requeue_jobs(settings, settings.visibility_timeout_s if older_than_s is None else older_than_s)
+    for job_id in sent:
+        click.echo(f"requeued job {job_id}")
+    click.echo(f"{len(sent)} job(s) requeued")
+
+
+@click.group(context_settings=CONTEXT)
+def db() -> None:
+    """The database schema."""
+
+
+@db.command(context_settings=CONTEXT)
+def upgrade() -> None:
+    """Apply the schema migrations (safe to run twice, and from several machines at once)."""
+    from blastq.core.db import upgrade as upgrade_schema
+    from blastq.core.settings import load_settings, mask_secret
+
+    settings = load_settings()
+    revision = upgrade_schema(settings.database_url)
+    click.echo(f"database {mask_secret(settings.database_url)} is at revision {revision}")
+
+
+def register(main: click.Group) -> None:
+    """Add the service commands to the `blastq` group."""
+    for command in (submit, worker, status, results, requeue, db):
+        main.add_command(command)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m blastq.cli.service` until main registers these
+    from blastq.cli.main import main as _main
+
+    register(_main)
+    _main()

@@ -1,0 +1,174 @@
+"""The slide service against the real Redis, PostgreSQL and S3 server, with real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import redis
+from servicekit import use_service, wait_until
+from sqlalchemy import func, select
+
+from blastq.core.artifacts import ARTIFACT_NAMES
+from blastq.core.db import ResultRow, batch_jobs, connect, create_job, job_status
+from blastq.core.store import open_store, slide_prefix
+from blastq.worker.celery_app import make_app
+from blastq.worker.submit import model_identity, submit, wait_for_batch
+from blastq.worker.tasks import PROCESS_SLIDE
+
+
+@pytest.fixture
+def lab(lab_service, monkeypatch):
+    use_service(monkeypatch, lab_service)
+    settings = lab_service.settings()
+    db = connect(settings.database_url)
+    store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+    yield settings, db, store
+    db.dispose()
+
+
+def batch_id_of(output: str) -> str:
+    return re.search(r"^batch (\S+): \d+ job", output, re.MULTILINE).group(1)
+
+
+def result_count(db, sha256: str) -> int:
+    with db.connect() as c:
+        return c.scalar(select(func.count()).select_from(ResultRow).where(ResultRow.sha256 == sha256))
+
+
+def test_three_slides_are_processed_with_rows_and_every_artifact_in_s3(lab, lab_worker, cli, make_slide):
+    settings, db, store = lab
+    slides = [make_slide(seed) for seed in (101, 102, 103)]
+    submitted = cli("submit", *slides, "--batch", "three", "--mpp", "0.2", "--wait")
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = batch_id_of(submitted.output)
+    assert "3 succeeded, 0 failed" in submitted.output
+
+    shown = cli("status", "--batch", batch_id)
+    assert shown.exit_code == 0, shown.output
+    assert "3 succeeded, 0 failed" in shown.output
+    assert shown.output.count(" succeeded ") == 3
+
+    listed = cli("results", "--batch", batch_id, "--format", "json")
+    assert listed.exit_code == 0, listed.output
+    results = json.loads(listed.output)
+    model_version, params_key = model_identity(settings)
+    assert sorted(r["image"] for r in results) == sorted(p.name for p in slides)
+    for r in results:
+        prefix = slide_prefix(r["sha256"], model_version, params_key)
+        assert r["store_prefix"] == prefix
+        assert store.list(prefix) == sorted(f"{prefix}/{name}" for name in ARTIFACT_NAMES)
+        assert json.loads(store.get(f"{prefix}/summary.json"))["white_cells"] == r["white_cells"]
+    assert all(j.attempts == 1 and j.result_id for j in batch_jobs(db, batch_id))
+
+
+def test_bad_files_fail_with_their_reason_and_the_rest_succeed(lab, lab_worker, cli, make_slide, tmp_path):
+    settings, db, _ = lab
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(make_slide(111).read_bytes()[:2000])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    submitted = cli("submit", truncated, make_slide(112), not_an_image, "--mpp", "0.2", "--wait")
+    assert submitted.exit_code == 1, submitted.output
+    assert "2 failed" in submitted.output
+
+    jobs = {os.path.basename(j.filename): j for j in batch_jobs(db, batch_id_of(submitted.output))}
+    assert jobs["truncated.png"].state == "failed" and "truncated PNG" in jobs["truncated.png"].error
+    assert jobs["notes.png"].state == "failed" and "not a PNG, JPEG, BMP or TIFF" in jobs["notes.png"].error
+    assert jobs[make_slide(112).name].state == "succeeded"
+    assert [j.attempts for j in jobs.values()] == [1, 1, 1]  # no retry loop
+
+
+def test_the_same_content_again_reuses_its_result_and_force_processes_it_once_more(
+    lab, lab_worker, make_slide
+):
+    settings, db, _ = lab
+    slide = make_slide(121)
+    first = submit(settings, [slide], mpp=0.2)
+    assert wait_for_batch(settings, first.batch_id, timeout_s=120).succeeded == 1
+    result_id = job_status(db, first.jobs[0].job_id).result_id
+
+    again = submit(settings, [slide], mpp=0.2)
+    (entry,) = again.jobs
+    assert (entry.state, entry.reused_result_id) == ("succeeded", result_id)
+    job = job_status(db, entry.job_id)
+    assert (job.state, job.result_id, job.attempts, job.worker) == ("succeeded", result_id, 0, None)
+    assert redis.Redis.from_url(settings.broker_url).llen("slides") == 0  # nothing was queued
+
+    forced = submit(settings, [slide], mpp=0.2, force=True)
+    assert forced.jobs[0].state == "queued"
+    assert wait_for_batch(settings, forced.batch_id, timeout_s=120).succeeded == 1
+    job = job_status(db, forced.jobs[0].job_id)
+    assert (job.attempts, job.result_id) == (1, result_id)  # processed again, the same row upserted
+    assert result_count(db, job.sha256) == 1
+
+
+def queued_without_message(settings, db, store, slide) -> str:
+    """A job row written and its input uploaded, as submit does, but no message sent (a lost message)."""
+    import hashlib
+
+    data = slide.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    store.put(f"inputs/{sha256}.png", data, "image/png")
+    _, params_key = model_identity(settings)
+    job = create_job(
+        db, batch_id=None, filename=str(slide), input_key=f"inputs/{sha256}.png", sha256=sha256, mpp=0.2,
+        params_key=params_key,
+    )  # fmt: skip
+    return job.id
+
+
+def test_requeue_sends_a_queued_job_whose_message_was_lost(lab, lab_worker, cli, make_slide):
+    settings, db, store = lab
+    job_id = queued_without_message(settings, db, store, make_slide(131))
+    assert redis.Redis.from_url(settings.broker_url).llen("slides") == 0
+
+    requeued = cli("requeue", "--older-than", "0")
+    assert requeued.exit_code == 0, requeued.output
+    assert f"requeued job {job_id}" in requeued.output
+    job = wait_until(
+        lambda: (j := job_status(db, job_id)).state in ("succeeded", "failed") and j, 120, "the job to finish"
+    )
+    assert (job.state, job.attempts) == ("succeeded", 1)
+    assert result_count(db, job.sha256) == 1
+    assert cli("requeue", "--older-than", "0").output.endswith("0 job(s) requeued\n")
+
+
+def test_a_redelivered_message_for_a_finished_job_does_nothing(lab, make_slide):
+    settings, db, store = lab
+    job_id = queued_without_message(settings, db, store, make_slide(141))
+    task = make_app(settings).tasks[PROCESS_SLIDE]
+    assert task.apply(args=[job_id]).get() == "succeeded"
+    finished = job_status(db, job_id)
+    assert task.apply(args=[job_id]).get() is None  # the same message delivered again
+    assert job_status(db, job_id) == finished
+    assert finished.attempts == 1
+    assert result_count(db, finished.sha256) == 1
+
+
+def test_a_worker_process_killed_mid_slide_is_replaced_and_the_slide_completes_once(
+    lab, start_worker, lab_service, make_slide
+):
+    settings, db, store = lab
+    worker = start_worker(lab_service, "--pool", "prefork", "--concurrency", "1")
+    outcome = submit(settings, [make_slide(151, size=1536)], mpp=0.2)
+    job_id = outcome.jobs[0].job_id
+    running = wait_until(
+        lambda: (j := job_status(db, job_id)).state == "running" and j, 120, "a worker to start the slide"
+    )
+    pid = int(running.worker.rsplit("/", 1)[1])
+    assert pid != worker.proc.pid  # a pool process, not the worker's main process
+    os.kill(pid, signal.SIGKILL)
+
+    status = wait_for_batch(settings, outcome.batch_id, timeout_s=180)
+    job = job_status(db, job_id)
+    assert status.succeeded == 1, worker.output[-3000:]
+    assert job.attempts == 2  # redelivered once, by reject_on_worker_lost
+    assert int(job.worker.rsplit("/", 1)[1]) != pid
+    assert result_count(db, job.sha256) == 1
+    model_version, params_key = model_identity(settings)
+    prefix = slide_prefix(job.sha256, model_version, params_key)
+    assert store.list(prefix) == sorted(f"{prefix}/{name}" for name in ARTIFACT_NAMES)

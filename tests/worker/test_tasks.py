@@ -1,0 +1,125 @@
+"""The task's failure policy, run eagerly in this process on SQLite and a file store (no servers)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from blastq.core.db import connect, create_job, job_status
+from blastq.core.errors import StoreUnavailable
+from blastq.core.settings import load_settings
+from blastq.core.store import FileStore
+from blastq.worker.celery_app import make_app
+from blastq.worker.submit import model_identity
+from blastq.worker.tasks import PROCESS_SLIDE, backoff_s
+
+
+class FlakyStore(FileStore):
+    """A file store whose reads fail (as a store that does not answer) the first `failures` times."""
+
+    def __init__(self, root, failures: int):
+        super().__init__(root)
+        self.failures = failures
+        self.reads = 0
+
+    def get(self, key: str) -> bytes:
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise StoreUnavailable(f"cannot read {key} from {self.url}: no answer")
+        return super().get(key)
+
+
+@pytest.fixture
+def local(tmp_path):
+    settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TASK_RETRY_MAX": "3"})
+    app = make_app(settings)
+    db = connect(settings.database_url)
+    yield settings, app, db
+    app.resources.close()
+    db.dispose()
+
+
+def queued_job(settings, db, store, data: bytes, name: str = "slide.png") -> str:
+    sha256 = hashlib.sha256(data).hexdigest()
+    store.put(f"inputs/{sha256}.png", data)
+    _, params_key = model_identity(settings)
+    job = create_job(
+        db, batch_id=None, filename=name, input_key=f"inputs/{sha256}.png", sha256=sha256, mpp=0.2,
+        params_key=params_key,
+    )  # fmt: skip
+    return job.id
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_s(n) for n in range(5)] == [1, 2, 4, 8, 16]
+    assert backoff_s(30) == 60
+
+
+def test_a_store_that_comes_back_is_retried_and_the_job_succeeds(local, make_slide):
+    settings, app, db = local
+    store = FlakyStore(settings.data_dir / "store", failures=2)
+    app.resources.provide(store=store)
+    job_id = queued_job(settings, db, store, make_slide(301).read_bytes())
+    app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+    job = job_status(db, job_id)
+    assert job.state == "succeeded", job.error
+    assert job.attempts == 3  # two retries, each one claim of the row
+
+
+def test_a_store_that_stays_down_fails_the_job_after_the_retries(local):
+    settings, app, db = local
+    store = FlakyStore(settings.data_dir / "store", failures=100)
+    app.resources.provide(store=store)
+    job_id = queued_job(settings, db, store, b"\x89PNG whatever")
+    app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+    job = job_status(db, job_id)
+    assert job.state == "failed"
+    assert "no answer" in job.error and "gave up after 3 retries" in job.error
+    assert store.reads == 4
+
+
+def test_bad_input_fails_at_once_without_retry(local):
+    settings, app, db = local
+    store = FileStore(settings.data_dir / "store")
+    job_id = queued_job(settings, db, store, b"not an image", name="notes.png")
+    assert app.tasks[PROCESS_SLIDE].apply(args=[job_id]).get() == "failed"
+    job = job_status(db, job_id)
+    assert (job.state, job.attempts) == ("failed", 1)
+    assert job.error == "notes.png: not a PNG, JPEG, BMP or TIFF image (unrecognised leading bytes)"
+
+
+def test_an_input_missing_from_the_store_fails_the_job(local):
+    settings, app, db = local
+    store = FileStore(settings.data_dir / "store")
+    job_id = queued_job(settings, db, store, b"gone soon")
+    store.delete(job_status(db, job_id).input_key)
+    app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+    job = job_status(db, job_id)
+    assert job.state == "failed" and "is missing from" in job.error
+
+
+def test_an_unexpected_error_fails_the_job_as_an_internal_error(local, monkeypatch):
+    settings, app, db = local
+    store = FileStore(settings.data_dir / "store")
+    job_id = queued_job(settings, db, store, b"whatever")
+
+    def broken(*_args, **_kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("blastq.worker.tasks.decode_slide", broken)
+    assert app.tasks[PROCESS_SLIDE].apply(args=[job_id]).get() == "failed"
+    assert job_status(db, job_id).error == "internal error: ZeroDivisionError: division by zero"
+
+
+def test_a_job_started_max_attempts_times_is_failed_not_run_again(local):
+    settings, app, db = local
+    store = FileStore(settings.data_dir / "store")
+    job_id = queued_job(settings, db, store, b"kills its worker")
+    from blastq.core.db import claim_job
+
+    for _ in range(settings.max_attempts):  # each delivery's worker died mid-slide
+        assert claim_job(db, job_id, "host/1", settings.max_attempts) is not None
+    assert app.tasks[PROCESS_SLIDE].apply(args=[job_id]).get() is None
+    job = job_status(db, job_id)
+    assert job.state == "failed" and "gave up after 3 attempts" in job.error

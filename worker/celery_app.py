@@ -1,0 +1,140 @@
+"""The Celery app of the slide service, configured as ARCHITECTURE.md decides, and the worker that runs it.
+
+JSON only; late acknowledgement, and a message whose worker process died goes back on the queue;
+one message reserved per process; explicit queues. There is no result backend: the database's job
+rows are the truth, so a worker or a broker can be lost without losing what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from blastq.core.settings import Settings
+from blastq.worker.resources import WorkerResources
+
+SLIDES_QUEUE = "slides"
+TRAIN_QUEUE = "train"
+QUEUES = (SLIDES_QUEUE, TRAIN_QUEUE)
+POOLS = ("prefork", "solo")
+
+log = logging.getLogger(__name__)
+
+
+class BlastqCelery(Celery):
+    """A Celery app that carries the settings it was built from and its per-process resources."""
+
+    def __init__(self, settings: Settings, **kwargs):
+        super().__init__("blastq", **kwargs)
+        self.settings = settings
+        self.resources = WorkerResources(settings)
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    url = settings.broker_url
+    if url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://")):
+        # Redis hands an unacknowledged message to another worker after this long: it must exceed
+        # the longest slide, or long slides run twice.
+        return {"visibility_timeout": settings.visibility_timeout_s, "socket_connect_timeout": 10}
+    if url.startswith("sqla+sqlite"):
+        # Kombu passes these options to create_engine: wait for the SQLite write lock rather than fail.
+        return {"connect_args": {"timeout": 30}}
+    return {}
+
+
+def make_app(settings: Settings) -> BlastqCelery:
+    """The Celery app for these settings, with the blastq tasks registered."""
+    from blastq.worker.tasks import register_tasks
+
+    if settings.broker_url.startswith("sqla+sqlite:///"):
+        # SQLite creates the file, not its folder.
+        Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    app = BlastqCelery(settings)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+        task_default_queue=SLIDES_QUEUE,
+        task_create_missing_queues=False,
+        worker_concurrency=settings.worker_concurrency,
+        worker_send_task_events=False,
+        # Remote control needs fanout, which the embedded (SQLAlchemy) broker does not offer across
+        # processes, and it would poll SQLite for nothing.
+        worker_enable_remote_control=not settings.broker_url.startswith("sqla+"),
+        enable_utc=True,
+    )
+    register_tasks(app)
+    return app
+
+
+def _load_in_child(**_) -> None:
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    if isinstance(app, BlastqCelery):
+        try:
+            app.resources.load()
+        except Exception as exc:  # noqa: BLE001 - the task meets it again and fails the job with it
+            log.error("blastq worker process %s could not load its resources: %s", os.getpid(), exc)
+
+
+def run_worker(
+    app: BlastqCelery,
+    *,
+    queues: Sequence[str] = (SLIDES_QUEUE,),
+    concurrency: int | None = None,
+    pool: str = "prefork",
+    loglevel: str = "INFO",
+) -> int:
+    """Run a Celery worker in this process until it is told to stop; returns its exit code.
+
+    Engines load in each pool process after the fork (`worker_process_init`), never here.
+    """
+    from celery.concurrency import get_implementation
+
+    from blastq.core.errors import InvalidConfig, ModelNotFound
+    from blastq.core.unet import default_model_path
+
+    unknown = set(queues) - set(QUEUES)
+    if unknown:
+        raise InvalidConfig(f"unknown queue(s) {', '.join(sorted(unknown))}; choose from {', '.join(QUEUES)}")
+    if pool not in POOLS:
+        raise InvalidConfig(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    # A missing checkpoint stops the worker here, with one line, instead of failing every job. Only
+    # its presence: loading it would run torch ops in the parent of the fork, whose thread pools are not
+    # fork-safe (a first pool process that hung before its first slide was seen while this loaded it).
+    model = Path(app.settings.model) if app.settings.model else default_model_path()
+    if not model.is_file():
+        raise ModelNotFound(f"model file not found: {model}")
+    worker_process_init.connect(_load_in_child, weak=False, dispatch_uid="blastq-load-resources")
+    app.set_current()
+    worker = app.Worker(
+        hostname=f"blastq-{os.getpid()}@{socket.gethostname()}",
+        queues=list(queues),
+        concurrency=concurrency or app.settings.worker_concurrency,
+        pool_cls=get_implementation(pool),
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+    )
+    worker.start()
+    return worker.exitcode or 0

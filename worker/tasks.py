@@ -1,0 +1,110 @@
+"""The worker's task: process one job's slide, the same way `blastq run` does, around its job row.
+
+claim the row -> read the input from the store -> decode -> core.pipeline -> artifacts to the store ->
+result row -> job succeeded. Delivery is at least once, so every step is safe to repeat: the claim
+refuses a finished job, the store keys and the result row are keyed by (sha256, model, parameters).
+
+Failures: a transient fault (database, store) retries with exponential backoff, then fails the job;
+bad input fails the job at once with the reason; anything else fails it as an internal error. The
+task never raises into Celery except to retry, so one slide cannot stop the worker's loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import PurePath
+
+from celery import Celery, Task
+from celery.utils.log import get_task_logger
+
+from blastq.core.artifacts import render_artifacts, summary_dict
+from blastq.core.db import claim_job, fail_job, finish_job, record_result
+from blastq.core.errors import BlastqError, TransientError
+from blastq.core.pipeline import process_slide
+from blastq.core.slide import decode_slide
+from blastq.core.store import slide_prefix
+
+PROCESS_SLIDE = "blastq.process_slide"
+MAX_BACKOFF_S = 60
+
+log = get_task_logger(__name__)
+
+
+def worker_name() -> str:
+    """host/pid of this process, as recorded in the job row (the pid names the process to signal)."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def backoff_s(retries: int) -> int:
+    """Seconds before retry number `retries` + 1: 1, 2, 4, 8... capped."""
+    return min(2**retries, MAX_BACKOFF_S)
+
+
+def run_job(task: Task, job_id: str) -> str | None:
+    """The body of `blastq.process_slide`; returns the job's final state, or None if it was not run."""
+    app = task.app
+    settings, resources = app.settings, app.resources
+    retries = task.request.retries or 0
+    try:
+        db = resources.db()
+        # Each transient retry is one more claim of the row: allow for those, so that `max_attempts`
+        # still counts only the deliveries whose worker died.
+        job = claim_job(db, job_id, worker_name(), settings.max_attempts + retries)
+        if job is None:
+            log.info("job %s: not run (unknown, finished, or out of attempts)", job_id)
+            return None
+        store = resources.store()
+        try:
+            data = store.get(job.input_key)
+        except FileNotFoundError:
+            _fail(resources, job_id, f"{job.filename}: input {job.input_key} is missing from {store.url}")
+            return "failed"
+        loaded = resources.engine()
+        slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
+        result = process_slide(slide, loaded.engine, loaded.info, loaded.config)
+        prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
+        for artifact in render_artifacts(result, slide.rgb):
+            store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)
+        result_id = record_result(db, summary_dict(result), result.maps.cells, prefix)
+        finish_job(db, job_id, result_id)
+        log.info("job %s: %s succeeded (result %s)", job_id, job.filename, result_id)
+        return "succeeded"
+    except TransientError as exc:
+        if retries < settings.task_retry_max:
+            log.warning("job %s: %s; retry %d in %ds", job_id, exc, retries + 1, backoff_s(retries))
+            raise task.retry(
+                exc=exc, countdown=backoff_s(retries), max_retries=settings.task_retry_max
+            ) from exc
+        _fail(resources, job_id, f"{exc} (gave up after {retries} retries)")
+    except BlastqError as exc:  # the input's fault (bad image, bad mpp, model): retrying cannot help
+        _fail(resources, job_id, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the worker
+        log.exception("job %s: internal error", job_id)
+        _fail(resources, job_id, f"internal error: {type(exc).__name__}: {exc}")
+    return "failed"
+
+
+def _fail(resources, job_id: str, reason: str) -> None:
+    reason = " ".join(reason.split())  # one line, as the CLI prints it
+    log.warning("job %s failed: %s", job_id, reason)
+    try:
+        fail_job(resources.db(), job_id, reason)
+    except Exception as exc:  # noqa: BLE001 - the row stays running; `blastq requeue` picks it up later
+        log.error("job %s: could not record its failure (%s): %s", job_id, reason, exc)
+
+
+def register_tasks(app: Celery) -> None:
+    """Register the blastq tasks on `app` under their explicit names."""
+
+    @app.task(
+        name=PROCESS_SLIDE,
+        bind=True,
+        shared=False,  # a shared task would be added to every app made later, with this app's settings
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        max_retries=app.settings.task_retry_max,
+    )
+    def process_slide_task(self: Task, job_id: str) -> str | None:
+        return run_job(self, job_id)
