@@ -39,7 +39,7 @@ def main() -> None:
       blastq synth --count 1 --size 2048 --out smears     # make an example smear
       blastq run smears/synth_00000.png --out results     # segment it with the shipped model
     Each image gets results/<name>/ with mask.png, nuclei.png, instances.tif, overlay.png,
-    cells.csv, cells.geojson and summary.json; results are also recorded in the local database.
+    cells.csv, cells.geojson, summary.json and report.html; results are also recorded in the local database.
 
     Settings come from BLASTQ_* environment variables (see `blastq config`).
     """

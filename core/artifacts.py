@@ -5,7 +5,9 @@ Rendered to bytes here; where the bytes go (a folder, the object store) is the c
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -28,6 +30,7 @@ ARTIFACT_NAMES = (
     "cells.csv",
     "cells.geojson",
     "summary.json",
+    "report.html",
 )
 # Outline colours (RGB): blasts red, other white cells green; QuPath shows the same colours.
 COLOUR_WHITE_CELL = (0, 200, 0)
@@ -136,17 +139,56 @@ def cells_geojson(maps: CellMaps) -> bytes:
     return json.dumps({"type": "FeatureCollection", "features": features}).encode()
 
 
+REPORT_THUMB_PX = 1200  # longest side of the overlay picture embedded in report.html
+
+
+def report_html(result: SlideResult, overlay_rgb: np.ndarray) -> bytes:
+    """A self-contained page for a person: the figures, the overlay, and the cell table."""
+    h, w = overlay_rgb.shape[:2]
+    scale = min(1.0, REPORT_THUMB_PX / max(h, w))
+    thumb = cv2.resize(
+        overlay_rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    picture = base64.b64encode(jpg.tobytes()).decode() if ok else ""
+    summary = summary_dict(result)
+    esc = html.escape
+    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
+    head = "".join(f"<th>{esc(c)}</th>" for c in CELL_COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in asdict(c).values()) + "</tr>"
+        for c in result.maps.cells
+    )
+    s = result.stats
+    verdict = "FLAGGED" if s.flagged else "not flagged"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: {esc(result.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#f3f3f3}}
+.flag{{color:{"#b00" if s.flagged else "#080"};font-weight:bold}}img{{max-width:100%}}</style></head><body>
+<h1>{esc(result.name)}</h1>
+<p class="flag">{s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts: {verdict}
+(threshold {s.threshold_percent:g}%)</p>
+<p>Outlines: green white cells, red blasts. Research software, not a medical device: review every slide.</p>
+<img alt="overlay" src="data:image/jpeg;base64,{picture}">
+<h2>Summary</h2><table>{facts}</table>
+<h2>Cells</h2><table><tr>{head}</tr>{rows}</table>
+</body></html>"""
+    return page.encode()
+
+
 def render_artifacts(result: SlideResult, rgb: np.ndarray) -> list[Artifact]:
     """All output files of one slide, in ARTIFACT_NAMES order."""
     maps = result.maps
     tif = io.BytesIO()
     tifffile.imwrite(tif, maps.instances.astype(np.uint32), compression="zlib")
+    outlined = overlay(rgb, maps)
     return [
         Artifact("mask.png", _png(maps.classes), "image/png"),
         Artifact("nuclei.png", _png(np.where(maps.nuclei, 255, 0).astype(np.uint8)), "image/png"),
         Artifact("instances.tif", tif.getvalue(), "image/tiff"),
-        Artifact("overlay.png", _png(overlay(rgb, maps)), "image/png"),
+        Artifact("overlay.png", _png(outlined), "image/png"),
         Artifact("cells.csv", cells_csv(maps), "text/csv"),
         Artifact("cells.geojson", cells_geojson(maps), "application/geo+json"),
         Artifact("summary.json", json.dumps(summary_dict(result), indent=2).encode(), "application/json"),
+        Artifact("report.html", report_html(result, outlined), "text/html"),
     ]

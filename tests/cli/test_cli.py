@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from blastq.cli.main import main
+from blastq.core.artifacts import ARTIFACT_NAMES
 
 
 @pytest.fixture
@@ -54,15 +55,15 @@ def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_
     assert "white cells" in result.output and "blasts" in result.output
     for stem in ("synth_00040", "synth_00041"):
         files = {p.name for p in (out / stem).iterdir()}
-        assert files == {
+        assert files == set(ARTIFACT_NAMES)
+        assert {
             "mask.png",
             "nuclei.png",
             "instances.tif",
             "overlay.png",
             "cells.csv",
             "cells.geojson",
-            "summary.json",
-        }
+        } < files
     summary = json.loads((out / "synth_00040" / "summary.json").read_text())
     assert summary["mpp_source"] == "user" and summary["mpp"] == 0.2
     db = create_engine(f"sqlite:///{tmp_path}/data/blastq.db")

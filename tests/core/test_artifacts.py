@@ -93,3 +93,11 @@ def test_overlay_outlines_cells_in_label_colours(rendered, smear):
     changed = (ov != smear.image).any(axis=2)
     assert changed.any() == bool(result.maps.cells)
     assert not changed[result.maps.instances == 0].any()
+
+
+def test_report_page_states_the_verdict_and_lists_every_cell(rendered):
+    result, files = rendered
+    page = files["report.html"].decode()
+    assert page.startswith("<!doctype html>") and "data:image/jpeg;base64," in page
+    assert f"{result.stats.white_cells} white cells, {result.stats.blasts} blasts" in page
+    assert page.count("<tr>") == len(result.maps.cells) + len(json.loads(files["summary.json"])) + 1
