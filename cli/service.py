@@ -1,4 +1,4 @@
-"""The slide-service commands: submit, worker, status, results, requeue, db upgrade.
+"""The slide-service commands: submit, watch, worker, status, results, requeue, db upgrade.
 
 Parse, call one function of blastq.worker (or core.db), print. `register(main)` adds them to the
 `blastq` group; a BlastqError becomes one line and exit status 2 there.
@@ -269,9 +269,70 @@ def upgrade() -> None:
     click.echo(f"database {mask_secret(settings.database_url)} is at revision {revision}")
 
 
+@click.command(context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--batch", "batch_name", help="Name of the batches it makes (default: watch FOLDER and the time)."
+)
+@click.option(
+    "--settle",
+    "settle_s",
+    type=click.FloatRange(0),
+    help="Seconds a file must stay unchanged to be complete (default: BLASTQ_WATCH_SETTLE_S or 10).",
+)
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(0.01),
+    help="Seconds between scans (default: BLASTQ_WATCH_INTERVAL_S or 2).",
+)
+@click.option("--once", is_flag=True, help="Scan, wait for files still settling (at most --settle), exit.")
+@click.option("--recursive", is_flag=True, help="Watch subfolders too (symlinked folders are not entered).")
+def watch(
+    folder: str,
+    batch_name: str | None,
+    settle_s: float | None,
+    interval_s: float | None,
+    once: bool,
+    recursive: bool,
+) -> None:
+    """Submit each slide written into FOLDER once it is complete, and only once (until Ctrl-C or SIGTERM).
+
+    A file is complete when its size and time have not changed for --settle seconds, or at once when a
+    marker NAME.done or NAME.ready sits beside it. Hidden, temporary (.part, .tmp, .crdownload,
+    .partial, ~*) and non-image files are ignored, and symlinks leading outside FOLDER are rejected.
+    What was submitted is kept in the database: a restarted watcher, or a second one on the same
+    folder, does not submit a file again. With --once the exit status is 1 when a file was rejected
+    or could not be submitted.
+    """
+    from blastq.core.settings import load_settings
+    from blastq.worker.watch import Watcher, stop_on_signals
+
+    settings = load_settings(watch_settle_s=settle_s, watch_interval_s=interval_s)
+    with Watcher(settings, folder, batch_name=batch_name, recursive=recursive) as watcher:
+        how = "once" if once else f"every {settings.watch_interval_s:g}s until stopped"
+        click.echo(f"watching {watcher.root} ({how}, settle {settings.watch_settle_s:g}s)", err=True)
+        with stop_on_signals(watcher.stop):
+            summary = watcher.run(once=once, report=_print_watch_event)
+    if once and (summary.rejected or summary.retrying):
+        sys.exit(1)
+
+
+def _print_watch_event(event) -> None:
+    if event.state == "submitted":
+        reused = f" (existing result {event.reused_result_id})" if event.reused_result_id is not None else ""
+        click.echo(f"submitted {event.path}: job {event.job_id}{reused}")
+        if event.reason:
+            click.echo(f"WARNING {event.path}: {event.reason}", err=True)
+    elif event.state == "rejected":
+        click.echo(f"rejected {event.path}: {event.reason}")
+    else:
+        click.echo(f"WARNING {event.path}: {event.reason} (retrying)", err=True)
+
+
 def register(main: click.Group) -> None:
     """Add the service commands to the `blastq` group."""
-    for command in (submit, worker, status, results, requeue, db):
+    for command in (submit, worker, status, results, requeue, db, watch):
         main.add_command(command)
 
 

@@ -13,7 +13,7 @@ purpose with `blastq db upgrade`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -48,7 +48,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
@@ -377,16 +377,34 @@ def _reachable(engine: Engine) -> Iterator[None]:
 
 
 def record_result(engine: Engine, summary: dict, cells, store_prefix: str) -> int:
-    """Upsert one result and replace its cells; returns the result id."""
+    """Upsert one result and replace its cells; returns the result id.
+
+    Safe when two workers record the same slide at once (a job redelivered while it still runs, the same
+    content queued twice): of two inserts the loser updates the winner's row, and the row stays locked
+    while its cells are replaced, so the cells are one worker's set, never both.
+    """
     keys = {c.name for c in ResultRow.__table__.columns} - {"id", "store_prefix", "created_at"}
     values = {k: summary[k] for k in keys}
+    cells = list(cells)
+    try:
+        return _upsert_result(engine, values, cells, store_prefix)
+    except IntegrityError:  # the other worker inserted the same result first: the row exists now
+        return _upsert_result(engine, values, cells, store_prefix)
+
+
+def _upsert_result(engine: Engine, values: dict, cells: list, store_prefix: str) -> int:
     with _reachable(engine), Session(engine) as session, session.begin():
         row = session.scalar(
-            select(ResultRow).where(
+            select(ResultRow)
+            .where(
                 ResultRow.sha256 == values["sha256"],
                 ResultRow.model_version == values["model_version"],
                 ResultRow.params_key == values["params_key"],
             )
+            # Without the lock, two concurrent replacements each delete the cells they can see and
+            # insert their own: the result ends with both sets. (SQLite ignores FOR UPDATE: its writers
+            # take the one database lock in turn.)
+            .with_for_update()
         )
         if row is None:
             row = ResultRow(**values, store_prefix=store_prefix, created_at=_now())
@@ -721,3 +739,151 @@ def list_results(
     with _reachable(engine), engine.connect() as conn:
         rows = conn.execute(query.order_by(ResultRow.__table__.c.created_at, ResultRow.__table__.c.id))
         return [ResultInfo(**{n: _utc(getattr(r, n)) for n in names}) for r in rows]
+
+
+# The folder watcher's ledger (`blastq watch`).
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One file version the watcher has seen (a watch_ledger row). Times are UTC."""
+
+    id: int
+    root: str
+    relpath: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    job_id: str | None
+    state: str
+    reason: str | None
+    first_seen: datetime
+    updated_at: datetime
+
+    @classmethod
+    def _from_row(cls, row) -> LedgerEntry:
+        values = dict(row._mapping)
+        return cls(**{f.name: _utc(values[f.name]) for f in fields(cls)})
+
+
+_ledger = WatchLedgerRow.__table__
+_LEDGER_CHUNK = 500  # relpaths per IN (...) query
+
+
+def claim_watched_file(
+    engine: Engine, root: str, relpath: str, size: int, mtime_ns: int, *, stale_after: timedelta
+) -> tuple[LedgerEntry | None, bool]:
+    """Claim one file version for submission: (its ledger row, True when this caller now owns it).
+
+    The insert is the claim: the unique (root, relpath, size, mtime_ns) lets one of two watchers, or
+    of a watcher and its restarted self, win. A row still `seen` after `stale_after` belongs to a
+    watcher that died between claim and submit: it is taken over by compare-and-set and returned as
+    it was, so the caller can look for a job the dead watcher made since its `updated_at`.
+    (None, False) only when the row vanished (released) three times in a row while being read.
+    """
+    same_version = (
+        _ledger.c.root == root,
+        _ledger.c.relpath == relpath,
+        _ledger.c.size == size,
+        _ledger.c.mtime_ns == mtime_ns,
+    )
+    for _ in range(3):
+        now = _now()
+        values = {
+            "root": root,
+            "relpath": relpath,
+            "size": size,
+            "mtime_ns": mtime_ns,
+            "sha256": None,
+            "job_id": None,
+            "state": "seen",
+            "reason": None,
+            "first_seen": now,
+            "updated_at": now,
+        }
+        try:
+            with _reachable(engine), engine.begin() as conn:
+                (entry_id,) = conn.execute(insert(_ledger).values(**values)).inserted_primary_key
+            return LedgerEntry(id=entry_id, **values), True
+        except IntegrityError:
+            pass  # someone has this version: read their row
+        with _reachable(engine), engine.begin() as conn:
+            row = conn.execute(select(_ledger).where(*same_version)).first()
+            if row is None:
+                continue  # released between our insert and this read: try the insert again
+            entry = LedgerEntry._from_row(row)
+            if entry.state != "seen" or entry.updated_at >= now - stale_after:
+                return entry, False
+            taken = conn.execute(
+                update(_ledger)
+                .where(
+                    _ledger.c.id == row.id, _ledger.c.state == "seen", _ledger.c.updated_at == row.updated_at
+                )
+                .values(updated_at=now)
+            )
+            return entry, taken.rowcount == 1
+    return None, False
+
+
+def record_watched_file(
+    engine: Engine,
+    entry_id: int,
+    state: str,
+    *,
+    job_id: str | None = None,
+    sha256: str | None = None,
+    reason: str | None = None,
+) -> None:
+    """Settle a claimed file version: submitted (with its job and content sha256) or rejected (why)."""
+    if state not in ("submitted", "rejected"):
+        raise ValueError(f"a watched file is settled as submitted or rejected, not {state!r}")
+    with _reachable(engine), engine.begin() as conn:
+        done = conn.execute(
+            update(_ledger)
+            .where(_ledger.c.id == entry_id)
+            .values(
+                state=state,
+                job_id=job_id,
+                sha256=sha256,
+                reason=None if reason is None else reason[:MAX_ERROR_CHARS],
+                updated_at=_now(),
+            )
+        )
+        if done.rowcount != 1:
+            raise LookupError(f"no watch ledger entry {entry_id}")
+
+
+def release_watched_file(engine: Engine, entry_id: int) -> None:
+    """Give up a claim that was never submitted (a transient fault), so the next scan claims it again."""
+    with _reachable(engine), engine.begin() as conn:
+        conn.execute(delete(_ledger).where(_ledger.c.id == entry_id, _ledger.c.state == "seen"))
+
+
+def watched_files(engine: Engine, root: str, relpaths: Iterable[str] | None = None) -> list[LedgerEntry]:
+    """The ledger rows under `root` (only those of `relpaths` when given), oldest first."""
+    chunks: list[list[str] | None] = [None]
+    if relpaths is not None:
+        wanted = sorted(set(relpaths))
+        chunks = [wanted[i : i + _LEDGER_CHUNK] for i in range(0, len(wanted), _LEDGER_CHUNK)]
+    entries: list[LedgerEntry] = []
+    with _reachable(engine), engine.connect() as conn:
+        for chunk in chunks:
+            query = select(_ledger).where(_ledger.c.root == root)
+            if chunk is not None:
+                query = query.where(_ledger.c.relpath.in_(chunk))
+            entries.extend(LedgerEntry._from_row(r) for r in conn.execute(query))
+    return sorted(entries, key=lambda e: (e.first_seen, e.id))
+
+
+def jobs_for_file(engine: Engine, filename: str, since: datetime) -> list[JobInfo]:
+    """Jobs made for `filename` (as submitted) since `since`, newest first.
+
+    How a watcher finds out whether a submit cut short by a fault, or by its own death, made a job.
+    """
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(
+            select(_jobs)
+            .where(_jobs.c.filename == filename, _jobs.c.created_at >= since.astimezone(UTC))
+            .order_by(_jobs.c.created_at.desc(), _jobs.c.id)
+        )
+        return [JobInfo._from_row(r) for r in rows]

@@ -48,6 +48,11 @@ class Settings:
     visibility_timeout_s: int = 3600  # Redis redelivers an unacknowledged job after this: > longest slide
     task_retry_max: int = 5  # retries, with backoff, of a job hit by a transient fault (database, store)
     worker_concurrency: int = 1  # worker processes per `blastq worker`, each with its own engine
+    watch_settle_s: float = 10.0  # `blastq watch`: a file unchanged this long is complete (no marker)
+    watch_interval_s: float = 2.0  # `blastq watch`: seconds between scans of the folder
+    # `blastq watch`: a file claimed but not submitted this long belongs to a dead watcher and is taken
+    # over; keep it above the longest upload of one slide.
+    watch_claim_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -73,6 +78,9 @@ class Settings:
             ("worker_concurrency", 1),
         ):
             if getattr(self, name) < least:
+                raise InvalidConfig(f"{name} must be at least {least}, got {getattr(self, name)}")
+        for name, least in (("watch_settle_s", 0), ("watch_interval_s", 0.01), ("watch_claim_timeout_s", 1)):
+            if not getattr(self, name) >= least:  # `not >=`: NaN is refused too
                 raise InvalidConfig(f"{name} must be at least {least}, got {getattr(self, name)}")
 
     def describe(self) -> dict[str, str]:
@@ -121,6 +129,9 @@ _TYPES = {
     "visibility_timeout_s": int,
     "task_retry_max": int,
     "worker_concurrency": int,
+    "watch_settle_s": float,
+    "watch_interval_s": float,
+    "watch_claim_timeout_s": float,
 }
 
 
