@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import textwrap
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from services import PG_URL, pg_schema
 from sqlalchemy import create_engine, event, func, make_url, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -41,7 +40,6 @@ from blastq.core.db import (
 )
 from blastq.core.errors import DatabaseUnavailable, InvalidConfig
 
-PG_URL = os.environ.get("BLASTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # Imports, says it is ready, and connects once all three are: their migrations race.
 RACER = textwrap.dedent(
     """
@@ -66,31 +64,6 @@ def summary(sha: str, blasts: int = 1) -> dict:
         "mpp": 0.2, "mpp_source": "user", "white_cells": 2, "blasts": blasts, "blast_percent": 50.0 * blasts,
         "flagged": True, "threshold_percent": 20.0, "seconds": 0.5,
     }  # fmt: skip
-
-
-@contextmanager
-def pg_schema(url: str = PG_URL):
-    """A URL whose search_path is a new, empty schema, dropped afterwards. The service is part of the
-    test: unreachable in CI is a failure, elsewhere a skip."""
-    admin = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    schema = f"blastq_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {make_url(PG_URL)}: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {make_url(PG_URL)}")
-    try:
-        yield (
-            make_url(url)
-            .update_query_dict({"options": f"-csearch_path={schema}"})
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from contextlib import contextmanager
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import MetaData, create_engine, inspect, make_url, text
+from services import pg_schema
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from blastq.core.db import (
@@ -23,30 +20,7 @@ from blastq.core.db import (
     upgrade,
 )
 
-PG_URL = os.environ.get("BLASTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = {"batches", "jobs", "results", "cells", "watch_ledger"}
-
-
-@contextmanager
-def pg_schema():
-    """A URL whose search_path is a new, empty schema, dropped afterwards. The service is part of the
-    test: unreachable in CI is a failure, elsewhere a skip."""
-    admin = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    schema = f"blastq_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL not reachable at {make_url(PG_URL)}: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {make_url(PG_URL)}")
-    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

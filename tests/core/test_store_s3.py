@@ -11,17 +11,14 @@ import base64
 import hashlib
 import logging
 import os
-import select
 import socket
-import subprocess
-import sys
 import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from services import S3Server
 
 from blastq.core.errors import InvalidConfig, StoreUnavailable, TransientError
 from blastq.core.store import FileStore, ObjectStore, S3Store, open_store
@@ -33,45 +30,8 @@ except ImportError:  # boto3 is in the service extra; CI installs it
         raise
     pytest.skip("boto3 is not installed", allow_module_level=True)
 
-SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "s3server.py"
 SECRET = "blastq-TEST-secret-7Qx2v9"  # recognisable, so a leak into a message is easy to see
 KEY_ID = "blastq-test-key-id"
-
-
-class S3Server:
-    """tests/s3server.py running in a subprocess; dies with its stdin, so never outlives pytest."""
-
-    def __init__(self, log: Path, env: dict[str, str] | None = None):
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER_SCRIPT), "--exit-on-stdin-eof"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("PORT "):
-            self.stop()
-            tail = log.read_text()[-2000:]
-            message = f"the S3 test server did not start: {line!r}\n{tail}"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
-        self.endpoint_url = f"http://127.0.0.1:{int(line.split()[1])}"
-
-    def stop(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="session")

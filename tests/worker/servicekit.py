@@ -6,7 +6,6 @@ A missing service skips the tests that need it, except in CI (CI set) where it f
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -18,12 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
-from sqlalchemy.pool import NullPool
+from services import PG_URL, REDIS_URL, S3Server, missing_service, pg_schema  # noqa: F401 - re-exported
 
-PG_URL = os.environ.get("BLASTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("BLASTQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-S3_SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "s3server.py"
 WORKER_START_S = 90
 # `blastq worker` however cli/main.py registers the service commands.
 WORKER_MAIN = (
@@ -44,12 +39,6 @@ CLEARED_ENV = (
 )  # fmt: skip
 
 
-def missing_service(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2):
     """Poll `condition` until it returns something truthy; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -60,28 +49,6 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, int
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
-
-
-@contextmanager
-def pg_schema() -> Iterator[str]:
-    """A database URL whose search_path is a new schema, dropped afterwards."""
-    admin = create_engine(PG_URL, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    schema = f"blastq_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:
-        missing_service(f"PostgreSQL not reachable at {make_url(PG_URL)}: {exc}")
-    try:
-        yield (
-            make_url(PG_URL)
-            .update_query_dict({"options": f"-csearch_path={schema}"})
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @contextmanager
@@ -109,37 +76,6 @@ def redis_database() -> Iterator[str]:
         db.flushdb()
         db.close()
         client.close()
-
-
-class S3Server:
-    """tests/s3server.py in a subprocess; it dies with its stdin, so it never outlives pytest."""
-
-    def __init__(self, log: Path):
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(S3_SERVER_SCRIPT), "--exit-on-stdin-eof"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("PORT "):
-            self.stop()
-            missing_service(f"the S3 test server did not start: {line!r}\n{log.read_text()[-2000:]}")
-        self.endpoint_url = f"http://127.0.0.1:{int(line.split()[1])}"
-
-    def stop(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @dataclass(frozen=True)
