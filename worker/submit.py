@@ -114,6 +114,7 @@ def submit(
     paths: Iterable[str | Path],
     *,
     batch_name: str | None = None,
+    batch_id: str | None = None,
     force: bool = False,
     mpp: float | None = None,
     app: BlastqCelery | None = None,
@@ -123,6 +124,7 @@ def submit(
     `force`: queue even when a result exists (it is computed again and its row replaced). A file that
     cannot be read is an error entry in the outcome, and the others go on. A job whose message the
     broker did not take stays queued, with the error in the outcome: `requeue` sends it later.
+    `batch_id`: add the jobs to this existing batch (the watcher keeps one batch per run).
     """
     if mpp is not None and not USER_MPP_RANGE[0] <= mpp <= USER_MPP_RANGE[1]:
         lo, hi = USER_MPP_RANGE
@@ -138,7 +140,10 @@ def submit(
     app = make_app(settings) if own_app else app
     db = connect(settings.database_url)
     try:
-        batch_id = create_batch(db, batch_name or f"submit {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+        if batch_id is None:
+            batch_id = create_batch(db, batch_name or f"submit {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+        elif batch_status(db, batch_id) is None:
+            raise InvalidConfig(f"no batch {batch_id}")
         for path in files:
             try:
                 data = path.read_bytes()

@@ -188,6 +188,7 @@ class Watcher:
         self.settings = settings
         self.root = folder.resolve()
         self.batch_name = batch_name
+        self._batch_id: str | None = None
         self.recursive = recursive
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -421,13 +422,16 @@ class Watcher:
     def _submit_claims(self, db, claims: list[_Claim], events: list[WatchEvent]) -> None:
         paths = [self._path(c.relpath) for c in claims]
         try:
-            outcome = self._submit_files(self.settings, paths, batch_name=self._batch_name(), app=self._app())
+            outcome = self._submit_files(
+                self.settings, paths, batch_name=self._batch_name(), batch_id=self._batch_id, app=self._app()
+            )
         except (ModelNotFound, InvalidConfig):  # no file can be submitted: stop, and say why
             self._orphans.extend(claims)
             raise
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
             self._recover(db, claims, exc, events)
             return
+        self._batch_id = self._batch_id or outcome.batch_id  # one batch per run, not one per scan
         by_path = {j.path: j for j in outcome.jobs}
         for i, claim in enumerate(claims):
             try:

@@ -536,3 +536,15 @@ def test_watch_once_submits_a_folder_and_a_worker_processes_it(
         assert again.exit_code == 0 and " job " not in again.output  # the ledger remembers
     finally:
         db.dispose()
+
+
+def test_one_watcher_run_keeps_one_batch_across_scans(make_watcher, folder, db):
+    watcher = make_watcher()
+    write_image(folder / "a.png", 1)
+    assert names(scan_settled(watcher).events) == ["a.png"]
+    write_image(folder / "b.png", 2)
+    watcher.scan_once(20)
+    assert names(watcher.scan_once(20 + watcher.settings.watch_settle_s).events) == ["b.png"]
+    with db.connect() as c:
+        batches = set(c.scalars(select(JobRow.batch_id)))
+    assert len(batches) == 1 and None not in batches
