@@ -16,7 +16,7 @@ from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
 from blastq.core.settings import Settings, pipeline_config
 from blastq.core.slide import read_slide
-from blastq.core.store import ObjectStore, open_store, slide_prefix
+from blastq.core.store import ObjectStore, slide_prefix, store_from_settings
 from blastq.core.unet import ModelInfo
 
 
@@ -35,15 +35,7 @@ class LocalRunner:
     def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
         engine, info = load_engine(settings.model or None, kind=settings.engine, device=settings.device)
         config = pipeline_config(settings)
-        store = (
-            open_store(
-                settings.store_url,
-                endpoint_url=settings.s3_endpoint_url or None,
-                region=settings.s3_region or None,
-            )
-            if record
-            else None
-        )
+        store = store_from_settings(settings) if record else None
         db = connect(settings.database_url) if record else None
         return cls(settings, engine, info, store, db, config)
 

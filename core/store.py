@@ -16,10 +16,13 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 from blastq.core.errors import InvalidConfig, StoreUnavailable
+
+if TYPE_CHECKING:
+    from blastq.core.settings import Settings
 
 T = TypeVar("T")
 
@@ -393,3 +396,10 @@ def open_store(url: str, *, endpoint_url: str | None = None, region: str | None 
 def slide_prefix(sha256: str, model_version: str, params_key: str) -> str:
     """Where one slide's outputs go; the same inputs always give the same keys."""
     return f"slides/{sha256}/{model_version}/{params_key}"
+
+
+def store_from_settings(settings: Settings) -> ObjectStore:
+    """The store the settings name: BLASTQ_STORE_URL with its S3 endpoint and region."""
+    return open_store(
+        settings.store_url, endpoint_url=settings.s3_endpoint_url or None, region=settings.s3_region or None
+    )

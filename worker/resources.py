@@ -18,7 +18,7 @@ from blastq.core.db import connect
 from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig
 from blastq.core.settings import Settings, pipeline_config
-from blastq.core.store import ObjectStore, open_store
+from blastq.core.store import ObjectStore, store_from_settings
 from blastq.core.unet import ModelInfo
 
 
@@ -59,9 +59,7 @@ class WorkerResources:
         s = self.settings
         return self._get(
             "store",
-            lambda: open_store(
-                s.store_url, endpoint_url=s.s3_endpoint_url or None, region=s.s3_region or None
-            ),
+            lambda: store_from_settings(s),
         )
 
     def db(self) -> DatabaseEngine:

@@ -29,7 +29,7 @@ from blastq.core.db import (
 from blastq.core.errors import InvalidConfig
 from blastq.core.settings import Settings, pipeline_config
 from blastq.core.slide import USER_MPP_RANGE
-from blastq.core.store import open_store
+from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
 from blastq.worker.celery_app import SLIDES_QUEUE, BlastqCelery, make_app
 from blastq.worker.tasks import PROCESS_SLIDE
@@ -133,9 +133,7 @@ def submit(
     if not files:
         return SubmitOutcome(None, tuple(entries))
     model_version, params_key = model_identity(settings)
-    store = open_store(
-        settings.store_url, endpoint_url=settings.s3_endpoint_url or None, region=settings.s3_region or None
-    )
+    store = store_from_settings(settings)
     own_app = app is None
     app = make_app(settings) if own_app else app
     db = connect(settings.database_url)
