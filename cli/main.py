@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from blastq.cli.models import register as register_model_commands
 from blastq.cli.service import register as register_service_commands
 from blastq.core.errors import BlastqError
 
@@ -198,16 +199,31 @@ def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fra
     "--mpp", type=float, help="Microns per pixel of a synthetic folder (default 0.2, as `blastq synth`)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def evaluate(folder: Path, model: Path | None, split: str, mpp: float | None, as_json: bool) -> None:
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write an HTML report (Table I, loss curves, best and worst examples) into this folder.",
+)
+def evaluate(
+    folder: Path, model: Path | None, split: str, mpp: float | None, as_json: bool, report_dir: Path | None
+) -> None:
     """Report Dice, IoU, pixel accuracy, precision, recall and F1 on FOLDER.
 
     FOLDER is either the segmentation_wbc layout (dataset1/, dataset2/ with NNN.bmp + NNN.png
     masks: 0 background, 128 cytoplasm, 255 nucleus) or a folder written by `blastq synth`.
+    With --report and --split all, the report's table shows the train, val and test splits side by side;
+    the loss curves come from MODEL.history.json beside the checkpoint, when there is one.
     """
-    from blastq.trainer.report import evaluate_folder
+    from blastq.trainer.report import evaluate_folder, write_folder_report
 
-    report = evaluate_folder(folder, model=model, split=split, mpp=mpp)
+    if report_dir is None:
+        report = evaluate_folder(folder, model=model, split=split, mpp=mpp)
+    else:
+        report, page = write_folder_report(folder, report_dir, model=model, split=split, mpp=mpp)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.as_text())
+    if report_dir is not None:
+        click.echo(f"report: {page}", err=True)
 
 
 @main.command(context_settings=CONTEXT)
@@ -253,9 +269,24 @@ def evaluate(folder: Path, model: Path | None, split: str, mpp: float | None, as
     show_default=True,
     help="Version name stored in the checkpoint.",
 )
+@click.option(
+    "--pairs",
+    "pairs_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A folder of image/mask pairs with a labelmap.json (repeatable; see trainer/SPLIT.md).",
+)
+@click.option(
+    "--from-run",
+    "from_run",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Repeat a recorded run (<model>.run.json): same config, seed and split; other options ignored.",
+)
 def train(
     out: Path,
     wbc_root: Path | None,
+    pairs_dirs: tuple[Path, ...],
+    from_run: Path | None,
     synth_fields: int,
     epochs: int,
     steps: int,
@@ -270,10 +301,17 @@ def train(
     Cross-entropy + Dice loss, rotation/flip/scale and colour augmentation, early stopping on the
     validation loss; the fixed split is in trainer/SPLIT.md (test images are never loaded).
     """
-    from blastq.trainer.train import TrainConfig
+    from blastq.trainer.train import TrainConfig, retrain
     from blastq.trainer.train import train as run_training
 
+    if from_run is not None:
+        result = retrain(from_run, out, progress=click.echo)
+        click.echo(
+            f"best epoch {result.best_epoch}, validation loss {result.best_val_loss}: {result.checkpoint}"
+        )
+        return
     cfg = TrainConfig(
+        pairs_dirs=pairs_dirs,
         out=out,
         version=model_version,
         wbc_root=wbc_root,
@@ -290,6 +328,21 @@ def train(
 
 
 @main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
+def export(model: Path, fmt: str, out: Path, opset: int) -> None:
+    """Export a checkpoint as ONNX (dynamic batch and size) or TorchScript, checked against torch."""
+    from blastq.trainer.export import export_onnx, export_torchscript
+
+    path = export_onnx(model, out, opset=opset) if fmt == "onnx" else export_torchscript(model, out)
+    click.echo(f"wrote {path}")
+
+
+@main.command(context_settings=CONTEXT)
 def config() -> None:
     """Show the settings in force (passwords masked) and the variables that set them."""
     from blastq.core.settings import load_settings
@@ -299,6 +352,7 @@ def config() -> None:
 
 
 register_service_commands(main)
+register_model_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,6 +12,7 @@ purpose with `blastq db upgrade`.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     insert,
     select,
@@ -55,6 +57,7 @@ from sqlalchemy.pool import NullPool
 from blastq.core.errors import DatabaseUnavailable, InvalidConfig
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
+MODEL_STATES = ("candidate", "promoted", "retired")
 LEDGER_STATES = ("seen", "submitted", "rejected")
 MAX_ERROR_CHARS = 2000
 
@@ -887,3 +890,170 @@ def jobs_for_file(engine: Engine, filename: str, since: datetime) -> list[JobInf
             .order_by(_jobs.c.created_at.desc(), _jobs.c.id)
         )
         return [JobInfo._from_row(r) for r in rows]
+
+
+# --- the model registry -----------------------------------------------------------------------------
+
+
+class ModelRow(Base):
+    """One registered model version (the policy lives in core.registry). At most one is promoted:
+    every state change takes the rows' locks in one transaction, and a partial unique index backs it."""
+
+    __tablename__ = "models"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", MODEL_STATES), name="state"),
+        Index(
+            "uq_models_one_promoted",
+            "state",
+            unique=True,
+            postgresql_where=text("state = 'promoted'"),
+            sqlite_where=text("state = 'promoted'"),
+        ),
+    )
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the checkpoint file
+    checkpoint_key: Mapped[str] = mapped_column(String(300))  # store key: models/<version>/<sha256>.pt
+    metrics: Mapped[str] = mapped_column(Text)  # JSON object, e.g. {"validation_score": 0.91}
+    config: Mapped[str] = mapped_column(Text)  # JSON object: the training configuration
+    split: Mapped[str] = mapped_column(Text)  # JSON object: the data split it was trained and validated on
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One models row with its JSON columns decoded. Times are UTC."""
+
+    version: str
+    state: str
+    sha256: str
+    checkpoint_key: str
+    metrics: dict
+    config: dict
+    split: dict
+    created_at: datetime
+    promoted_at: datetime | None
+    retired_at: datetime | None
+
+    @classmethod
+    def _from_row(cls, row) -> ModelVersion:
+        values = {k: _utc(v) for k, v in row._mapping.items()}
+        for name in ("metrics", "config", "split"):
+            values[name] = json.loads(values[name])
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+_models = ModelRow.__table__
+
+
+def add_model(
+    engine: Engine,
+    *,
+    version: str,
+    sha256: str,
+    checkpoint_key: str,
+    metrics: dict,
+    config: dict,
+    split: dict,
+) -> ModelVersion | None:
+    """Insert a candidate; None when the version is registered already (the caller reads that row)."""
+    values = {
+        "version": version,
+        "state": "candidate",
+        "sha256": sha256,
+        "checkpoint_key": checkpoint_key,
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True),
+        "split": json.dumps(split, sort_keys=True),
+        "created_at": _now(),
+        "promoted_at": None,
+        "retired_at": None,
+    }
+    try:
+        with _reachable(engine), engine.begin() as conn:
+            conn.execute(insert(_models).values(**values))
+    except IntegrityError:
+        return None
+    return get_model_row(engine, version)
+
+
+def get_model_row(engine: Engine, version: str) -> ModelVersion | None:
+    """The registered version; None for an unknown one."""
+    with _reachable(engine), engine.connect() as conn:
+        row = conn.execute(select(_models).where(_models.c.version == version)).first()
+    return None if row is None else ModelVersion._from_row(row)
+
+
+def model_rows(engine: Engine, state: str | None = None) -> list[ModelVersion]:
+    """Registered versions (in `state` when given), oldest first."""
+    query = select(_models).order_by(_models.c.created_at, _models.c.version)
+    if state is not None:
+        query = query.where(_models.c.state == state)
+    with _reachable(engine), engine.connect() as conn:
+        return [ModelVersion._from_row(r) for r in conn.execute(query)]
+
+
+def promote_model_row(
+    engine: Engine, version: str | None, check: Callable[[ModelVersion | None, ModelVersion | None], None]
+) -> ModelVersion:
+    """Promote `version` (None: the most recently retired one) and retire the promoted one, atomically.
+
+    `check(target, current)` runs inside the transaction, after the locks are taken, on what is
+    committed at that moment (target None: unknown, or nothing retired); it raises to refuse. Promoting
+    the promoted version changes nothing.
+    """
+    with _reachable(engine), engine.begin() as conn:
+        _lock_models(conn)
+        current = conn.execute(select(_models).where(_models.c.state == "promoted")).first()
+        if version is None:
+            target = conn.execute(
+                select(_models)
+                .where(_models.c.state == "retired")
+                .order_by(_models.c.retired_at.desc(), _models.c.version)
+                .limit(1)
+            ).first()
+        else:
+            target = conn.execute(select(_models).where(_models.c.version == version)).first()
+        target_info = None if target is None else ModelVersion._from_row(target)
+        check(target_info, None if current is None else ModelVersion._from_row(current))
+        if target_info is None:
+            raise LookupError(f"no model version {version}")
+        if current is not None and current.version == target_info.version:
+            return target_info
+        now = _now()
+        # Retire first: the partial unique index allows one promoted row at every statement.
+        conn.execute(
+            update(_models).where(_models.c.state == "promoted").values(state="retired", retired_at=now)
+        )
+        conn.execute(
+            update(_models)
+            .where(_models.c.version == target_info.version)
+            .values(state="promoted", promoted_at=now, retired_at=None)
+        )
+        return ModelVersion._from_row(
+            conn.execute(select(_models).where(_models.c.version == target_info.version)).one()
+        )
+
+
+def _lock_models(conn: Connection) -> None:
+    """Serialise registry state changes for the rest of the transaction.
+
+    PostgreSQL: lock every model row, in one order; a second promoter waits on the first row, and its
+    next statement (READ COMMITTED) sees the first one's commit. Locking the promoted row alone is not
+    enough: the waiter would then find it retired and see no promoted row at all. SQLite ignores FOR
+    UPDATE: a write that changes nothing takes its database write lock instead.
+    """
+    if conn.dialect.name == "sqlite":
+        conn.execute(update(_models).where(false()).values(state=_models.c.state))
+    else:
+        conn.execute(select(_models.c.version).order_by(_models.c.version).with_for_update())
+
+
+def promoted_model_row(engine: Engine) -> ModelVersion | None:
+    """The promoted version; None when nothing is promoted. One indexed query."""
+    with _reachable(engine), engine.connect() as conn:
+        row = conn.execute(select(_models).where(_models.c.state == "promoted")).first()
+    return None if row is None else ModelVersion._from_row(row)

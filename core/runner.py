@@ -14,7 +14,7 @@ from blastq.core.artifacts import render_artifacts, summary_dict
 from blastq.core.db import connect, record_result
 from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
-from blastq.core.settings import Settings, pipeline_config
+from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
 from blastq.core.slide import read_slide
 from blastq.core.store import ObjectStore, slide_prefix, store_from_settings
 from blastq.core.unet import ModelInfo
@@ -33,7 +33,15 @@ class LocalRunner:
 
     @classmethod
     def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
-        engine, info = load_engine(settings.model or None, kind=settings.engine, device=settings.device)
+        model_path = (
+            registry_checkpoint(settings) if settings.model == REGISTRY_MODEL else settings.model or None
+        )
+        engine, info = load_engine(
+            model_path,
+            kind=settings.engine,
+            device=settings.device,
+            cache_dir=settings.engine_cache_dir,
+        )
         config = pipeline_config(settings)
         store = store_from_settings(settings) if record else None
         db = connect(settings.database_url) if record else None
@@ -62,3 +70,13 @@ class LocalRunner:
             for a in artifacts:
                 (Path(out_folder) / a.name).write_bytes(a.data)
         return result
+
+
+def registry_checkpoint(settings: Settings) -> Path | None:
+    """The registry's promoted checkpoint, fetched and verified (None: nothing promoted, the shipped model)."""
+    from blastq.core.registry import fetch_checkpoint, promoted
+
+    model = promoted(connect(settings.database_url))
+    if model is None:
+        return None
+    return fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "models")

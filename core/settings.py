@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from blastq.core.pipeline import PipelineConfig
 
 
+REGISTRY_MODEL = "registry"
+
+
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "blastq"
@@ -36,8 +39,11 @@ class Settings:
         ""  # S3-compatible server (MinIO, Ceph...); empty: AWS. Credentials: AWS_* variables
     )
     s3_region: str = ""
-    model: str = ""  # checkpoint path; default: the model shipped in the package
-    engine: str = "auto"
+    # A checkpoint path; default: the model shipped in the package. REGISTRY_MODEL ("registry"): the
+    # registry's promoted version, followed by the workers between slides (the shipped one if none).
+    model: str = ""
+    engine: str = "auto"  # auto: TensorRT on CUDA if installed, else torch fp16; ONNX Runtime on CPU
+    engine_cache_dir: str = ""  # derived engines (ONNX exports, TensorRT builds); default <data_dir>/engines
     device: str = "cpu"
     max_pixels: int = DEFAULT_MAX_PIXELS
     blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
@@ -65,6 +71,8 @@ class Settings:
             object.__setattr__(self, "broker_url", f"sqla+sqlite:///{self.data_dir / 'broker.db'}")
         if not self.store_url:
             object.__setattr__(self, "store_url", f"file://{self.data_dir / 'store'}")
+        if not self.engine_cache_dir:
+            object.__setattr__(self, "engine_cache_dir", str(self.data_dir / "engines"))
         if self.max_pixels < 1:
             raise InvalidConfig(f"max_pixels must be positive, got {self.max_pixels}")
         if not 0 < self.blast_threshold_percent <= 100:

@@ -15,13 +15,20 @@ PLASMA = 245  # preprocessed background level; padding looks like plasma, as in 
 
 
 def random_patch(sample: Sample, size: int, rng: np.random.Generator, scale_range=(0.8, 1.25)) -> tuple:
-    """One augmented (image, classes, nucleus, marker) patch of size x size from a sample."""
+    """One augmented (image, classes, nucleus, marker) patch of size x size from a sample.
+
+    A sample with a foreground target gets it as a fifth element, moved with the others.
+    """
     img, cls, nuc, mrk = sample.image, sample.classes, sample.nucleus, sample.marker
+    targets = (cls, nuc, mrk) if sample.foreground is None else (cls, nuc, mrk, sample.foreground)
     h, w = cls.shape
     scale = float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
     angle = float(rng.uniform(0, 360))
     # Centre the patch on a random point, biased to white cells so each patch teaches something.
-    fg = np.argwhere((cls == 1) | (cls == 2))
+    cells = (cls == 1) | (cls == 2)
+    if sample.foreground is not None:
+        cells |= sample.foreground == 1  # cells of unknown kind (classes 255) count too
+    fg = np.argwhere(cells)
     if len(fg) and rng.random() < 0.7:
         cy, cx = fg[rng.integers(len(fg))] + rng.normal(0, size / 6, 2)
     else:
@@ -30,9 +37,7 @@ def random_patch(sample: Sample, size: int, rng: np.random.Generator, scale_rang
     m[:, 2] += np.array([size / 2 - cx, size / 2 - cy])
     warp = dict(dsize=(size, size), borderMode=cv2.BORDER_CONSTANT)
     img = cv2.warpAffine(img, m, flags=cv2.INTER_LINEAR, borderValue=(PLASMA,) * 3, **warp)
-    labels = [
-        cv2.warpAffine(t, m, flags=cv2.INTER_NEAREST, borderValue=IGNORE, **warp) for t in (cls, nuc, mrk)
-    ]
+    labels = [cv2.warpAffine(t, m, flags=cv2.INTER_NEAREST, borderValue=IGNORE, **warp) for t in targets]
     if rng.random() < 0.5:
         img = img[:, ::-1]
         labels = [t[:, ::-1] for t in labels]

@@ -1,22 +1,36 @@
 """Training and evaluation data: synthetic smears, the real segmentation_wbc crops, folders of pairs.
 
 Every sample is brought to the model's scale and carries three targets with 255 = ignore:
-classes (0 background, 1 white cell, 2 blast), nucleus (0/1) and marker (0/1, each cell's inner core).
+classes (0 background, 1 white cell, 2 blast), nucleus (0/1) and marker (0/1, each cell's inner core),
+plus, for datasets that mark cells without telling blasts apart, a foreground target (0/1).
+
+Partial labels: a dataset declares which targets it supports and contributes only those losses.
+A target it does not support is 255 wherever the dataset cannot know it (inside its cells; background
+is still known to hold no cell, nucleus or marker). A cell whose kind is unknown ("white cell or
+blast") gets classes 255 and foreground 1, so it teaches "a cell is here", never "not a blast"
+(`losses.segmentation_loss`). Synthetic fields and segmentation_wbc support every target: their
+class labels are true labels (segmentation_wbc's cells are normal white cells, class 1).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.errors import InvalidDataset
+from blastq.core.errors import BlastqError, InvalidDataset
 from blastq.core.preprocess import PreprocessConfig, preprocess, resample, resample_labels
+from blastq.core.slide import image_size
 from blastq.core.synth import generate_field, read_field_masks
+from blastq.core.unet import CLASS_NAMES
 
 IGNORE = 255
 
@@ -35,6 +49,9 @@ class Sample:
     nucleus: np.ndarray  # HW uint8 {0,1,255}
     marker: np.ndarray  # HW uint8 {0,1,255}
     source: str
+    # HW uint8 {0,1,255}: is there a cell (white cell or blast)? Read only where classes is 255; None
+    # for datasets whose classes are known wherever anything is (synthetic, segmentation_wbc).
+    foreground: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -170,3 +187,277 @@ def synth_folder_items(folder: Path) -> list[Path]:
 
 def load_synth_truth(image_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return read_field_masks(image_path)
+
+
+# --- folders of image/mask pairs with a label map ----------------------------------------------------
+
+LABELMAP_NAMES = ("labelmap.json", "labelmap.toml")
+PAIR_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Targets a pairs folder may declare in "labels". classes is always there (the mask says where cells
+# are); marker only for masks whose cells never touch, since cells are told apart by connectivity.
+PAIR_TARGETS = ("classes", "nucleus", "marker")
+_LABELMAP_KEYS = {"mask_suffix", "classes", "nucleus", "ignore", "mpp", "labels", "blast_unknown"}
+_CLASS_INDEX = {name: i for i, name in enumerate(CLASS_NAMES)}
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """What each mask value of a pairs folder means, read from its labelmap.json / labelmap.toml."""
+
+    path: Path
+    mpp: float
+    classes: tuple[tuple[int, int], ...]  # (mask value, class index in CLASS_NAMES)
+    nucleus: tuple[tuple[int, int], ...] = ()  # (mask value, class index of the cell it is the nucleus of)
+    ignore: frozenset[int] = frozenset()
+    labels: frozenset[str] = frozenset({"classes"})
+    blast_unknown: bool = False  # white_cell means "white cell or blast": no "not blast" is taught
+    mask_suffix: str = "_mask.png"
+
+    @property
+    def values(self) -> frozenset[int]:
+        """Every mask value the map explains."""
+        return frozenset(v for v, _ in self.classes + self.nucleus) | self.ignore
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """One image/mask pair of a folder with a label map."""
+
+    image_path: Path
+    mask_path: Path
+    labelmap: LabelMap
+
+    @property
+    def name(self) -> str:
+        """The image's file name: the pair's id within its folder, and what its split hashes."""
+        return self.image_path.name
+
+    @property
+    def source(self) -> str:
+        return f"pairs:{self.image_path.parent.name}"
+
+
+def name_split(name: str) -> str:
+    """The fixed split of a pairs folder by a stable hash of the file name (trainer/SPLIT.md)."""
+    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    if h % 5 == 0:
+        return "test"
+    if h % 10 == 1:
+        return "val"
+    return "train"
+
+
+def read_labelmap(folder: Path) -> LabelMap:
+    """The label map of a pairs folder, checked: every name known, no value with two meanings."""
+    folder = Path(folder)
+    found = [folder / n for n in LABELMAP_NAMES if (folder / n).is_file()]
+    if not found:
+        raise InvalidDataset(f"no {' or '.join(LABELMAP_NAMES)} in {folder}")
+    if len(found) > 1:
+        raise InvalidDataset(f"both {found[0].name} and {found[1].name} in {folder}: keep one")
+    path = found[0]
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, TOMLDecodeError
+        raise InvalidDataset(f"{path}: not a readable label map ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise InvalidDataset(f"{path}: a label map is an object with a 'classes' table")
+    unknown = sorted(set(raw) - _LABELMAP_KEYS)
+    if unknown:
+        raise InvalidDataset(f"{path}: unknown key(s) {unknown}; known: {sorted(_LABELMAP_KEYS)}")
+
+    def value(key: Any, what: str) -> int:
+        # JSON object keys are strings ("128"), list entries numbers; 1.5 or "1e2" is a mistake.
+        if isinstance(key, int) and not isinstance(key, bool):
+            v = key
+        elif isinstance(key, str) and re.fullmatch(r"\s*[0-9]+\s*", key):
+            v = int(key)
+        else:
+            v = -1
+        if not 0 <= v <= 65535:
+            raise InvalidDataset(f"{path}: {what} {key!r} is not a mask value (an integer 0..65535)")
+        return v
+
+    def class_index(name: Any, where: str, allowed=CLASS_NAMES) -> int:
+        if name not in allowed:
+            raise InvalidDataset(f"{path}: unknown class {name!r} in {where}; known: {', '.join(allowed)}")
+        return _CLASS_INDEX[name]
+
+    classes_raw = raw.get("classes")
+    if not isinstance(classes_raw, dict) or not classes_raw:
+        raise InvalidDataset(
+            f'{path}: \'classes\' must map mask values to class names, e.g. {{"0": "background"}}'
+        )
+    classes = tuple(
+        sorted((value(k, "class key"), class_index(n, "classes")) for k, n in classes_raw.items())
+    )
+    nucleus_raw = raw.get("nucleus", [])
+    cells = CLASS_NAMES[1:]
+    if isinstance(nucleus_raw, list):
+        nucleus = tuple(sorted((value(v, "nucleus value"), _CLASS_INDEX["white_cell"]) for v in nucleus_raw))
+    elif isinstance(nucleus_raw, dict):
+        nucleus = tuple(
+            sorted(
+                (value(k, "nucleus key"), class_index(n, "nucleus", cells)) for k, n in nucleus_raw.items()
+            )
+        )
+    else:
+        raise InvalidDataset(f"{path}: 'nucleus' must be a list of mask values or map values to {cells}")
+    ignore_raw = raw.get("ignore", [])
+    if not isinstance(ignore_raw, list):
+        raise InvalidDataset(f"{path}: 'ignore' must be a list of mask values")
+    ignore = [value(v, "ignore value") for v in ignore_raw]
+    seen: dict[int, str] = {}
+    for what, vals in (
+        ("classes", [v for v, _ in classes]),
+        ("nucleus", [v for v, _ in nucleus]),
+        ("ignore", ignore),
+    ):
+        for v in vals:
+            if v in seen:
+                raise InvalidDataset(f"{path}: mask value {v} is listed twice ({seen[v]} and {what})")
+            seen[v] = what
+
+    mpp = raw.get("mpp")
+    if isinstance(mpp, bool) or not isinstance(mpp, int | float) or not 0.01 <= mpp <= 10.0:
+        raise InvalidDataset(
+            f"{path}: 'mpp' (microns per pixel of the images, 0.01..10) is required, got {mpp!r}"
+        )
+    labels_raw = raw.get("labels", ["classes", "nucleus"] if nucleus else ["classes"])
+    if not isinstance(labels_raw, list) or not all(isinstance(x, str) for x in labels_raw):
+        raise InvalidDataset(f"{path}: 'labels' must be a list of target names from {list(PAIR_TARGETS)}")
+    bad = sorted(set(labels_raw) - set(PAIR_TARGETS))
+    if bad:
+        raise InvalidDataset(f"{path}: unknown target(s) {bad} in 'labels'; known: {list(PAIR_TARGETS)}")
+    if "classes" not in labels_raw:
+        raise InvalidDataset(f"{path}: 'labels' must include 'classes' (the masks say where cells are)")
+    if "nucleus" in labels_raw and not nucleus:
+        raise InvalidDataset(f"{path}: 'labels' includes 'nucleus' but no mask value is listed as nucleus")
+    blast_unknown = raw.get("blast_unknown", False)
+    if not isinstance(blast_unknown, bool):
+        raise InvalidDataset(f"{path}: 'blast_unknown' must be true or false, got {blast_unknown!r}")
+    suffix = raw.get("mask_suffix", "_mask.png")
+    if not isinstance(suffix, str) or not suffix.lower().endswith(PAIR_IMAGE_SUFFIXES):
+        raise InvalidDataset(f"{path}: 'mask_suffix' must end with an image extension, got {suffix!r}")
+    return LabelMap(
+        path=path,
+        mpp=float(mpp),
+        classes=classes,
+        nucleus=nucleus,
+        ignore=frozenset(ignore),
+        labels=frozenset(labels_raw),
+        blast_unknown=blast_unknown,
+        mask_suffix=suffix,
+    )
+
+
+def read_pair_mask(path: Path, labelmap: LabelMap) -> np.ndarray:
+    """A pairs mask as HW integers, every value checked against the label map."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.dtype not in (np.uint8, np.uint16):
+        raise InvalidDataset(f"cannot read mask (8- or 16-bit image expected): {path}")
+    if raw.ndim == 3:
+        # A grey mask saved as RGB is fine; real colours would need a colour map, which this is not.
+        if not (raw[..., :3] == raw[..., :1]).all():
+            raise InvalidDataset(f"mask is a colour image; label maps need one value per pixel: {path}")
+        raw = raw[..., 0]
+    stray = np.setdiff1d(np.unique(raw), np.fromiter(labelmap.values, np.int64, len(labelmap.values)))
+    if stray.size:
+        shown = ", ".join(str(int(v)) for v in stray[:5]) + (" ..." if stray.size > 5 else "")
+        raise InvalidDataset(
+            f"mask value(s) {shown} in {path} not in {labelmap.path.name} (classes, nucleus or ignore)"
+        )
+    return raw
+
+
+def pairs_items(folder: Path, split: str | None = None) -> list[PairItem]:
+    """The checked image/mask pairs of a folder with a label map, optionally one split only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidDataset(f"not a folder: {folder}")
+    labelmap = read_labelmap(folder)
+    suffix = labelmap.mask_suffix.lower()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PAIR_IMAGE_SUFFIXES)
+    masks = {p.name for p in files if p.name.lower().endswith(suffix)}
+    orphans = set(masks)
+    items = []
+    for image in files:
+        if image.name in masks:
+            continue
+        mask = image.with_name(image.stem + labelmap.mask_suffix)
+        if mask.name not in masks:
+            raise InvalidDataset(f"no mask for {image}: expected {mask.name}")
+        orphans.discard(mask.name)
+        items.append(PairItem(image, mask, labelmap))
+    if orphans:
+        raise InvalidDataset(f"mask(s) without an image in {folder}: {', '.join(sorted(orphans))}")
+    if not items:
+        raise InvalidDataset(f"no image/mask pairs (NAME.ext + NAME{labelmap.mask_suffix}) in {folder}")
+    for item in items:
+        mask = read_pair_mask(item.mask_path, labelmap)
+        try:
+            width, height = image_size(item.image_path.read_bytes(), str(item.image_path))
+        except BlastqError as exc:
+            raise InvalidDataset(f"cannot read image: {item.image_path} ({exc})") from exc
+        if mask.shape != (height, width):
+            raise InvalidDataset(
+                f"mask {item.mask_path.name} is {mask.shape[1]}x{mask.shape[0]} px but "
+                f"{item.image_path.name} is {width}x{height}"
+            )
+    return [it for it in items if split is None or name_split(it.name) == split]
+
+
+def pair_targets(mask: np.ndarray, labelmap: LabelMap) -> tuple[np.ndarray, ...]:
+    """(classes, nucleus, marker, foreground or None) of a checked mask, by the partial-label rule."""
+    size = 1 << (8 * mask.dtype.itemsize)
+    class_of = np.full(size, IGNORE, np.uint8)
+    for v, c in labelmap.classes + labelmap.nucleus:
+        class_of[v] = c
+    is_nucleus = np.zeros(size, bool)
+    is_nucleus[[v for v, _ in labelmap.nucleus]] = True
+    classes = class_of[mask]
+    ignored = classes == IGNORE  # only ignore values are unmapped: read_pair_mask checked the rest
+    cell = (classes == 1) | (classes == 2)
+    unsupported = np.where(cell | ignored, IGNORE, 0).astype(np.uint8)  # background is still known
+    foreground = None
+    if labelmap.blast_unknown:
+        foreground = np.where(ignored, IGNORE, cell).astype(np.uint8)
+        classes[classes == 1] = IGNORE
+    if "nucleus" in labelmap.labels:
+        nucleus = np.where(ignored, IGNORE, is_nucleus[mask]).astype(np.uint8)
+    else:
+        nucleus = unsupported
+    if "marker" in labelmap.labels:
+        instances, _ = ndi.label(cell)
+        marker = marker_from_instances(instances.astype(np.int32))
+        marker[ignored] = IGNORE
+    else:
+        marker = unsupported.copy()
+    return classes, nucleus, marker, foreground
+
+
+def pairs_sample(item: PairItem, model_mpp: float, config: PreprocessConfig) -> Sample:
+    """An image/mask pair at the model's scale, targets by its label map (partial labels as 255)."""
+    lm = item.labelmap
+    rgb = read_rgb(item.image_path)
+    mask = read_pair_mask(item.mask_path, lm)
+    if mask.shape != rgb.shape[:2]:
+        raise InvalidDataset(f"mask {item.mask_path} and image {item.image_path} differ in size")
+    rgb = resample(rgb, lm.mpp, model_mpp)
+    mask = resample_labels(mask, lm.mpp, model_mpp)
+    if mask.shape != rgb.shape[:2]:
+        mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    classes, nucleus, marker, foreground = pair_targets(mask, lm)
+    return Sample(
+        image=preprocess(rgb, model_mpp, config),
+        classes=classes,
+        nucleus=nucleus,
+        marker=marker,
+        source=item.source,
+        foreground=foreground,
+    )

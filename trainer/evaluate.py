@@ -1,14 +1,17 @@
 """Evaluating a model through the full pipeline, on images it never trained on.
 
 Two kinds of truth: segmentation_wbc crops (whole white cell and nucleus; no blasts) and synthetic
-fields (classes, nuclei and instances, blasts included).
+fields (classes, nuclei and instances, blasts included). Each image can also be offered to a
+CaseKeeper, which keeps the k best and k worst images (by Dice) for the report's examples grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import heapq
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 
 from blastq.core.engines import Engine
@@ -17,7 +20,7 @@ from blastq.core.pipeline import PipelineConfig, process_slide
 from blastq.core.slide import Slide
 from blastq.core.synth import generate_field
 from blastq.core.unet import CLASS_NAMES, ModelInfo
-from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask
+from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask, wbc_split
 from blastq.trainer.train import SYNTH_TEST_SEED0
 
 Tick = Callable[[int], None]
@@ -37,6 +40,7 @@ class WbcEvaluation:
     pixel_accuracy: float  # background / cytoplasm / nucleus, all pixels of all images
     cell: PixelCounts  # summed over images: precision, recall, F1
     nucleus: PixelCounts
+    pixels: int = 0  # all pixels of all images: the weight of pixel_accuracy when combining
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,93 @@ class SynthEvaluation:
     report: object  # the full SegmentationReport
 
 
+# Label names of the examples' maps; the report colours each by name.
+WBC_CASE_LABELS = ("background", "cytoplasm", "nucleus", "unscored cell")
+CASE_PX = 320  # larger images are cropped to a CASE_PX square window for the examples grid
+
+
+@dataclass(frozen=True, eq=False)
+class ImageCase:
+    """One evaluated image, small enough to keep: what the examples grid shows of it."""
+
+    name: str
+    dice: float  # of the class the evaluation ranks by (metric says which)
+    metric: str  # "cell Dice" (segmentation_wbc) or "blast Dice" (synthetic)
+    image: np.ndarray  # HWC uint8 RGB
+    truth: np.ndarray  # HW uint8, index into label_names
+    pred: np.ndarray  # HW uint8, index into label_names
+    label_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExampleCases:
+    """The best and the worst images of one evaluation, best first and worst first."""
+
+    title: str
+    best: tuple[ImageCase, ...]
+    worst: tuple[ImageCase, ...]
+    images: int  # images seen
+
+
+class CaseKeeper:
+    """Keeps the k best and the k worst images by Dice in two bounded heaps: O(k) memory, any count.
+
+    Ranking is one total order, (Dice descending, arrival order), so the best k and the worst k
+    never share an image once 2k images were seen; with fewer, the images are split between the two.
+    """
+
+    def __init__(self, k: int = 4, title: str = "") -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.title, self.seen = k, title, 0
+        # Each heap's root is the image it would drop next: the weakest of the best, the least bad of the worst.
+        self._best: list[tuple[float, int, ImageCase]] = []  # (dice, -seq)
+        self._worst: list[tuple[float, int, ImageCase]] = []  # (-dice, seq)
+
+    def __len__(self) -> int:
+        """Images held (at most 2k)."""
+        return len({id(c) for *_, c in self._best + self._worst})
+
+    def add(self, case: ImageCase) -> None:
+        seq, self.seen = self.seen, self.seen + 1
+        for heap, key in ((self._best, (case.dice, -seq)), (self._worst, (-case.dice, seq))):
+            if len(heap) < self.k:
+                heapq.heappush(heap, (*key, case))
+            elif key > heap[0][:2]:
+                heapq.heapreplace(heap, (*key, case))
+
+    def result(self) -> ExampleCases:
+        held = {-neg_seq: c for _, neg_seq, c in self._best} | {seq: c for _, seq, c in self._worst}
+        ranked = [held[s] for s in sorted(held, key=lambda s: (-held[s].dice, s))]
+        n_best, n_worst = min(self.k, (self.seen + 1) // 2), min(self.k, self.seen // 2)
+        worst = ranked[len(ranked) - n_worst :][::-1] if n_worst else []
+        return ExampleCases(self.title, tuple(ranked[:n_best]), tuple(worst), self.seen)
+
+
+def pick_cases(cases: Iterable[ImageCase], k: int = 4, title: str = "") -> ExampleCases:
+    """The k best and k worst of `cases` by Dice (see CaseKeeper)."""
+    keeper = CaseKeeper(k, title)
+    for case in cases:
+        keeper.add(case)
+    return keeper.result()
+
+
+def case_view(
+    rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray, focus: np.ndarray, size_px: int = CASE_PX
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of the three maps, cropped (if larger) to the size_px window holding most `focus` pixels."""
+    h, w = truth.shape
+    if h <= size_px and w <= size_px:
+        return rgb.copy(), truth.copy(), pred.copy()
+    wh, ww = min(h, size_px), min(w, size_px)
+    # Sum of focus over every window position, from the integral image: argmax is the window to show.
+    integral = cv2.integral(focus.astype(np.uint8), sdepth=cv2.CV_64F)
+    sums = integral[wh:, ww:] - integral[:-wh, ww:] - integral[wh:, :-ww] + integral[:-wh, :-ww]
+    y0, x0 = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    window = (slice(y0, y0 + wh), slice(x0, x0 + ww))
+    return rgb[window].copy(), truth[window].copy(), pred[window].copy()
+
+
 def _slide(rgb: np.ndarray, mpp: float, name: str) -> Slide:
     return Slide(rgb=rgb, mpp=mpp, mpp_source="user", name=name, sha256="")
 
@@ -62,8 +153,12 @@ def evaluate_wbc(
     items: Sequence[WbcItem],
     config: PipelineConfig = PipelineConfig(),
     tick: Tick | None = None,
+    cases: CaseKeeper | None = None,
 ) -> list[WbcEvaluation]:
-    """Per-dataset figures for segmentation_wbc crops; a predicted blast counts as white cell here."""
+    """Per-dataset figures for segmentation_wbc crops; a predicted blast counts as white cell here.
+
+    With `cases`, every crop is offered to it, ranked by its whole-cell Dice.
+    """
     per: dict[str, list] = {}
     for item in items:
         rgb, truth = read_rgb(item.image_path), read_wbc_mask(item.mask_path)
@@ -75,9 +170,24 @@ def evaluate_wbc(
         cell_pred = np.isin(instances, touching)
         nuc_pred = result.maps.nuclei & cell_pred
         pred3 = np.where(nuc_pred, 2, np.where(cell_pred, 1, 0))
+        cell_counts = pixel_counts(cell_pred, truth >= 1)
+        if cases is not None:
+            shown = np.where(pred3 == 0, np.where(instances > 0, 3, 0), pred3).astype(np.uint8)
+            image, truth_v, pred_v = case_view(rgb, truth, shown, (truth >= 1) | cell_pred)
+            cases.add(
+                ImageCase(
+                    f"{item.dataset}/{item.image_path.name} ({wbc_split(item.number)})",
+                    cell_counts.dice,
+                    "cell Dice",
+                    image,
+                    truth_v,
+                    pred_v,
+                    WBC_CASE_LABELS,
+                )
+            )
         per.setdefault(item.dataset, []).append(
             (
-                pixel_counts(cell_pred, truth >= 1),
+                cell_counts,
                 pixel_counts(nuc_pred, truth == 2),
                 int((pred3 == truth).sum()),
                 truth.size,
@@ -101,6 +211,48 @@ def evaluate_wbc(
                 pixel_accuracy=sum(r[2] for r in rows) / sum(r[3] for r in rows),
                 cell=sum(cells, PixelCounts(0, 0, 0, 0)),
                 nucleus=sum(nucs, PixelCounts(0, 0, 0, 0)),
+                pixels=sum(r[3] for r in rows),
+            )
+        )
+    return out
+
+
+def combine_wbc(evaluations: Iterable[WbcEvaluation]) -> list[WbcEvaluation]:
+    """Per-dataset figures of several evaluations (e.g. the train, val and test splits) taken together.
+
+    The same figures as one evaluation over all their images: per-image means weighted by image count,
+    pixel accuracy by pixel count, confusion counts summed.
+    """
+    per: dict[str, list[WbcEvaluation]] = {}
+    for e in evaluations:
+        per.setdefault(e.dataset, []).append(e)
+    out = []
+    for ds, group in sorted(per.items()):
+        images = sum(e.images for e in group)
+        pixels = sum(e.pixels for e in group)
+        if pixels == 0 and len(group) > 1:
+            raise ValueError(f"cannot combine {ds} evaluations that do not record their pixel count")
+
+        def mean(name: str, group=group, images=images) -> float:
+            return sum(getattr(e, name) * e.images for e in group) / images
+
+        out.append(
+            replace(
+                group[0],
+                images=images,
+                cell_dice=mean("cell_dice"),
+                cell_dice_all_pixels=mean("cell_dice_all_pixels"),
+                cell_iou=mean("cell_iou"),
+                nucleus_dice=mean("nucleus_dice"),
+                nucleus_iou=mean("nucleus_iou"),
+                pixel_accuracy=(
+                    sum(e.pixel_accuracy * e.pixels for e in group) / pixels
+                    if pixels
+                    else group[0].pixel_accuracy
+                ),
+                cell=sum((e.cell for e in group), PixelCounts(0, 0, 0, 0)),
+                nucleus=sum((e.nucleus for e in group), PixelCounts(0, 0, 0, 0)),
+                pixels=pixels,
             )
         )
     return out
@@ -117,19 +269,32 @@ def synthetic_test_fields(count: int, size_px: int = 512, mpp: float = 0.2, blas
 def evaluate_synthetic(
     engine: Engine,
     info: ModelInfo,
-    fields: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    fields: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
     config: PipelineConfig = PipelineConfig(),
     tick: Tick | None = None,
+    cases: CaseKeeper | None = None,
+    names: Sequence[str] | None = None,
 ) -> SynthEvaluation:
-    """Figures on (rgb, classes, instances, mpp) tuples with full truth."""
+    """Figures on (rgb, classes, instances, mpp) tuples with full truth; any iterable, read once.
+
+    With `cases`, every field is offered to it, ranked by its blast Dice; `names` name the fields.
+    """
     report = None
     blast_obj = cell_obj = ObjectCounts(0, 0, 0, 0.0)
     errors = []
     for i, (rgb, classes, instances, mpp) in enumerate(fields):
-        result = process_slide(_slide(rgb, mpp, f"field{i}"), engine, info, config)
+        name = names[i] if names is not None else f"field{i}"
+        result = process_slide(_slide(rgb, mpp, name), engine, info, config)
         maps = result.maps
         r = segmentation_report(maps.classes, classes, CLASS_NAMES)
         report = r if report is None else report + r
+        if cases is not None:
+            true_blast, pred_blast = classes == 2, maps.classes == 2
+            # The window shows blast errors first, then blasts: the worst fields show what went wrong.
+            focus = 4 * (true_blast ^ pred_blast) + (true_blast | pred_blast)
+            image, truth_v, pred_v = case_view(rgb, classes, maps.classes, focus)
+            blast_dice = r.by_name("blast").dice
+            cases.add(ImageCase(name, blast_dice, "blast Dice", image, truth_v, pred_v, CLASS_NAMES))
         blast_obj += match_instances(
             np.where(maps.classes == 2, maps.instances, 0), np.where(classes == 2, instances, 0)
         )
@@ -144,7 +309,7 @@ def evaluate_synthetic(
         raise ValueError("no fields to evaluate")
     blast = report.by_name("blast")
     return SynthEvaluation(
-        fields=len(fields),
+        fields=len(errors),
         blast_dice=blast.dice,
         blast_iou=blast.iou,
         white_cell_dice=report.by_name("white_cell").dice,

@@ -1,21 +1,43 @@
-"""The training loop: fixed seeds, a pool of samples, early stopping on validation loss."""
+"""The training loop: fixed seeds, a pool of samples, early stopping on validation loss.
+
+Every run writes `<checkpoint>.run.json` beside its checkpoint: the full TrainConfig, the data split
+(item ids per part, with digests), versions and timing. `retrain(run_json, out)` repeats the run
+from that record and refuses if the data no longer gives the recorded split.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from blastq.core.errors import InvalidConfig
+from blastq.core.errors import InvalidConfig, InvalidDataset
 from blastq.core.preprocess import PreprocessConfig
 from blastq.core.unet import ModelInfo, UNet, save_checkpoint, to_model_input
 from blastq.trainer.augment import random_patch
-from blastq.trainer.datasets import Sample, segmentation_wbc_items, synth_sample, wbc_sample
+from blastq.trainer.datasets import (
+    IGNORE,
+    Sample,
+    name_split,
+    pairs_items,
+    pairs_sample,
+    read_labelmap,
+    segmentation_wbc_items,
+    synth_sample,
+    wbc_sample,
+    wbc_split,
+)
 from blastq.trainer.losses import segmentation_loss
 
 # Seeds of synthetic fields: training draws from [0, 1e6), validation from [1e6, 2e6), the fixed
@@ -23,6 +45,8 @@ from blastq.trainer.losses import segmentation_loss
 SYNTH_TRAIN_SEED0 = 0
 SYNTH_VAL_SEED0 = 1_000_000
 SYNTH_TEST_SEED0 = 9_000_000
+RUN_FORMAT = "blastq-run/1"
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -30,6 +54,7 @@ class TrainConfig:
     out: Path
     version: str = "unet-dev"
     wbc_root: Path | None = None  # segmentation_wbc folder; None trains on synthetic data only
+    pairs_dirs: tuple[Path, ...] = ()  # folders of image/mask pairs, each with a labelmap.json
     synth_train: int = 300  # synthetic fields in the training pool
     synth_val: int = 24
     synth_size_px: int = 320
@@ -47,10 +72,48 @@ class TrainConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs_dirs", tuple(Path(p) for p in self.pairs_dirs))
         if self.patch_px % 2 ** (self.depth - 1):
             raise InvalidConfig(f"patch_px={self.patch_px} must be a multiple of {2 ** (self.depth - 1)}")
-        if self.synth_train < 1 and self.wbc_root is None:
-            raise InvalidConfig("nothing to train on: give synthetic fields or a segmentation_wbc folder")
+        if self.synth_train < 1 and self.wbc_root is None and not self.pairs_dirs:
+            raise InvalidConfig(
+                "nothing to train on: give synthetic fields, a segmentation_wbc folder or pairs folders"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as JSON values, paths as absolute strings."""
+        data = asdict(self)
+        data["out"] = str(Path(self.out).absolute())
+        data["wbc_root"] = None if self.wbc_root is None else str(Path(self.wbc_root).absolute())
+        data["pairs_dirs"] = [str(Path(p).absolute()) for p in self.pairs_dirs]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+        """A config from `to_dict`'s form (missing settings take their defaults); overrides win."""
+        if not isinstance(data, Mapping):
+            raise InvalidConfig(f"a training config is a JSON object, got {type(data).__name__}")
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        merged = {**data, **overrides}
+        unknown = sorted(set(merged) - set(kinds))
+        if unknown:
+            raise InvalidConfig(f"unknown training setting(s) {unknown}; known: {sorted(kinds)}")
+        if "out" not in merged:
+            raise InvalidConfig("a training config needs 'out' (the checkpoint to write)")
+        return cls(**{name: _coerce(name, kinds[name], value) for name, value in merged.items()})
+
+    @classmethod
+    def from_json(cls, path: Path, **overrides: Any) -> TrainConfig:
+        """Read a config file: a `to_dict` object, or a run record (its recorded config)."""
+        data = _read_json(Path(path), "training config")
+        if isinstance(data, dict) and data.get("format") == RUN_FORMAT:
+            data = data.get("config")
+        return cls.from_dict(data, **overrides)
+
+    @classmethod
+    def from_run(cls, run: Path | Mapping[str, Any], **overrides: Any) -> TrainConfig:
+        """The config a run record (`<checkpoint>.run.json`, or its parsed dict) was trained with."""
+        return cls.from_dict(read_run_record(run)["config"], **overrides)
 
 
 @dataclass(frozen=True)
@@ -67,6 +130,147 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     history: tuple[EpochLog, ...]
+    run_record: Path | None = None
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """A JSON value as the type of TrainConfig field `name` (annotation `kind`), or InvalidConfig."""
+
+    def bad(expected: str) -> InvalidConfig:
+        return InvalidConfig(f"training setting {name}={value!r}: expected {expected}")
+
+    if value is None and "None" in kind:
+        return None
+    if kind in ("Path", "Path | None"):
+        if not isinstance(value, str | Path):
+            raise bad("a path")
+        return Path(value)
+    if kind == "tuple[Path, ...]":
+        if isinstance(value, str | Path) or not all(isinstance(v, str | Path) for v in value):
+            raise bad("a list of paths")
+        return tuple(Path(v) for v in value)
+    if kind == "PreprocessConfig":
+        if isinstance(value, PreprocessConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise bad("an object of preprocessing settings")
+        try:
+            return PreprocessConfig(**value)
+        except TypeError as exc:
+            raise bad(f"preprocessing settings ({exc})") from exc
+    if isinstance(value, bool):
+        raise bad(kind)
+    if kind == "int" and isinstance(value, int):
+        return value
+    if kind == "float" and isinstance(value, int | float):
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    raise bad(kind)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidConfig(f"cannot read {what} {path}: {exc}") from exc
+
+
+def _id_list(ids: list[str]) -> dict[str, Any]:
+    return {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "ids": ids}
+
+
+def split_manifest(cfg: TrainConfig) -> dict[str, Any]:
+    """Which data is train, val and test for this config (trainer/SPLIT.md), with a digest of it all.
+
+    Lists file ids (never pixels); the digest leaves out where the folders are, so the same data
+    moved elsewhere has the same split.
+    """
+    s0 = SYNTH_TRAIN_SEED0 + cfg.seed * 10_000
+    v0 = SYNTH_VAL_SEED0 + cfg.seed * 10_000
+    parts: dict[str, Any] = {
+        "rule": "trainer/SPLIT.md",
+        "synthetic": {
+            "size_px": cfg.synth_size_px,
+            "mpp": cfg.model_mpp,
+            "train": {"first_seed": s0, "count": cfg.synth_train},
+            "val": {"first_seed": v0, "count": cfg.synth_val},
+            "test": {"first_seed": SYNTH_TEST_SEED0, "count": None},  # evaluation's set, not loaded here
+        },
+    }
+    if cfg.wbc_root is not None:
+        items = segmentation_wbc_items(cfg.wbc_root)
+        parts["segmentation_wbc"] = {
+            sp: _id_list([f"{it.dataset}/{it.image_path.name}" for it in items if wbc_split(it.number) == sp])
+            for sp in SPLITS
+        }
+    if cfg.pairs_dirs:
+        parts["pairs"] = []
+        for folder in cfg.pairs_dirs:
+            names = [it.name for it in pairs_items(folder)]
+            entry: dict[str, Any] = {
+                "folder": Path(folder).name,
+                "labelmap_sha256": read_labelmap(folder).sha256,
+            }
+            entry.update({sp: _id_list([n for n in names if name_split(n) == sp]) for sp in SPLITS})
+            parts["pairs"].append(entry)
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {"sha256": digest, **parts}
+
+
+def run_record_path(checkpoint: Path) -> Path:
+    """Where train() writes the run record of a checkpoint: NAME.pt -> NAME.run.json."""
+    return Path(checkpoint).with_suffix(".run.json")
+
+
+def read_run_record(run: Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A run record, checked to be one (from its path or already parsed)."""
+    data = dict(run) if isinstance(run, Mapping) else _read_json(Path(run), "run record")
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT or "config" not in data:
+        raise InvalidConfig(
+            f"not a blastq run record (format {RUN_FORMAT}): {run if not isinstance(run, Mapping) else 'dict'}"
+        )
+    return data
+
+
+def _code_versions() -> dict[str, str]:
+    try:
+        blastq = package_version("blastq")
+    except PackageNotFoundError:
+        blastq = "unknown"
+    return {
+        "blastq": blastq,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def _trained_on(cfg: TrainConfig, split_sha256: str, run_path: Path) -> str:
+    s0 = SYNTH_TRAIN_SEED0 + cfg.seed * 10_000
+    parts = (
+        [f"{cfg.synth_train} synthetic fields (seeds {s0}..{s0 + cfg.synth_train - 1})"]
+        if cfg.synth_train
+        else []
+    )
+    if cfg.wbc_root is not None:
+        parts.append("segmentation_wbc train split")
+    parts += [f"pairs folder {Path(d).name} train split" for d in cfg.pairs_dirs]
+    return (
+        f"{' + '.join(parts)}; split sha256 {split_sha256[:16]}, seed {cfg.seed}, run record {run_path.name}"
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def _pool(cfg: TrainConfig, split: str, progress: Callable[[str], None]) -> list[Sample]:
@@ -81,7 +285,11 @@ def _pool(cfg: TrainConfig, split: str, progress: Callable[[str], None]) -> list
             wbc_sample(it, cfg.model_mpp, cfg.preprocess)
             for it in segmentation_wbc_items(cfg.wbc_root, split)
         ]
+    for folder in cfg.pairs_dirs:
+        samples += [pairs_sample(it, cfg.model_mpp, cfg.preprocess) for it in pairs_items(folder, split)]
     progress(f"{split}: {len(samples)} samples")
+    if not samples:
+        raise InvalidDataset(f"no {split} samples: add synthetic fields or data with a {split} split")
     return samples
 
 
@@ -92,6 +300,10 @@ def _batch(samples: list[Sample], indices, size: int, rng: np.random.Generator):
         memory_format=torch.channels_last
     )
     targets = [torch.from_numpy(np.stack([p[k] for p in patches])) for k in (1, 2, 3)]
+    if any(len(p) > 4 for p in patches):
+        # Patches of fully labelled samples need no foreground: their classes say it everywhere.
+        fg = [p[4] if len(p) > 4 else np.full_like(p[1], IGNORE) for p in patches]
+        targets.append(torch.from_numpy(np.stack(fg)))
     return x, targets
 
 
@@ -106,10 +318,24 @@ def _pick(samples: list[Sample], n: int, rng: np.random.Generator) -> np.ndarray
 
 
 def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainResult:
-    """Train a U-Net; the best checkpoint by validation loss is written to cfg.out."""
-    torch.manual_seed(cfg.seed)
+    """Train a U-Net; the best checkpoint by validation loss is written to cfg.out, its run record beside it."""
+    started, t_start = _now(), time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    split = split_manifest(cfg)
+    run_path = run_record_path(cfg.out)
+    record: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "split": split,
+        "code": _code_versions(),
+        "timing": {"started_utc": started, "finished_utc": None, "data_seconds": None, "seconds": None},
+        "result": None,  # filled when training ends; None in the record of a run that was killed
+        "history": [],
+    }
+    _write_json(run_path, record)
+    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     train_pool = _pool(cfg, "train", progress)
     val_pool = _pool(cfg, "val", progress)
@@ -119,28 +345,26 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainRes
         _batch(val_pool, range(i, min(i + cfg.batch_size, len(val_pool))), cfg.patch_px, val_rng)
         for i in range(0, len(val_pool), cfg.batch_size)
     ]
+    record["timing"]["data_seconds"] = round(time.perf_counter() - t_start, 1)
     model = UNet(depth=cfg.depth, width=cfg.width).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * cfg.steps_per_epoch, pct_start=0.1
     )
-    best, best_epoch, stale, history = float("inf"), 0, 0, []
+    best, best_epoch, stale, history, sha256 = float("inf"), 0, 0, [], ""
     info = ModelInfo(
         version=cfg.version,
         mpp=cfg.model_mpp,
         preprocess=asdict(cfg.preprocess),
-        trained_on=(
-            f"{cfg.synth_train} synthetic fields (seeds {SYNTH_TRAIN_SEED0}+)"
-            + (" + segmentation_wbc train split" if cfg.wbc_root else "")
-        ),
+        trained_on=_trained_on(cfg, split["sha256"], run_path),
     )
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         model.train()
         losses = []
         for _ in range(cfg.steps_per_epoch):
-            x, (cls, nuc, mrk) = _batch(train_pool, _pick(train_pool, cfg.batch_size, rng), cfg.patch_px, rng)
-            loss, _ = segmentation_loss(model(x), cls, nuc, mrk)
+            x, targets = _batch(train_pool, _pick(train_pool, cfg.batch_size, rng), cfg.patch_px, rng)
+            loss, _ = segmentation_loss(model(x), *targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -156,7 +380,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainRes
         progress(f"epoch {epoch}: train {log.train_loss:.4f} val {log.val_loss:.4f} ({log.seconds}s)")
         if val < best:
             best, best_epoch, stale = val, epoch, 0
-            save_checkpoint(cfg.out, model, info)
+            sha256 = save_checkpoint(cfg.out, model, info)
         else:
             stale += 1
             if stale >= cfg.patience:
@@ -164,4 +388,47 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainRes
                 break
     history_path = Path(cfg.out).with_suffix(".history.json")
     history_path.write_text(json.dumps([asdict(h) for h in history], indent=1))
-    return TrainResult(Path(cfg.out), best_epoch, round(best, 4), tuple(history))
+    record["history"] = [asdict(h) for h in history]
+    record["result"] = {
+        "checkpoint": Path(cfg.out).name,
+        "checkpoint_sha256": sha256,
+        "best_epoch": best_epoch,
+        "best_val_loss": round(best, 4),
+        "epochs_run": len(history),
+        "stopped_early": len(history) < cfg.max_epochs,
+    }
+    record["timing"].update(finished_utc=_now(), seconds=round(time.perf_counter() - t_start, 1))
+    _write_json(run_path, record)
+    return TrainResult(Path(cfg.out), best_epoch, round(best, 4), tuple(history), run_path)
+
+
+def retrain(run: Path, out: Path, progress: Callable[[str], None] = print, **overrides: Any) -> TrainResult:
+    """Repeat a recorded run into `out` (overrides: e.g. data folders that moved).
+
+    Refuses if the data no longer gives the recorded split, since the run would not be the same.
+    """
+    record = read_run_record(run)
+    cfg = TrainConfig.from_run(record, out=Path(out), **overrides)
+    if Path(out).absolute() == Path(record["config"]["out"]):
+        raise InvalidConfig(f"retrain would overwrite the checkpoint it reproduces: {out}")
+    split = split_manifest(cfg)
+    recorded = record.get("split", {})
+    if split["sha256"] != recorded.get("sha256"):
+        changed = sorted(
+            k
+            for k in split.keys() - {"sha256"} | recorded.keys() - {"sha256"}
+            if split.get(k) != recorded.get(k)
+        )
+        raise InvalidDataset(
+            f"the data no longer gives the split recorded in {run}: {', '.join(changed)} differ"
+        )
+    versions = record.get("code", {})
+    now = _code_versions()
+    differ = [
+        f"{k} {versions.get(k)} -> {now[k]}"
+        for k in ("blastq", "torch", "numpy")
+        if versions.get(k) != now[k]
+    ]
+    if differ:
+        progress(f"note: recorded with other versions ({'; '.join(differ)}); losses may differ slightly")
+    return train(cfg, progress)

@@ -17,7 +17,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 from kombu import Queue
 
-from blastq.core.settings import Settings
+from blastq.core.settings import REGISTRY_MODEL, Settings
 from blastq.worker.resources import WorkerResources
 
 SLIDES_QUEUE = "slides"
@@ -126,9 +126,11 @@ def run_worker(
     # A missing checkpoint stops the worker here, with one line, instead of failing every job. Only
     # its presence: loading it would run torch ops in the parent of the fork, whose thread pools are not
     # fork-safe (a first pool process that hung before its first slide was seen while this loaded it).
-    model = Path(app.settings.model) if app.settings.model else default_model_path()
-    if not model.is_file():
-        raise ModelNotFound(f"model file not found: {model}")
+    # With the registry, the model is fetched per process (and follows promotions): nothing to check.
+    if app.settings.model != REGISTRY_MODEL:
+        model = Path(app.settings.model) if app.settings.model else default_model_path()
+        if not model.is_file():
+            raise ModelNotFound(f"model file not found: {model}")
     worker_process_init.connect(_load_in_child, weak=False, dispatch_uid="blastq-load-resources")
     app.set_current()
     processes = concurrency or app.settings.worker_concurrency

@@ -4,10 +4,16 @@ The engine cache of the worker. Each is built on first use in the process that u
 a forked child (the pid is part of the cache), so nothing that holds sockets, file handles or CUDA state
 is ever shared across a fork. The worker's `worker_process_init` handler calls `load()` right after the
 fork, so the first slide does not pay for the model; the solo pool and eager calls load on first use.
+
+With `BLASTQ_MODEL=registry` the engine follows the registry: before each slide one indexed query asks
+for the promoted version (a millisecond against a slide's seconds, so a promotion reaches the very next
+slide), and when it changed the new checkpoint is fetched, verified by sha256 and loaded in place of the
+old one, between slides and without a restart. With nothing promoted, the shipped model runs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +22,14 @@ from sqlalchemy.engine import Engine as DatabaseEngine
 
 from blastq.core.db import connect
 from blastq.core.engines import Engine, load_engine
+from blastq.core.errors import ModelNotFound
 from blastq.core.pipeline import PipelineConfig
-from blastq.core.settings import Settings, pipeline_config
+from blastq.core.registry import ModelVersion, fetch_checkpoint, promoted
+from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
 from blastq.core.store import ObjectStore, store_from_settings
 from blastq.core.unet import ModelInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class LoadedEngine:
     engine: Engine
     info: ModelInfo
     config: PipelineConfig
+    registry_version: str | None = None  # the registry's version it runs; None: not from the registry
 
 
 class WorkerResources:
@@ -46,14 +57,40 @@ class WorkerResources:
         return value
 
     def engine(self) -> LoadedEngine:
-        """The model on its device, loaded once per process."""
+        """The model on its device: loaded once per process, or the registry's promoted version."""
+        if self.settings.model == REGISTRY_MODEL:
+            return self._registry_engine()
+        return self._get("engine", lambda: self._load(self.settings.model or None))
 
-        def build() -> LoadedEngine:
-            s = self.settings
-            engine, info = load_engine(s.model or None, kind=s.engine, device=s.device)
-            return LoadedEngine(engine, info, pipeline_config(s))
+    def _load(self, model_path, registry_version: str | None = None) -> LoadedEngine:
+        s = self.settings
+        engine, info = load_engine(model_path, kind=s.engine, device=s.device, cache_dir=s.engine_cache_dir)
+        return LoadedEngine(engine, info, pipeline_config(s), registry_version)
 
-        return self._get("engine", build)
+    def _registry_engine(self) -> LoadedEngine:
+        """The promoted version's engine, swapped when the promotion changed since the last slide."""
+        model = promoted(self.db())
+        cached = self._cache.get("engine")
+        if cached is not None and cached[0] == os.getpid() and _runs(cached[1], model):
+            return cached[1]
+        # Drop the old engine before loading the new one: two models at once may not fit a GPU.
+        previous = self._cache.pop("engine", None)
+        before = previous[1].info.version if previous else None
+        del previous, cached
+        if model is None:
+            log.warning("no model is promoted in the registry; using the shipped default model")
+            loaded = self._load(None)
+        else:
+            path = fetch_checkpoint(self.store(), model, self.settings.data_dir / "models")
+            loaded = self._load(path, model.version)
+            if loaded.info.sha256 != model.sha256:  # the cached file changed after it was verified
+                raise ModelNotFound(
+                    f"model {model.version}: checksum mismatch for {path} when loading it "
+                    f"(sha256 {loaded.info.sha256[:12]}, the registry has {model.sha256[:12]})"
+                )
+        self._cache["engine"] = (os.getpid(), loaded)
+        log.info("model %s loaded (was %s)", loaded.info.version, before or "none")
+        return loaded
 
     def store(self) -> ObjectStore:
         s = self.settings
@@ -92,3 +129,10 @@ class WorkerResources:
             if pid == os.getpid() and isinstance(value, DatabaseEngine):
                 value.dispose()
         self._cache.clear()
+
+
+def _runs(loaded: LoadedEngine, model: ModelVersion | None) -> bool:
+    """Whether `loaded` is the engine for the registry's promoted `model` (None: the shipped default)."""
+    if model is None:
+        return loaded.registry_version is None
+    return loaded.registry_version == model.version and loaded.info.sha256 == model.sha256

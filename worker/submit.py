@@ -27,7 +27,8 @@ from blastq.core.db import (
     touch_job,
 )
 from blastq.core.errors import InvalidConfig
-from blastq.core.settings import Settings, pipeline_config
+from blastq.core.registry import promoted
+from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
 from blastq.core.slide import USER_MPP_RANGE
 from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
@@ -101,7 +102,17 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Submitte
 
 def model_identity(settings: Settings) -> tuple[str, str]:
     """(model version, pipeline parameters key) that a worker with these settings gives its results."""
-    _, info = load_checkpoint(Path(settings.model) if settings.model else default_model_path())
+    if settings.model == REGISTRY_MODEL:  # the promoted version now; the shipped model when none is
+        db = connect(settings.database_url)
+        try:
+            model = promoted(db)
+        finally:
+            db.dispose()
+        if model is not None:
+            return model.version, pipeline_config(settings).key()
+    _, info = load_checkpoint(
+        Path(settings.model) if settings.model not in ("", REGISTRY_MODEL) else default_model_path()
+    )
     return info.version, pipeline_config(settings).key()
 
 

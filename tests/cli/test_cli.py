@@ -159,3 +159,20 @@ def test_png_overlay_is_a_viewable_image(cli, smears, tmp_path):
     cli("run", smears / "synth_00040.png", "--out", out, "--mpp", "0.2", "--no-record")
     img = cv2.imread(str(out / "synth_00040" / "overlay.png"))
     assert img is not None and img.shape[:2] == (512, 512) and np.ptp(img) > 0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_writes_a_model_file_that_loads(cli, tmp_path, fmt):
+    from blastq.core.unet import default_model_path
+
+    out = tmp_path / f"model.{fmt}"
+    result = cli("export", default_model_path(), "--format", fmt, "--out", out)
+    assert result.exit_code == 0, result.output
+    if fmt == "onnx":
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(out)))
+    else:
+        import torch
+
+        assert torch.jit.load(str(out))(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
