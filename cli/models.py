@@ -83,8 +83,19 @@ def show(version: str) -> None:
 @click.option(
     "--split-json", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Data split."
 )
+@click.option(
+    "--validate-on",
+    "wbc_root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="segmentation_wbc folder: measure the fixed validation set (its val split + synthetic fields) "
+    "and record validation_score, which promotion compares.",
+)
 def register_command(
-    checkpoint: Path, metrics_json: Path | None, config_json: Path | None, split_json: Path | None
+    checkpoint: Path,
+    metrics_json: Path | None,
+    config_json: Path | None,
+    split_json: Path | None,
+    wbc_root: Path | None,
 ) -> None:
     """Register CHECKPOINT as a candidate under the version it records (its bytes go to the store).
 
@@ -95,12 +106,20 @@ def register_command(
     from blastq.core.store import store_from_settings
 
     settings = load_settings()
+    metrics = _json_file(metrics_json)
+    if wbc_root is not None:
+        from blastq.core.engines import load_engine
+        from blastq.trainer.evaluate import validation_metrics
+
+        engine, info = load_engine(checkpoint, cache_dir=settings.engine_cache_dir)
+        metrics = {**metrics, **validation_metrics(engine, info, wbc_root)}
+        click.echo(f"validation_score {metrics['validation_score']}")
     with _database() as db:
         model = register_model(
             db,
             store_from_settings(settings),
             checkpoint,
-            metrics=_json_file(metrics_json),
+            metrics=metrics,
             config=_json_file(config_json),
             split=_json_file(split_json),
         )

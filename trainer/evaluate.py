@@ -21,7 +21,7 @@ from blastq.core.slide import Slide
 from blastq.core.synth import generate_field
 from blastq.core.unet import CLASS_NAMES, ModelInfo
 from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask, wbc_split
-from blastq.trainer.train import SYNTH_TEST_SEED0
+from blastq.trainer.train import SYNTH_TEST_SEED0, SYNTH_VAL_SEED0
 
 Tick = Callable[[int], None]
 
@@ -319,3 +319,33 @@ def evaluate_synthetic(
         blast_percent_abs_error=float(np.mean(errors)),
         report=report,
     )
+
+
+# The fixed validation set used to compare models before a promotion: the segmentation_wbc val split
+# (trainer/SPLIT.md) and synthetic fields from a part of the validation seed range that no training run
+# draws from (runs use SYNTH_VAL_SEED0 + 10,000 x seed + i for i < synth_val, seeds below 90).
+VALIDATION_SYNTH_SEED0 = SYNTH_VAL_SEED0 + 900_000
+VALIDATION_SYNTH_FIELDS = 8
+
+
+def validation_metrics(
+    engine: Engine, info: ModelInfo, wbc_root, tick: Tick | None = None
+) -> dict[str, float]:
+    """Figures on the fixed validation set; `validation_score` is their mean (higher is better)."""
+    from blastq.trainer.datasets import segmentation_wbc_items
+
+    metrics: dict[str, float] = {}
+    for e in evaluate_wbc(engine, info, segmentation_wbc_items(wbc_root, "val"), tick=tick):
+        metrics[f"{e.dataset}_val_cell_dice"] = round(e.cell_dice, 4)
+        metrics[f"{e.dataset}_val_nucleus_dice"] = round(e.nucleus_dice, 4)
+    fields = (
+        generate_field(VALIDATION_SYNTH_SEED0 + i, 512, 512, mpp=0.2, blast_fraction=0.3)
+        for i in range(VALIDATION_SYNTH_FIELDS)
+    )
+    synth = evaluate_synthetic(
+        engine, info, ((f.image, f.classes, f.instances, f.mpp) for f in fields), tick=tick
+    )
+    metrics["synthetic_val_blast_dice"] = round(synth.blast_dice, 4)
+    metrics["synthetic_val_blast_f1"] = round(synth.blast_objects.f1, 4)
+    metrics["validation_score"] = round(float(np.mean(list(metrics.values()))), 4)
+    return metrics
