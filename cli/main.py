@@ -10,6 +10,7 @@ import click
 
 from blastq.cli.models import register as register_model_commands
 from blastq.cli.service import register as register_service_commands
+from blastq.cli.trainer import register as register_trainer_commands
 from blastq.core.errors import BlastqError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -282,11 +283,17 @@ def evaluate(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Repeat a recorded run (<model>.run.json): same config, seed and split; other options ignored.",
 )
+@click.option(
+    "--submit",
+    is_flag=True,
+    help="Queue the run for the trainer service (`blastq trainer`) instead of training here; prints the run id.",
+)
 def train(
     out: Path,
     wbc_root: Path | None,
     pairs_dirs: tuple[Path, ...],
     from_run: Path | None,
+    submit: bool,
     synth_fields: int,
     epochs: int,
     steps: int,
@@ -304,7 +311,7 @@ def train(
     from blastq.trainer.train import TrainConfig, retrain
     from blastq.trainer.train import train as run_training
 
-    if from_run is not None:
+    if from_run is not None and not submit:
         result = retrain(from_run, out, progress=click.echo)
         click.echo(
             f"best epoch {result.best_epoch}, validation loss {result.best_val_loss}: {result.checkpoint}"
@@ -323,6 +330,14 @@ def train(
         depth=depth,
         seed=seed,
     )
+    if submit:
+        from blastq.core.settings import load_settings
+        from blastq.trainer.service import submit_training
+
+        cfg = TrainConfig.from_run(from_run, out=out) if from_run is not None else cfg
+        run_id = submit_training(load_settings(), cfg)
+        click.echo(f"training run {run_id} queued: follow it with `blastq trainer status {run_id}`")
+        return
     result = run_training(cfg, progress=click.echo)
     click.echo(f"best epoch {result.best_epoch}, validation loss {result.best_val_loss}: {result.checkpoint}")
 
@@ -353,6 +368,7 @@ def config() -> None:
 
 register_service_commands(main)
 register_model_commands(main)
+register_trainer_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

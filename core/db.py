@@ -1057,3 +1057,193 @@ def promoted_model_row(engine: Engine) -> ModelVersion | None:
     with _reachable(engine), engine.connect() as conn:
         row = conn.execute(select(_models).where(_models.c.state == "promoted")).first()
     return None if row is None else ModelVersion._from_row(row)
+
+
+# --- training runs (the trainer service) ------------------------------------------------------------
+
+TRAINING_STATES = JOB_STATES
+
+
+class TrainingRunRow(Base):
+    """One training job of the trainer service: a row before it is a message, like a slide job.
+
+    The trainer records each finished epoch here (with the store key of the state to resume from), so a
+    killed trainer's run continues from its last epoch on the next delivery.
+    """
+
+    __tablename__ = "training_runs"
+    __table_args__ = (CheckConstraint(_one_of("state", TRAINING_STATES), name="state"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    config: Mapped[str] = mapped_column(Text)  # JSON object: TrainConfig.to_dict()
+    version: Mapped[str] = mapped_column(String(64))  # the model version it trains
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # deliveries started
+    worker: Mapped[str | None] = mapped_column(String(200))  # hostname/pid of the last claim
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # last finished epoch
+    history: Mapped[str] = mapped_column(Text)  # JSON list: one record per finished epoch
+    checkpoint_key: Mapped[str | None] = mapped_column(String(300))  # store key: training/<id>/last.pt
+    model_key: Mapped[str | None] = mapped_column(String(300))  # store key: training/<id>/model.pt
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class TrainingRunInfo:
+    """One training_runs row with its JSON columns decoded. Times are UTC."""
+
+    id: str
+    state: str
+    config: dict
+    version: str
+    attempts: int
+    worker: str | None
+    epoch: int
+    history: list
+    checkpoint_key: str | None
+    model_key: str | None
+    model_sha256: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def _from_row(cls, row) -> TrainingRunInfo:
+        values = {k: _utc(v) for k, v in row._mapping.items()}
+        values["config"] = json.loads(values["config"])
+        values["history"] = json.loads(values["history"])
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+_runs = TrainingRunRow.__table__
+
+
+def create_training_run(engine: Engine, *, config: dict, version: str) -> TrainingRunInfo:
+    """A new queued training run: the row exists before any message about it is sent."""
+    now = _now()
+    values = {
+        "id": str(uuid4()),
+        "state": "queued",
+        "config": json.dumps(config, sort_keys=True),
+        "version": version,
+        "attempts": 0,
+        "worker": None,
+        "epoch": 0,
+        "history": "[]",
+        "checkpoint_key": None,
+        "model_key": None,
+        "model_sha256": None,
+        "error": None,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+    }
+    with _reachable(engine), engine.begin() as conn:
+        conn.execute(insert(_runs).values(**values))
+    return TrainingRunInfo(**{**values, "config": config, "history": []})
+
+
+def claim_training_run(engine: Engine, run_id: str, worker: str, max_attempts: int) -> TrainingRunInfo | None:
+    """Move a queued (or redelivered running) run to running for `worker`; None when it must not run.
+
+    The rules of `claim_job`: None for an unknown or finished run, for a claim lost to another worker
+    at the same moment, and past `max_attempts` deliveries (the run is failed instead).
+    """
+    if max_attempts < 1:
+        raise InvalidConfig(f"max_attempts must be at least 1, got {max_attempts}")
+    now = _now()
+    with _reachable(engine), engine.begin() as conn:
+        seen = conn.execute(select(_runs.c.state, _runs.c.attempts).where(_runs.c.id == run_id)).first()
+        if seen is None or seen.state not in ("queued", "running"):
+            return None
+        if seen.attempts >= max_attempts:
+            values = {
+                "state": "failed",
+                "error": f"gave up after {seen.attempts} attempts (the trainer died each time)",
+                "finished_at": now,
+            }
+        else:
+            values = {"state": "running", "attempts": seen.attempts + 1, "worker": worker, "started_at": now}
+        claimed = conn.execute(
+            update(_runs)
+            .where(
+                _runs.c.id == run_id,
+                _runs.c.state.in_(("queued", "running")),
+                _runs.c.attempts == seen.attempts,
+            )
+            .values(**values, updated_at=now)
+        )
+        if claimed.rowcount != 1 or values["state"] == "failed":
+            return None
+        return TrainingRunInfo._from_row(conn.execute(select(_runs).where(_runs.c.id == run_id)).one())
+
+
+def record_epoch(engine: Engine, run_id: str, epoch: int, history: list, checkpoint_key: str) -> None:
+    """Record a finished epoch: its number, the history so far and the resume state's key, at once."""
+    with _reachable(engine), engine.begin() as conn:
+        done = conn.execute(
+            update(_runs)
+            .where(_runs.c.id == run_id, _runs.c.state == "running")
+            .values(
+                epoch=epoch,
+                history=json.dumps(history),
+                checkpoint_key=checkpoint_key,
+                updated_at=_now(),
+            )
+        )
+        if done.rowcount != 1:
+            raise LookupError(f"no running training run {run_id}")
+
+
+def finish_training_run(engine: Engine, run_id: str, *, model_key: str, model_sha256: str) -> None:
+    """Mark a run succeeded with the store key and sha256 of its final checkpoint."""
+    now = _now()
+    with _reachable(engine), engine.begin() as conn:
+        done = conn.execute(
+            update(_runs)
+            .where(_runs.c.id == run_id)
+            .values(
+                state="succeeded",
+                model_key=model_key,
+                model_sha256=model_sha256,
+                error=None,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        if done.rowcount != 1:
+            raise LookupError(f"no training run {run_id}")
+
+
+def fail_training_run(engine: Engine, run_id: str, error: str) -> None:
+    """Mark a run failed with the reason; a succeeded run stays succeeded."""
+    now = _now()
+    with _reachable(engine), engine.begin() as conn:
+        failed = conn.execute(
+            update(_runs)
+            .where(_runs.c.id == run_id, _runs.c.state != "succeeded")
+            .values(state="failed", error=error[:MAX_ERROR_CHARS], finished_at=now, updated_at=now)
+        )
+        if failed.rowcount != 1 and conn.scalar(select(_runs.c.id).where(_runs.c.id == run_id)) is None:
+            raise LookupError(f"no training run {run_id}")
+
+
+def training_run_status(engine: Engine, run_id: str) -> TrainingRunInfo | None:
+    """The run's row; None for an unknown id."""
+    with _reachable(engine), engine.connect() as conn:
+        row = conn.execute(select(_runs).where(_runs.c.id == run_id)).first()
+    return None if row is None else TrainingRunInfo._from_row(row)
+
+
+def training_runs(engine: Engine, limit: int = 20) -> list[TrainingRunInfo]:
+    """The newest training runs, newest first."""
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(select(_runs).order_by(_runs.c.created_at.desc(), _runs.c.id).limit(limit))
+        return [TrainingRunInfo._from_row(r) for r in rows]

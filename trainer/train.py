@@ -3,10 +3,17 @@
 Every run writes `<checkpoint>.run.json` beside its checkpoint: the full TrainConfig, the data split
 (item ids per part, with digests), versions and timing. `retrain(run_json, out)` repeats the run
 from that record and refuses if the data no longer gives the recorded split.
+
+A `checkpoint_hook(epoch, state)` receives, after each epoch, everything a later `train(...,
+resume_state=state)` needs to go on as if never stopped: weights (last and best), optimizer,
+scheduler, early-stopping counters, history and both random generators. The state holds only
+tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` reads it back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import platform
@@ -46,6 +53,9 @@ SYNTH_TRAIN_SEED0 = 0
 SYNTH_VAL_SEED0 = 1_000_000
 SYNTH_TEST_SEED0 = 9_000_000
 RUN_FORMAT = "blastq-run/1"
+RESUME_FORMAT = "blastq-resume/1"
+# Settings that may differ between a run and its resumption: where the checkpoint goes, and how fast.
+RESUME_FREE = ("out", "threads", "device")
 SPLITS = ("train", "val", "test")
 
 
@@ -69,12 +79,15 @@ class TrainConfig:
     lr: float = 2e-3
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    device: str = "cpu"  # cpu or cuda[:N]; CUDA trains in mixed precision
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pairs_dirs", tuple(Path(p) for p in self.pairs_dirs))
         if self.patch_px % 2 ** (self.depth - 1):
             raise InvalidConfig(f"patch_px={self.patch_px} must be a multiple of {2 ** (self.depth - 1)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise InvalidConfig(f"device={self.device!r}: expected cpu, cuda or cuda:N")
         if self.synth_train < 1 and self.wbc_root is None and not self.pairs_dirs:
             raise InvalidConfig(
                 "nothing to train on: give synthetic fields, a segmentation_wbc folder or pairs folders"
@@ -317,11 +330,23 @@ def _pick(samples: list[Sample], n: int, rng: np.random.Generator) -> np.ndarray
     return np.concatenate([rng.choice(real, half), rng.choice(synth, n - half)])
 
 
-def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainResult:
-    """Train a U-Net; the best checkpoint by validation loss is written to cfg.out, its run record beside it."""
+def train(
+    cfg: TrainConfig,
+    progress: Callable[[str], None] = print,
+    *,
+    checkpoint_hook: Callable[[int, dict[str, Any]], None] | None = None,
+    resume_state: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train a U-Net; the best checkpoint by validation loss is written to cfg.out, its run record beside it.
+
+    `checkpoint_hook(epoch, state)` is called after every epoch with a resume state (copied, so it
+    may be kept); `resume_state` continues a run from one, with the same results as never stopping.
+    """
     started, t_start = _now(), time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if resume_state is not None:
+        _check_resume_state(cfg, resume_state)
     split = split_manifest(cfg)
     run_path = run_record_path(cfg.out)
     record: dict[str, Any] = {
@@ -346,33 +371,72 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainRes
         for i in range(0, len(val_pool), cfg.batch_size)
     ]
     record["timing"]["data_seconds"] = round(time.perf_counter() - t_start, 1)
+    device = torch.device(cfg.device)
     model = UNet(depth=cfg.depth, width=cfg.width).to(memory_format=torch.channels_last)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * cfg.steps_per_epoch, pct_start=0.1
     )
+    amp = _Precision(device)
     best, best_epoch, stale, history, sha256 = float("inf"), 0, 0, [], ""
+    best_weights: dict[str, torch.Tensor] | None = None
     info = ModelInfo(
         version=cfg.version,
         mpp=cfg.model_mpp,
         preprocess=asdict(cfg.preprocess),
         trained_on=_trained_on(cfg, split["sha256"], run_path),
     )
-    for epoch in range(1, cfg.max_epochs + 1):
+    first_epoch = 1
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        amp.load_state_dict(resume_state.get("scaler") or {})
+        best, best_epoch, stale = (
+            float(resume_state["best_val_loss"]),
+            int(resume_state["best_epoch"]),
+            int(resume_state["stale"]),
+        )
+        history = [EpochLog(**h) for h in resume_state["history"]]
+        rng.bit_generator.state = _numpy_state(resume_state["numpy_rng"])
+        torch.set_rng_state(resume_state["torch_rng"].cpu())
+        if "cuda_rng" in resume_state and device.type == "cuda":
+            torch.cuda.set_rng_state(resume_state["cuda_rng"].cpu(), device)
+        best_weights = resume_state.get("best_model")
+        if best_weights is not None:
+            # The best epoch may be behind us: its checkpoint file belonged to the stopped process.
+            best_model = UNet(depth=cfg.depth, width=cfg.width)
+            best_model.load_state_dict(best_weights)
+            sha256 = save_checkpoint(cfg.out, best_model, info)
+        first_epoch = int(resume_state["epoch"]) + 1
+        progress(f"resuming after epoch {first_epoch - 1}")
+    stopped = stale >= cfg.patience
+    for epoch in range(first_epoch, cfg.max_epochs + 1):
+        if stopped:
+            break
         t0 = time.perf_counter()
         model.train()
         losses = []
         for _ in range(cfg.steps_per_epoch):
             x, targets = _batch(train_pool, _pick(train_pool, cfg.batch_size, rng), cfg.patch_px, rng)
-            loss, _ = segmentation_loss(model(x), *targets)
+            x, targets = x.to(device), [t.to(device) for t in targets]
+            with amp.autocast():
+                loss, _ = segmentation_loss(model(x), *targets)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)
             sched.step()
             losses.append(loss.item())
         model.eval()
-        with torch.no_grad():
-            val = float(np.mean([segmentation_loss(model(x), *t)[0].item() for x, t in val_batches]))
+        with torch.no_grad(), amp.autocast():
+            val = float(
+                np.mean(
+                    [
+                        segmentation_loss(model(x.to(device)), *(t.to(device) for t in ts))[0].item()
+                        for x, ts in val_batches
+                    ]
+                )
+            )
         log = EpochLog(
             epoch, round(float(np.mean(losses)), 4), round(val, 4), round(time.perf_counter() - t0, 1)
         )
@@ -381,11 +445,19 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainRes
         if val < best:
             best, best_epoch, stale = val, epoch, 0
             sha256 = save_checkpoint(cfg.out, model, info)
+            if checkpoint_hook is not None:
+                best_weights = _cpu_copy(model.state_dict())
         else:
             stale += 1
-            if stale >= cfg.patience:
-                progress(f"early stop: no better validation loss for {cfg.patience} epochs")
-                break
+            stopped = stale >= cfg.patience
+        if checkpoint_hook is not None:
+            checkpoint_hook(
+                epoch,
+                _resume_state(cfg, epoch, model, opt, sched, amp, best, best_epoch, stale, history, rng)
+                | {"best_model": best_weights},
+            )
+        if stopped:
+            progress(f"early stop: no better validation loss for {cfg.patience} epochs")
     history_path = Path(cfg.out).with_suffix(".history.json")
     history_path.write_text(json.dumps([asdict(h) for h in history], indent=1))
     record["history"] = [asdict(h) for h in history]
@@ -400,6 +472,98 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainRes
     record["timing"].update(finished_utc=_now(), seconds=round(time.perf_counter() - t_start, 1))
     _write_json(run_path, record)
     return TrainResult(Path(cfg.out), best_epoch, round(best, 4), tuple(history), run_path)
+
+
+class _Precision:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling); CPU: float32."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.dtype: torch.dtype | None = None
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 has float32's range: only float16 gradients need scaling to not underflow.
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.scaler is None else dict(self.scaler.state_dict())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(dict(state))
+
+
+def _cpu_copy(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars, tuples and nested containers as plain Python values (for weights_only loading)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _numpy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in state.items()}
+
+
+def _resume_state(
+    cfg, epoch, model, opt, sched, amp, best, best_epoch, stale, history, rng
+) -> dict[str, Any]:
+    """Everything `train(resume_state=...)` needs to continue after `epoch`, copied off the device."""
+    optimizer = copy.deepcopy(opt.state_dict())
+    for slot in optimizer["state"].values():
+        for name, value in slot.items():
+            if isinstance(value, torch.Tensor):
+                slot[name] = value.detach().cpu()
+    state: dict[str, Any] = {
+        "format": RESUME_FORMAT,
+        "config": _plain(cfg.to_dict()),
+        "epoch": epoch,
+        "model": _cpu_copy(model.state_dict()),
+        "optimizer": optimizer,
+        "scheduler": _plain(sched.state_dict()),
+        "scaler": _plain(amp.state_dict()),
+        "best_val_loss": float(best),
+        "best_epoch": best_epoch,
+        "stale": stale,
+        "history": [asdict(h) for h in history],
+        "numpy_rng": _plain(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if amp.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(amp.device)
+    return state
+
+
+def _check_resume_state(cfg: TrainConfig, state: Mapping[str, Any]) -> None:
+    """Refuse a resume state that is not one, or that belongs to a differently configured run."""
+    if not isinstance(state, Mapping) or state.get("format") != RESUME_FORMAT:
+        raise InvalidConfig(f"not a blastq resume state (format {RESUME_FORMAT})")
+    recorded = {k: v for k, v in dict(state.get("config") or {}).items() if k not in RESUME_FREE}
+    ours = {k: v for k, v in _plain(cfg.to_dict()).items() if k not in RESUME_FREE}
+    differ = sorted(k for k in ours.keys() | recorded.keys() if ours.get(k) != recorded.get(k))
+    if differ:
+        raise InvalidConfig(f"the resume state is of a run with other settings: {', '.join(differ)} differ")
 
 
 def retrain(run: Path, out: Path, progress: Callable[[str], None] = print, **overrides: Any) -> TrainResult:

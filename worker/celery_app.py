@@ -36,6 +36,7 @@ class BlastqCelery(Celery):
         self.settings = settings
         self.resources = WorkerResources(settings)
         self.torch_threads = 0  # per pool process; 0: torch's default (set by run_worker)
+        self.loads_engine = True  # False for a trainer (train queue only): it needs no inference engine
 
 
 def broker_transport_options(settings: Settings) -> dict:
@@ -96,7 +97,12 @@ def _load_in_child(**_) -> None:
 
             torch.set_num_threads(threads)
         try:
-            app.resources.load()
+            if app.loads_engine:
+                app.resources.load()
+            else:
+                app.resources.after_fork()
+                app.resources.db()
+                app.resources.store()
         except Exception as exc:  # noqa: BLE001 - the task meets it again and fails the job with it
             log.error("blastq worker process %s could not load its resources: %s", os.getpid(), exc)
 
@@ -127,11 +133,12 @@ def run_worker(
     # its presence: loading it would run torch ops in the parent of the fork, whose thread pools are not
     # fork-safe (a first pool process that hung before its first slide was seen while this loaded it).
     # With the registry, the model is fetched per process (and follows promotions): nothing to check.
-    if app.settings.model != REGISTRY_MODEL:
+    if app.settings.model != REGISTRY_MODEL and SLIDES_QUEUE in queues:
         model = Path(app.settings.model) if app.settings.model else default_model_path()
         if not model.is_file():
             raise ModelNotFound(f"model file not found: {model}")
     worker_process_init.connect(_load_in_child, weak=False, dispatch_uid="blastq-load-resources")
+    app.loads_engine = SLIDES_QUEUE in queues
     app.set_current()
     processes = concurrency or app.settings.worker_concurrency
     # Share the cores among the pool processes: each torch process defaults to all cores, and N of them

@@ -1,4 +1,5 @@
-"""The worker's task: process one job's slide, the same way `blastq run` does, around its job row.
+"""The worker's tasks: process one job's slide, the same way `blastq run` does, around its job row
+(and `blastq.train_model`, whose body is blastq.trainer.service.run_training_job).
 
 claim the row -> read the input from the store -> decode -> core.pipeline -> artifacts to the store ->
 result row -> job succeeded. Delivery is at least once, so every step is safe to repeat: the claim
@@ -26,6 +27,7 @@ from blastq.core.slide import decode_slide
 from blastq.core.store import slide_prefix
 
 PROCESS_SLIDE = "blastq.process_slide"
+TRAIN_MODEL = "blastq.train_model"  # its body: blastq.trainer.service.run_training_job
 MAX_BACKOFF_S = 60
 
 log = get_task_logger(__name__)
@@ -108,3 +110,18 @@ def register_tasks(app: Celery) -> None:
     )
     def process_slide_task(self: Task, job_id: str) -> str | None:
         return run_job(self, job_id)
+
+    @app.task(
+        name=TRAIN_MODEL,
+        bind=True,
+        shared=False,
+        acks_late=True,
+        reject_on_worker_lost=True,  # a killed trainer's run is redelivered and resumes from its checkpoint
+        ignore_result=True,
+        max_retries=app.settings.task_retry_max,
+    )
+    def train_model_task(self: Task, run_id: str) -> str | None:
+        # Imported here: a slide worker never loads the training code.
+        from blastq.trainer.service import run_training_job
+
+        return run_training_job(self, run_id)

@@ -176,3 +176,22 @@ def test_export_writes_a_model_file_that_loads(cli, tmp_path, fmt):
         import torch
 
         assert torch.jit.load(str(out))(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+def test_train_submit_queues_a_run_for_the_trainer_service(cli, tmp_path):
+    result = cli(
+        "train",
+        "--submit",
+        "--out",
+        tmp_path / "m.pt",
+        "--synth-fields",
+        "2",
+        "--epochs",
+        "1",
+        "--steps",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("training run ")[1].split()[0]
+    status = cli("trainer", "status", run_id)
+    assert status.exit_code == 0 and "queued" in status.output
