@@ -540,17 +540,23 @@ def claim_job(engine: Engine, job_id: str, worker: str, max_attempts: int) -> Jo
     another worker claimed it at the same moment, or when it has been started `max_attempts` times
     already: the worker died each time, so the job is failed rather than handed to the next victim.
     """
+    row = _claim(engine, _jobs, job_id, worker, max_attempts, "the worker died each time")
+    return None if row is None else JobInfo._from_row(row)
+
+
+def _claim(engine: Engine, table, row_id: str, worker: str, max_attempts: int, why: str):
+    """The claim shared by jobs and training runs: the claimed row, or None when it must not run."""
     if max_attempts < 1:
         raise InvalidConfig(f"max_attempts must be at least 1, got {max_attempts}")
     now = _now()
     with _reachable(engine), engine.begin() as conn:
-        seen = conn.execute(select(_jobs.c.state, _jobs.c.attempts).where(_jobs.c.id == job_id)).first()
+        seen = conn.execute(select(table.c.state, table.c.attempts).where(table.c.id == row_id)).first()
         if seen is None or seen.state not in ("queued", "running"):
             return None
         if seen.attempts >= max_attempts:
             values = {
                 "state": "failed",
-                "error": f"gave up after {seen.attempts} attempts (the worker died each time)",
+                "error": f"gave up after {seen.attempts} attempts ({why})",
                 "finished_at": now,
             }
         else:
@@ -558,17 +564,17 @@ def claim_job(engine: Engine, job_id: str, worker: str, max_attempts: int) -> Jo
         # Compare-and-set on attempts: of two workers that read the same row, only the first write
         # matches; PostgreSQL makes the second wait for the first's commit, then re-checks the WHERE.
         claimed = conn.execute(
-            update(_jobs)
+            update(table)
             .where(
-                _jobs.c.id == job_id,
-                _jobs.c.state.in_(("queued", "running")),
-                _jobs.c.attempts == seen.attempts,
+                table.c.id == row_id,
+                table.c.state.in_(("queued", "running")),
+                table.c.attempts == seen.attempts,
             )
             .values(**values, updated_at=now)
         )
         if claimed.rowcount != 1 or values["state"] == "failed":
             return None
-        return JobInfo._from_row(conn.execute(select(_jobs).where(_jobs.c.id == job_id)).one())
+        return conn.execute(select(table).where(table.c.id == row_id)).one()
 
 
 def finish_job(engine: Engine, job_id: str, result_id: int) -> None:
@@ -1156,33 +1162,8 @@ def claim_training_run(engine: Engine, run_id: str, worker: str, max_attempts: i
     The rules of `claim_job`: None for an unknown or finished run, for a claim lost to another worker
     at the same moment, and past `max_attempts` deliveries (the run is failed instead).
     """
-    if max_attempts < 1:
-        raise InvalidConfig(f"max_attempts must be at least 1, got {max_attempts}")
-    now = _now()
-    with _reachable(engine), engine.begin() as conn:
-        seen = conn.execute(select(_runs.c.state, _runs.c.attempts).where(_runs.c.id == run_id)).first()
-        if seen is None or seen.state not in ("queued", "running"):
-            return None
-        if seen.attempts >= max_attempts:
-            values = {
-                "state": "failed",
-                "error": f"gave up after {seen.attempts} attempts (the trainer died each time)",
-                "finished_at": now,
-            }
-        else:
-            values = {"state": "running", "attempts": seen.attempts + 1, "worker": worker, "started_at": now}
-        claimed = conn.execute(
-            update(_runs)
-            .where(
-                _runs.c.id == run_id,
-                _runs.c.state.in_(("queued", "running")),
-                _runs.c.attempts == seen.attempts,
-            )
-            .values(**values, updated_at=now)
-        )
-        if claimed.rowcount != 1 or values["state"] == "failed":
-            return None
-        return TrainingRunInfo._from_row(conn.execute(select(_runs).where(_runs.c.id == run_id)).one())
+    row = _claim(engine, _runs, run_id, worker, max_attempts, "the trainer died each time")
+    return None if row is None else TrainingRunInfo._from_row(row)
 
 
 def record_epoch(engine: Engine, run_id: str, epoch: int, history: list, checkpoint_key: str) -> None:
