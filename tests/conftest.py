@@ -47,3 +47,22 @@ def smear():
     from blastq.core.synth import generate_field
 
     return generate_field(12345, 768, 768, mpp=0.2, blast_fraction=0.4)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_db(request, tmp_path):
+    """An empty, migrated database: SQLite in tmp_path, and a fresh PostgreSQL schema."""
+    from services import pg_schema
+
+    from blastq.core.db import connect, upgrade
+
+    if request.param == "sqlite":
+        engine = connect(f"sqlite:///{tmp_path / 'blastq-test.db'}")
+        yield engine
+        engine.dispose()
+        return
+    with pg_schema() as url:
+        upgrade(url)
+        engine = connect(url)
+        yield engine
+        engine.dispose()

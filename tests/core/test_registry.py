@@ -43,18 +43,9 @@ def make_checkpoint(tmp_path_factory):
     return checkpoint
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        engine = connect(f"sqlite:///{tmp_path}/registry.db")
-        yield engine
-        engine.dispose()
-        return
-    with pg_schema() as url:
-        upgrade(url)
-        engine = connect(url)
-        yield engine
-        engine.dispose()
+@pytest.fixture
+def db(migrated_db):
+    return migrated_db
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from servicekit import Service, pg_schema, use_service, wait_until
+from servicekit import Service, use_service, wait_until
 from sqlalchemy import select, update
 
 from blastq.core.db import JobRow, WatchLedgerRow, connect, job_counts, job_status, watched_files
@@ -443,20 +443,9 @@ def test_once_waits_for_settling_files_at_most_the_settle_time(make_watcher, fol
 # --- the ledger on both databases -------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_db(request, tmp_path):
-    from blastq.core.db import upgrade
-
-    if request.param == "sqlite":
-        engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
-        yield engine
-        engine.dispose()
-        return
-    with pg_schema() as url:
-        upgrade(url)
-        engine = connect(url)
-        yield engine
-        engine.dispose()
+@pytest.fixture
+def ledger_db(migrated_db):
+    return migrated_db
 
 
 def test_the_ledger_insert_is_the_claim_and_a_stale_claim_is_taken_over_once(ledger_db):
