@@ -62,8 +62,9 @@ def main() -> None:
 )
 @click.option(
     "--model",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Model checkpoint (default: the shipped model).",
+    metavar="FILE|VERSION",
+    help="A checkpoint file, a registered version (`blastq models list`), or `registry` for the promoted "
+    "one (default: the shipped model).",
 )
 @click.option("--device", help="cpu or cuda:N (default: BLASTQ_DEVICE or cpu).")
 @click.option("--no-record", is_flag=True, help="Do not record results in the database and store.")
@@ -71,7 +72,7 @@ def run(
     images: tuple[Path, ...],
     out_dir: Path | None,
     mpp: float | None,
-    model: Path | None,
+    model: str | None,
     device: str | None,
     no_record: bool,
 ) -> None:
@@ -85,7 +86,7 @@ def run(
     from blastq.core.runner import LocalRunner
     from blastq.core.settings import load_settings
 
-    settings = load_settings(model=str(model) if model else None, device=device)
+    settings = load_settings(model=model, device=device)
     runner = LocalRunner.from_settings(settings, record=not no_record)
     failed = 0
     used: set[str] = set()
@@ -186,8 +187,9 @@ def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fra
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--model",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Model checkpoint (default: the shipped model).",
+    metavar="FILE|VERSION",
+    help="A checkpoint file, a registered version (`blastq models list`), or `registry` for the promoted "
+    "one (default: the shipped model).",
 )
 @click.option(
     "--split",
@@ -207,7 +209,7 @@ def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fra
     help="Also write an HTML report (Table I, loss curves, best and worst examples) into this folder.",
 )
 def evaluate(
-    folder: Path, model: Path | None, split: str, mpp: float | None, as_json: bool, report_dir: Path | None
+    folder: Path, model: str | None, split: str, mpp: float | None, as_json: bool, report_dir: Path | None
 ) -> None:
     """Report Dice, IoU, pixel accuracy, precision, recall and F1 on FOLDER.
 
@@ -216,8 +218,11 @@ def evaluate(
     With --report and --split all, the report's table shows the train, val and test splits side by side;
     the loss curves come from MODEL.history.json beside the checkpoint, when there is one.
     """
+    from blastq.core.runner import model_checkpoint
+    from blastq.core.settings import load_settings
     from blastq.trainer.report import evaluate_folder, write_folder_report
 
+    model = model_checkpoint(load_settings(), model) if model else None
     if report_dir is None:
         report = evaluate_folder(folder, model=model, split=split, mpp=mpp)
     else:

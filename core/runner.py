@@ -33,9 +33,7 @@ class LocalRunner:
 
     @classmethod
     def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
-        model_path = (
-            registry_checkpoint(settings) if settings.model == REGISTRY_MODEL else settings.model or None
-        )
+        model_path = model_checkpoint(settings, settings.model) if settings.model else None
         engine, info = load_engine(
             model_path,
             kind=settings.engine,
@@ -70,6 +68,27 @@ class LocalRunner:
             for a in artifacts:
                 (Path(out_folder) / a.name).write_bytes(a.data)
         return result
+
+
+def model_checkpoint(settings: Settings, name: str) -> Path | None:
+    """A checkpoint for NAME: a file, a registered version, or "registry" (the promoted version).
+
+    Registered versions are fetched from the store and their sha256 verified; None means the shipped model
+    ("registry" with nothing promoted).
+    """
+    from blastq.core.errors import ModelNotFound
+    from blastq.core.registry import fetch_checkpoint, get_model
+
+    if Path(name).is_file():
+        return Path(name)
+    if name == REGISTRY_MODEL:
+        return registry_checkpoint(settings)
+    if "/" in name or "\\" in name or Path(name).suffix in {".pt", ".pth", ".onnx"}:
+        raise ModelNotFound(f"model file not found: {name}")
+    model = get_model(connect(settings.database_url), name)
+    if model is None:
+        raise ModelNotFound(f"{name}: no such checkpoint file, and no registered model version of that name")
+    return fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "models")
 
 
 def registry_checkpoint(settings: Settings) -> Path | None:

@@ -143,6 +143,28 @@ def test_evaluate_reports_metrics_on_a_synth_folder(cli, smears):
     assert figures["synthetic"]["fields"] == 2 and 0 <= figures["synthetic"]["blast_dice"] <= 1
 
 
+def test_evaluate_takes_a_registered_version_and_names_an_unknown_one(cli, smears, tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from blastq.core.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+
+    _, shipped = load_checkpoint(default_model_path())
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, UNet(depth=2, width=4), replace(shipped, version="tiny-1", sha256=""))
+    assert cli("models", "register", path).exit_code == 0
+    path.unlink()  # evaluation must use the registry's copy, fetched from the store
+
+    result = cli("evaluate", smears, "--model", "tiny-1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{") :])["model_version"] == "tiny-1"
+
+    result = cli("evaluate", smears, "--model", "no-such-version")
+    assert result.exit_code == 2 and "no-such-version" in result.output
+
+
 def test_evaluate_refuses_a_folder_without_pairs(cli, tmp_path):
     result = cli("evaluate", tmp_path)
     assert result.exit_code == 2 and "neither" in result.output
