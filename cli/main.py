@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from blastq.cli.classify import register as register_classify_commands
 from blastq.cli.models import register as register_model_commands
 from blastq.cli.service import register as register_service_commands
 from blastq.cli.trainer import register as register_trainer_commands
@@ -117,6 +118,11 @@ def run(
             f"{path}: {s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts{flag}"
             f"  [{result.mpp:.3f} um/px {result.mpp_source}, {result.seconds:.1f}s]"
         )
+        if s.differential:
+            parts = ", ".join(
+                f"{d['percent']:.0f}% {name}" for name, d in s.differential.items() if d["count"]
+            )
+            click.echo(f"  differential: {parts}; {s.review_cells} cell(s) to review")
     if out_dir is not None and failed < len(images):
         click.echo(f"files written under {out_dir}/")
     if failed:
@@ -374,6 +380,7 @@ def config() -> None:
 register_service_commands(main)
 register_model_commands(main)
 register_trainer_commands(main)
+register_classify_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

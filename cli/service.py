@@ -16,7 +16,27 @@ from datetime import datetime
 import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-RESULT_COLUMNS = ("id", "image", "white_cells", "blasts", "blast_percent", "flagged", "mpp", "created_at")
+RESULT_COLUMNS = (
+    "id",
+    "image",
+    "white_cells",
+    "blasts",
+    "blast_percent",
+    "flagged",
+    "differential",
+    "review_cells",
+    "mpp",
+    "created_at",
+)
+# Short names for the differential column of the table (percent of white cells per type).
+TYPE_ABBREVIATIONS = {
+    "neutrophil": "neu",
+    "lymphocyte": "lym",
+    "monocyte": "mono",
+    "eosinophil": "eos",
+    "basophil": "baso",
+    "blast": "blast",
+}
 
 
 @click.command(context_settings=CONTEXT)
@@ -199,6 +219,7 @@ def results(
     if fmt == "json":
         click.echo(json.dumps(records, indent=2))
     elif fmt == "csv":
+        records = [_flat(r) for r in records]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else [], lineterminator="\n")
         if records:
@@ -209,10 +230,32 @@ def results(
         click.echo(_table(records))
 
 
+def _flat(record: dict) -> dict:
+    """A result for CSV: the differential as <type>_count and <type>_percent columns."""
+    out = {k: v for k, v in record.items() if k != "differential"}
+    for name in TYPE_ABBREVIATIONS:
+        entry = record["differential"].get(name, {})
+        out[f"{name}_count"] = entry.get("count", "")
+        out[f"{name}_percent"] = entry.get("percent", "")
+    return out
+
+
+def _differential(differential: dict) -> str:
+    if not differential:
+        return "-"
+    return " ".join(
+        f"{TYPE_ABBREVIATIONS.get(name, name)} {d['percent']:.0f}%"
+        for name, d in differential.items()
+        if d["count"]
+    )
+
+
 def _table(records: list[dict]) -> str:
     if not records:
         return "no results"
-    cells = [[_show(r[c]) for c in RESULT_COLUMNS] for r in records]
+    cells = [
+        [_differential(r[c]) if c == "differential" else _show(r[c]) for c in RESULT_COLUMNS] for r in records
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(RESULT_COLUMNS)]
     lines = [RESULT_COLUMNS, *cells]
     return "\n".join(

@@ -76,6 +76,10 @@ def summary_dict(result: SlideResult) -> dict:
         "blast_percent": result.stats.blast_percent,
         "flagged": result.stats.flagged,
         "threshold_percent": result.stats.threshold_percent,
+        # Per type: count and percent of white cells; empty when no classifier ran.
+        "differential": result.stats.differential,
+        "review_cells": result.stats.review_cells,
+        "classifier_version": result.classifier_version,
         "seconds": result.seconds,
         "tiles_total": result.tiles_total,
         "tiles_run": result.tiles_run,
@@ -130,13 +134,23 @@ def cells_geojson(maps: CellMaps) -> bytes:
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {
                     "objectType": "detection",
-                    "classification": {"name": "Blast" if is_blast else "White cell", "color": list(colour)},
-                    "measurements": {k: v for k, v in props.items() if isinstance(v, int | float)},
+                    "classification": {"name": _class_name(cell), "color": list(colour)},
+                    "measurements": {
+                        k: v
+                        for k, v in props.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)
+                    },
                     **props,
                 },
             }
         )
     return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+def _class_name(cell) -> str:
+    if cell.label == LABEL_BLAST:
+        return "Blast"
+    return cell.cell_type.capitalize() if cell.cell_type else "White cell"
 
 
 REPORT_THUMB_PX = 1200  # longest side of the overlay picture embedded in report.html
@@ -153,7 +167,20 @@ def report_html(result: SlideResult, overlay_rgb: np.ndarray) -> bytes:
     picture = base64.b64encode(jpg.tobytes()).decode() if ok else ""
     summary = summary_dict(result)
     esc = html.escape
+    differential = summary.pop("differential")
     facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
+    if differential:
+        diff_rows = "".join(
+            f"<tr><th>{esc(name)}</th><td>{d['count']}</td><td>{d['percent']:.1f}%</td></tr>"
+            for name, d in differential.items()
+        )
+        diff_table = (
+            f"<h2>Differential</h2><table><tr><th>type</th><th>cells</th><th>%</th></tr>{diff_rows}</table>"
+            f"<p>{summary['review_cells']} cell(s) marked for review (the classifier was unsure or disagreed "
+            "with the blast call): see the <code>review</code> column.</p>"
+        )
+    else:
+        diff_table = ""
     head = "".join(f"<th>{esc(c)}</th>" for c in CELL_COLUMNS)
     rows = "".join(
         "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in asdict(c).values()) + "</tr>"
@@ -170,6 +197,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#f
 (threshold {s.threshold_percent:g}%)</p>
 <p>Outlines: green white cells, red blasts. Research software, not a medical device: review every slide.</p>
 <img alt="overlay" src="data:image/jpeg;base64,{picture}">
+{diff_table}
 <h2>Summary</h2><table>{facts}</table>
 <h2>Cells</h2><table><tr>{head}</tr>{rows}</table>
 </body></html>"""

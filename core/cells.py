@@ -41,6 +41,16 @@ class CellRecord:
     mean_g: float
     mean_b: float
     blast_probability: float
+    # The cell classifier's answer (blastq.core.classify); empty/0 when no classifier ran.
+    cell_type: str = ""
+    cell_type_probability: float = 0.0
+    review: bool = False  # the classifier is unsure, or disagrees with the segmentation's blast call
+    p_neutrophil: float = 0.0
+    p_lymphocyte: float = 0.0
+    p_monocyte: float = 0.0
+    p_eosinophil: float = 0.0
+    p_basophil: float = 0.0
+    p_blast: float = 0.0
 
 
 CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CellRecord))

@@ -27,6 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -107,6 +108,10 @@ class ResultRow(Base):
     blast_percent: Mapped[float] = mapped_column(Float, index=True)
     flagged: Mapped[bool] = mapped_column(Boolean, index=True)
     threshold_percent: Mapped[float] = mapped_column(Float)
+    # {type: {"count", "percent"}} in CELL_TYPES order; {} when no classifier ran (migration 0004).
+    differential: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")
+    review_cells: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    classifier_version: Mapped[str] = mapped_column(String(64), default="", server_default="")
     seconds: Mapped[float] = mapped_column(Float)
     store_prefix: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -136,6 +141,15 @@ class CellRow(Base):
     mean_g: Mapped[float] = mapped_column(Float)
     mean_b: Mapped[float] = mapped_column(Float)
     blast_probability: Mapped[float] = mapped_column(Float)
+    cell_type: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    cell_type_probability: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    p_neutrophil: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    p_lymphocyte: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    p_monocyte: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    p_eosinophil: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    p_basophil: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    p_blast: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class JobRow(Base):
@@ -677,6 +691,9 @@ class ResultInfo:
     blast_percent: float
     flagged: bool
     threshold_percent: float
+    differential: dict
+    review_cells: int
+    classifier_version: str
     seconds: float
     store_prefix: str
     created_at: datetime

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from blastq.core.cells import CellMaps, extract_cells
+from blastq.core.classify import CellClassifier, type_cells
 from blastq.core.engines import Engine
 from blastq.core.errors import InvalidConfig
 from blastq.core.preprocess import PreprocessConfig, preprocess, resample
@@ -37,6 +38,8 @@ class PipelineConfig:
     batch_size: int = 8
     skip_empty_tiles: bool = True
     blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+    # The cell classifier setting ("default", "none" or a file): the differential depends on it.
+    classifier: str = "default"
 
     def __post_init__(self) -> None:
         if self.tile_px < 32 or not 0 <= self.overlap_px < self.tile_px // 2 + 1 or self.batch_size < 1:
@@ -66,6 +69,13 @@ class SlideResult:
     seconds: float
     tiles_total: int
     tiles_run: int
+    classifier_version: str = ""  # "" when no classifier typed the cells
+
+
+def prepare_image(rgb: np.ndarray, mpp: float, info: ModelInfo) -> np.ndarray:
+    """The image the model sees: resampled to its scale and preprocessed as it was trained (HWC uint8)."""
+    work = resample(rgb, mpp, info.mpp)
+    return preprocess(work, info.mpp, PreprocessConfig(**info.preprocess))
 
 
 def segment_probabilities(
@@ -77,11 +87,20 @@ def segment_probabilities(
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, int, int]:
     """(C, H, W) float32 probabilities at the input's size, plus (tiles total, tiles run)."""
+    return segment_prepared(prepare_image(rgb, mpp, info), rgb.shape[:2], engine, config, progress)
+
+
+def segment_prepared(
+    work: np.ndarray,
+    out_shape: tuple[int, int],
+    engine: Engine,
+    config: PipelineConfig = PipelineConfig(),
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """Probabilities for a prepared image (`prepare_image`), resized to out_shape (the input's H, W)."""
     if config.tile_px % engine.stride:
         raise InvalidConfig(f"tile_px={config.tile_px} must be a multiple of {engine.stride} for this model")
-    height, width = rgb.shape[:2]
-    work = resample(rgb, mpp, info.mpp)
-    work = preprocess(work, info.mpp, PreprocessConfig(**info.preprocess))
+    height, width = out_shape
     wh, ww = work.shape[:2]
     work = pad_to_tiles(work, config.tile_px)
     tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
@@ -115,11 +134,17 @@ def process_slide(
     info: ModelInfo,
     config: PipelineConfig = PipelineConfig(),
     progress: Progress | None = None,
+    classifier: CellClassifier | None = None,
 ) -> SlideResult:
-    """Segment one slide and measure its cells."""
+    """Segment one slide, measure its cells and, with a classifier, type them (the differential)."""
     start = time.perf_counter()
-    probs, n_tiles, n_run = segment_probabilities(slide.rgb, slide.mpp, engine, info, config, progress)
+    work = prepare_image(slide.rgb, slide.mpp, info)
+    probs, n_tiles, n_run = segment_prepared(work, slide.rgb.shape[:2], engine, config, progress)
     maps = extract_cells(probs, slide.rgb, slide.mpp)
+    del probs
+    if classifier is not None:
+        # Crops come from the model's view of the slide: the classifiers were trained on that.
+        maps = type_cells(maps, work, info.mpp, classifier)
     stats = slide_stats(maps.cells, config.blast_threshold_percent)
     height, width = slide.rgb.shape[:2]
     return SlideResult(
@@ -136,4 +161,5 @@ def process_slide(
         seconds=round(time.perf_counter() - start, 3),
         tiles_total=n_tiles,
         tiles_run=n_run,
+        classifier_version=classifier.info.version if classifier is not None else "",
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blastq.core.artifacts import render_artifacts, summary_dict
+from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.db import connect, record_result
 from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
@@ -30,6 +31,7 @@ class LocalRunner:
     store: ObjectStore
     db: object
     config: PipelineConfig
+    classifier: CellClassifier | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
@@ -43,7 +45,7 @@ class LocalRunner:
         config = pipeline_config(settings)
         store = store_from_settings(settings) if record else None
         db = connect(settings.database_url) if record else None
-        return cls(settings, engine, info, store, db, config)
+        return cls(settings, engine, info, store, db, config, load_cell_classifier(settings.classifier))
 
     def run(
         self,
@@ -55,7 +57,7 @@ class LocalRunner:
     ) -> SlideResult:
         """Process one image; artifacts go to the store (and into out_folder when given)."""
         slide = read_slide(path, mpp=mpp, max_pixels=self.settings.max_pixels)
-        result = process_slide(slide, self.engine, self.info, self.config, progress)
+        result = process_slide(slide, self.engine, self.info, self.config, progress, self.classifier)
         artifacts = render_artifacts(result, slide.rgb)
         prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
         if self.store is not None:

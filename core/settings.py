@@ -42,6 +42,9 @@ class Settings:
     # A checkpoint path; default: the model shipped in the package. REGISTRY_MODEL ("registry"): the
     # registry's promoted version, followed by the workers between slides (the shipped one if none).
     model: str = ""
+    # The cell classifier that types cells for the differential: "default" (shipped), "none", or a file
+    # written by `blastq compare-classifiers --save-best`.
+    classifier: str = "default"
     engine: str = "auto"  # auto: TensorRT on CUDA if installed, else torch fp16; ONNX Runtime on CPU
     engine_cache_dir: str = ""  # derived engines (ONNX exports, TensorRT builds); default <data_dir>/engines
     device: str = "cpu"
@@ -110,6 +113,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         overlap_px=settings.overlap_px,
         batch_size=settings.batch_size,
         blast_threshold_percent=settings.blast_threshold_percent,
+        classifier=settings.classifier,
     )
 
 

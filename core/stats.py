@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from blastq.core.cellcrops import CELL_TYPES
 from blastq.core.cells import LABEL_BLAST, CellRecord
 
 # WHO: >= 20% blasts in blood or marrow defines acute leukaemia.
@@ -18,6 +19,10 @@ class SlideStats:
     blast_percent: float
     flagged: bool  # blast_percent >= threshold_percent
     threshold_percent: float
+    # The differential, when a classifier typed the cells: count and percent of white cells per type in
+    # CELL_TYPES order (blasts as the segmentation counted them), and how many cells need a person's look.
+    differential: dict[str, dict[str, float]] = field(default_factory=dict)
+    review_cells: int = 0
 
 
 def slide_stats(
@@ -27,4 +32,17 @@ def slide_stats(
     white = len(cells)
     blasts = sum(1 for c in cells if c.label == LABEL_BLAST)
     percent = round(100.0 * blasts / white, 2) if white else 0.0
-    return SlideStats(white, blasts, percent, white > 0 and percent >= threshold_percent, threshold_percent)
+    differential: dict[str, dict[str, float]] = {}
+    if white and all(c.cell_type for c in cells):
+        for name in CELL_TYPES:
+            count = sum(1 for c in cells if c.cell_type == name)
+            differential[name] = {"count": count, "percent": round(100.0 * count / white, 2)}
+    return SlideStats(
+        white,
+        blasts,
+        percent,
+        white > 0 and percent >= threshold_percent,
+        threshold_percent,
+        differential,
+        sum(1 for c in cells if c.review),
+    )

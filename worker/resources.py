@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine as DatabaseEngine
 
+from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.db import connect
 from blastq.core.engines import Engine, load_engine
 from blastq.core.errors import ModelNotFound
@@ -38,6 +39,7 @@ class LoadedEngine:
     info: ModelInfo
     config: PipelineConfig
     registry_version: str | None = None  # the registry's version it runs; None: not from the registry
+    classifier: CellClassifier | None = None  # types the cells (the differential); None: settings say none
 
 
 class WorkerResources:
@@ -65,7 +67,8 @@ class WorkerResources:
     def _load(self, model_path, registry_version: str | None = None) -> LoadedEngine:
         s = self.settings
         engine, info = load_engine(model_path, kind=s.engine, device=s.device, cache_dir=s.engine_cache_dir)
-        return LoadedEngine(engine, info, pipeline_config(s), registry_version)
+        classifier = self._get("classifier", lambda: load_cell_classifier(s.classifier))
+        return LoadedEngine(engine, info, pipeline_config(s), registry_version, classifier)
 
     def _registry_engine(self) -> LoadedEngine:
         """The promoted version's engine, swapped when the promotion changed since the last slide."""

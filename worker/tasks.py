@@ -64,7 +64,7 @@ def run_job(task: Task, job_id: str) -> str | None:
             return "failed"
         loaded = resources.engine()
         slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
-        result = process_slide(slide, loaded.engine, loaded.info, loaded.config)
+        result = process_slide(slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier)
         prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
         for artifact in render_artifacts(result, slide.rgb):
             store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from legacy import COLUMNS_OF_0004
 from services import PG_URL, pg_schema
 from sqlalchemy import create_engine, event, func, make_url, select, text, update
 from sqlalchemy.orm import Session
@@ -34,6 +35,7 @@ from blastq.core.db import (
     finish_job,
     head_revision,
     job_status,
+    list_results,
     record_result,
     stale_jobs,
     upgrade,
@@ -62,7 +64,8 @@ def summary(sha: str, blasts: int = 1) -> dict:
     return {
         "sha256": sha, "model_version": "v1", "params_key": "k1", "image": "a.png", "width": 64, "height": 64,
         "mpp": 0.2, "mpp_source": "user", "white_cells": 2, "blasts": blasts, "blast_percent": 50.0 * blasts,
-        "flagged": True, "threshold_percent": 20.0, "seconds": 0.5,
+        "flagged": True, "threshold_percent": 20.0, "seconds": 0.5, "review_cells": 0,
+        "differential": {}, "classifier_version": "",
     }  # fmt: skip
 
 
@@ -104,6 +107,27 @@ def test_recording_the_same_result_twice_keeps_one_row_and_one_set_of_cells(engi
         assert (
             s.scalar(select(CellRow.label).where(CellRow.result_id == first, CellRow.cell_id == 1)) == "blast"
         )
+
+
+def test_the_differential_and_cell_types_are_stored_and_listed(engine):
+    sha = uuid.uuid4().hex
+    differential = {"lymphocyte": {"count": 1, "percent": 50.0}, "blast": {"count": 1, "percent": 50.0}}
+    typed = [
+        dataclasses.replace(CELL, cell_type="blast", cell_type_probability=0.91, p_blast=0.91),
+        dataclasses.replace(CELL, cell_id=2, label="white_cell", cell_type="lymphocyte", review=True),
+    ]
+    values = {**summary(sha), "differential": differential, "review_cells": 1, "classifier_version": "c1"}
+    rid = record_result(engine, values, typed, "slides/t")
+    [listed] = [r for r in list_results(engine) if r.id == rid]
+    assert listed.differential == differential  # JSON keeps the type order
+    assert list(listed.differential) == ["lymphocyte", "blast"]
+    assert (listed.review_cells, listed.classifier_version) == (1, "c1")
+    with Session(engine) as s:
+        rows = s.execute(
+            select(CellRow.cell_type, CellRow.review, CellRow.p_blast).where(CellRow.result_id == rid)
+            .order_by(CellRow.cell_id)
+        ).all()  # fmt: skip
+    assert [tuple(r) for r in rows] == [("blast", False, 0.91), ("lymphocyte", True, 0.0)]
 
 
 def test_a_new_model_version_is_a_new_result(engine):
@@ -149,13 +173,26 @@ def test_threads_connecting_at_once_to_a_new_sqlite_database_all_get_it(tmp_path
 
 
 def test_a_sqlite_database_from_before_migrations_keeps_its_results(tmp_path):
+    # Before migrations blastq created `results` and `cells` with create_all; the columns of revision
+    # 0004 did not exist yet.
     url = f"sqlite:///{tmp_path}/old.db"
     old = create_engine(url)
     Base.metadata.create_all(old, tables=[ResultRow.__table__, CellRow.__table__])
-    rid = record_result(old, summary("a" * 64), [CELL], "slides/a")
+    with old.begin() as c:
+        for table, column in COLUMNS_OF_0004:
+            c.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        columns = [k for k in summary("a" * 64) if ("results", k) not in COLUMNS_OF_0004]
+        c.execute(
+            text(f"INSERT INTO results ({', '.join(columns)}, store_prefix, created_at) "
+                 f"VALUES ({', '.join(':' + k for k in columns)}, 'slides/a', '2026-01-01 00:00:00')"),
+            {k: summary("a" * 64)[k] for k in columns},
+        )  # fmt: skip
+        rid = c.scalar(text("SELECT id FROM results"))
     old.dispose()
     engine = connect(url)
     assert find_result(engine, "a" * 64, "v1", "k1") == rid
+    [kept] = list_results(engine)
+    assert (kept.differential, kept.review_cells, kept.classifier_version) == ({}, 0, "")
     assert new_job(engine).state == "queued"
     engine.dispose()
 

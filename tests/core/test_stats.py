@@ -34,3 +34,23 @@ def test_threshold_is_configurable(threshold):
 def test_no_cells_is_zero_percent_not_flagged():
     s = slide_stats([])
     assert (s.white_cells, s.blasts, s.blast_percent, s.flagged) == (0, 0, 0.0, False)
+
+
+def test_the_differential_counts_each_type_among_all_white_cells():
+    typed = [dataclasses.replace(c, cell_type="neutrophil") for c in cells(6, 0)]
+    typed += [
+        dataclasses.replace(BASE, cell_id=10 + i, cell_type="lymphocyte", review=i == 0) for i in range(3)
+    ]
+    typed += [dataclasses.replace(BASE, cell_id=20, label="blast", cell_type="blast")]
+    s = slide_stats(typed)
+    assert s.differential["neutrophil"] == {"count": 6, "percent": 60.0}
+    assert s.differential["lymphocyte"] == {"count": 3, "percent": 30.0}
+    assert s.differential["blast"]["percent"] == s.blast_percent == 10.0
+    assert s.differential["basophil"]["count"] == 0
+    assert sum(d["count"] for d in s.differential.values()) == s.white_cells
+    assert s.review_cells == 1
+
+
+def test_untyped_cells_give_no_differential():
+    s = slide_stats(cells(3, 1))
+    assert s.differential == {} and s.review_cells == 0

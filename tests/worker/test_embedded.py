@@ -59,12 +59,22 @@ def test_status_and_results_show_jobs_and_results_in_each_format(tmp_path, cli, 
         "blasts",
         "blast_percent",
         "flagged",
+        "differential",
+        "review_cells",
         "mpp",
         "created_at",
     ]
     assert len(table) == 2
+    # The worker typed the cells: the table shows the differential as percent per type present.
+    assert "%" in table[1]  # only the differential column prints percent signs
+    records = json.loads(cli("results", "--format", "json").output)
+    differential = records[0]["differential"]
+    assert list(differential) == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "blast"]
+    assert sum(d["count"] for d in differential.values()) == records[0]["white_cells"] > 0
+    assert records[0]["classifier_version"] == "blastq-cells-1.0"
     csv_lines = cli("results", "--format", "csv").output.splitlines()
     assert csv_lines[0].startswith("id,image,sha256,model_version,params_key,") and len(csv_lines) == 2
+    assert "neutrophil_percent" in csv_lines[0] and "differential" not in csv_lines[0]
     assert cli("results", "--since", "2999-01-01").output == "no results\n"
     assert cli("results", "--batch", "no-such-batch", "--format", "json").output == "[]\n"
     assert cli("status", "no-such-job").exit_code == 2

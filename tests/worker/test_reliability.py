@@ -370,7 +370,7 @@ def test_two_workers_recording_the_same_result_at_once_leave_one_row_with_one_se
                 "image": "race.png", "sha256": uuid.uuid4().hex, "model_version": "race", "params_key": "p",
                 "width": 512, "height": 512, "mpp": 0.2, "mpp_source": "user", "white_cells": len(cells),
                 "blasts": len(cells), "blast_percent": 100.0, "flagged": True, "threshold_percent": 20.0,
-                "seconds": 1.0,
+                "seconds": 1.0, "differential": {}, "review_cells": 0, "classifier_version": "",
             }  # fmt: skip
             for case in ("both insert", "both replace"):
                 barrier = threading.Barrier(2)

@@ -1,0 +1,148 @@
+"""The cell-classifier command: blastq compare-classifiers.
+
+Parse, call blastq.trainer.compare (load_cells, compare_cells, fit_final) and
+blastq.trainer.compare_report, print. `register(main)` adds the command to the `blastq` group, which
+turns a BlastqError (a bad --models value, an unusable folder) into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.command("compare-classifiers", context_settings=CONTEXT)
+@click.option(
+    "--wbc",
+    "wbc_root",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The segmentation_wbc folder (labels_dataset1.csv, labels_dataset2.csv, dataset1/, dataset2/).",
+)
+@click.option(
+    "--synth-fields",
+    default=60,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Synthetic fields (0: none).",
+)
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seeds models and fields.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report folder: index.html, comparison.json and PNGs.",
+)
+@click.option(
+    "--models",
+    "models_text",
+    default="svm,random_forest,cnn,unet_encoder_linear",
+    show_default=True,
+    help="Comma-separated models to compare.",
+)
+@click.option(
+    "--save-best",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Train the winner on all real and synthetic cells and write it as a classifier file here.",
+)
+@click.option(
+    "--version",
+    "classifier_version",
+    help="Version name stored in the --save-best file (default: <model>-seed<seed>).",
+)
+@click.option("--cnn-epochs", type=click.IntRange(1), help="CNN training epochs (default: fit_cnn's).")
+@click.option(
+    "--limit-cells",
+    type=click.IntRange(1),
+    help="At most this many real cells, the classes taken in turn: a quick trial, not a result.",
+)
+def compare_classifiers(
+    wbc_root: Path,
+    synth_fields: int,
+    folds: int,
+    seed: int,
+    out_dir: Path,
+    models_text: str,
+    save_best: Path | None,
+    classifier_version: str | None,
+    cnn_epochs: int | None,
+    limit_cells: int | None,
+) -> None:
+    """Compare cell classifiers (hand-made features + SVM or random forest, a small CNN, a linear head on
+    the U-Net encoder) by cross-validation on segmentation_wbc's labelled cells and synthetic fields.
+
+    Writes an HTML report with accuracy, macro precision / recall / F1, per-class figures, confusion
+    matrices, timings and the real cells whose label most models disagree with.
+    """
+    from tqdm import tqdm
+
+    from blastq.trainer.compare import compare_cells, default_unet, fit_final, load_cells, parse_models
+    from blastq.trainer.compare_report import write_comparison_report
+
+    models = parse_models(models_text)
+    started = time.perf_counter()
+    unet, preprocess_config = default_unet()
+    click.echo("loading cells ...")
+    datasets = load_cells(
+        wbc_root,
+        synth_fields=synth_fields,
+        seed=seed,
+        preprocess_config=preprocess_config,
+        wbc_limit=limit_cells,
+    )
+    bar = tqdm(total=1, unit="fold", disable=None)
+
+    def tick(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_description(what, refresh=False)
+        bar.refresh()
+
+    try:
+        comparison = compare_cells(
+            datasets,
+            folds=folds,
+            seed=seed,
+            models=models,
+            unet=unet,
+            cnn_epochs=cnn_epochs,
+            progress=tick,
+            settings={"synth_fields": synth_fields, "wbc_limit": limit_cells},
+        )
+    finally:
+        bar.close()
+    page = write_comparison_report(comparison, out_dir)
+    click.echo(comparison.as_text())
+    click.echo(f"report: {page}")
+    if save_best is not None:
+        winner = comparison.winner
+        click.echo(f"training {winner} on all {sum(len(c) for c in datasets.values())} cells ...")
+        final = fit_final(
+            winner,
+            datasets,
+            seed=seed,
+            unet=unet,
+            cnn_epochs=cnn_epochs,
+            version=classifier_version or "",
+            metrics={
+                "cv_macro_f1_mean": round(comparison.mean_macro_f1(winner), 4),
+                **{
+                    f"cv_macro_f1_{d.name}": round(d.result(winner).scores.macro_f1, 4)
+                    for d in comparison.datasets
+                },
+            },
+        )
+        sha256 = final.save(save_best)
+        click.echo(f"wrote {save_best} ({winner}, sha256 {sha256[:12]})")
+    click.echo(f"took {time.perf_counter() - started:.0f} s")
+
+
+def register(main: click.Group) -> None:
+    """Add `compare-classifiers` to the `blastq` group."""
+    main.add_command(compare_classifiers)

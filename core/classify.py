@@ -1,0 +1,296 @@
+"""Cell classifiers: which white-cell type each segmented cell is, with probabilities.
+
+A classifier file is a torch checkpoint read with `weights_only=True` that holds plain data only:
+  format, kind, version, cell_types, metrics, trained_on; a torch state dict for the deep parts; the
+  scikit-learn parts as skops bytes (skops loads no arbitrary objects: every type it would build must be
+  a scikit-learn or numpy type, else the file is refused).
+Kinds: `svm` and `random_forest` (scikit-learn on `core.features`), `cnn` (`core.cellnets.CropCNN` on
+crops), `unet_encoder_linear` (the frozen U-Net encoder's features, a scikit-learn linear head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blastq.core.cellcrops import CELL_TYPES, CellCrop, crops_from_instances, crops_to_array, normalise_crop
+from blastq.core.cells import LABEL_BLAST, CellMaps
+from blastq.core.errors import ModelNotFound
+from blastq.core.preprocess import resample_to_shape
+
+CLASSIFIER_FORMAT = "blastq-cell-classifier-1"
+KINDS = ("svm", "random_forest", "cnn", "unet_encoder_linear")
+SKLEARN_KINDS = ("svm", "random_forest", "unet_encoder_linear")
+TORCH_KINDS = ("cnn", "unet_encoder_linear")
+# Below this top probability a cell is marked for review: with six classes, 0.6 means the runner-up
+# has at most 0.4 - the classifier prefers one type clearly, not by a coin toss.
+REVIEW_BELOW = 0.6
+_TRUSTED_MODULES = ("sklearn.", "numpy.", "scipy.")
+_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """What a classifier file says about itself."""
+
+    version: str
+    kind: str
+    cell_types: tuple[str, ...] = CELL_TYPES
+    trained_on: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of the file; filled on load
+
+
+class CellClassifier:
+    """A loaded classifier: `predict_proba(normalised crops) -> (N, len(CELL_TYPES))` float32."""
+
+    def __init__(self, info: ClassifierInfo, sklearn_model: Any = None, torch_model: Any = None):
+        if info.kind not in KINDS:
+            raise ValueError(f"unknown classifier kind {info.kind!r} (one of {', '.join(KINDS)})")
+        self.info = info
+        self.sklearn_model = sklearn_model
+        self.torch_model = torch_model
+
+    def predict_proba(self, crops: Sequence[CellCrop]) -> np.ndarray:
+        """Probabilities over CELL_TYPES per crop; columns the model never saw are 0."""
+        out = np.zeros((len(crops), len(CELL_TYPES)), np.float32)
+        if not crops:
+            return out
+        if self.info.kind == "cnn":
+            return self._torch_probabilities(crops)
+        if self.info.kind == "unet_encoder_linear":
+            x = self._torch_outputs(crops)
+        else:
+            from blastq.core.features import features_matrix
+
+            x = features_matrix(crops)
+        probs = self.sklearn_model.predict_proba(x)
+        # The estimator's classes are indices into the file's cell_types; map them onto CELL_TYPES.
+        for column, cls in enumerate(self.sklearn_model.classes_):
+            out[:, CELL_TYPES.index(self.info.cell_types[int(cls)])] = probs[:, column]
+        return out
+
+    def _torch_outputs(self, crops: Sequence[CellCrop]) -> np.ndarray:
+        import torch
+
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(crops), _BATCH):
+                x = torch.from_numpy(crops_to_array(crops[start : start + _BATCH]))
+                outputs.append(self.torch_model(x).float().numpy())
+        return np.concatenate(outputs)
+
+    def _torch_probabilities(self, crops: Sequence[CellCrop]) -> np.ndarray:
+        logits = self._torch_outputs(crops)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+        out = np.zeros((len(crops), len(CELL_TYPES)), np.float32)
+        for column, name in enumerate(self.info.cell_types):
+            out[:, CELL_TYPES.index(name)] = probs[:, column]
+        return out
+
+
+def save_classifier(
+    path: Path,
+    info: ClassifierInfo,
+    *,
+    sklearn_model: Any = None,
+    torch_model: Any = None,
+    torch_arch: dict[str, Any] | None = None,
+) -> str:
+    """Write a classifier file; return its sha256.
+
+    torch_arch: the constructor arguments that rebuild `torch_model` (CropCNN's, or the U-Net's `arch()`
+    for `unet_encoder_linear`).
+    """
+    import skops.io as sio
+    import torch
+
+    if info.kind not in KINDS:
+        raise ValueError(f"unknown classifier kind {info.kind!r} (one of {', '.join(KINDS)})")
+    if (info.kind in SKLEARN_KINDS) != (sklearn_model is not None):
+        raise ValueError(
+            f"a {info.kind} classifier {'needs' if info.kind in SKLEARN_KINDS else 'has no'} "
+            "scikit-learn model"
+        )
+    if (info.kind in TORCH_KINDS) != (torch_model is not None):
+        raise ValueError(
+            f"a {info.kind} classifier {'needs' if info.kind in TORCH_KINDS else 'has no'} torch model"
+        )
+    payload: dict[str, Any] = {
+        "format": CLASSIFIER_FORMAT,
+        "kind": info.kind,
+        "version": info.version,
+        "cell_types": list(info.cell_types),
+        "trained_on": info.trained_on,
+        "metrics": info.metrics,
+    }
+    if sklearn_model is not None:
+        payload["sklearn"] = sio.dumps(sklearn_model)
+    if torch_model is not None:
+        state = (
+            torch_model.unet.state_dict() if info.kind == "unet_encoder_linear" else torch_model.state_dict()
+        )
+        payload["state_dict"] = {k: v.detach().cpu() for k, v in state.items()}
+        payload["arch"] = dict(torch_arch or {})
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_classifier(path: Path) -> CellClassifier:
+    """Read and check a classifier file (ModelNotFound with the reason when it is not one)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"classifier file not found: {path}")
+    data = path.read_bytes()
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise ModelNotFound(f"{path}: not a blastq cell classifier ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
+        raise ModelNotFound(f"{path}: not a blastq cell classifier (format {CLASSIFIER_FORMAT} expected)")
+    kind = payload.get("kind")
+    if kind not in KINDS:
+        raise ModelNotFound(f"{path}: unknown classifier kind {kind!r}")
+    cell_types = tuple(payload["cell_types"])
+    unknown = set(cell_types) - set(CELL_TYPES)
+    if unknown:
+        raise ModelNotFound(f"{path}: unknown cell types {sorted(unknown)}")
+    info = ClassifierInfo(
+        version=str(payload["version"]),
+        kind=kind,
+        cell_types=cell_types,
+        trained_on=str(payload.get("trained_on", "")),
+        metrics=dict(payload.get("metrics", {})),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    sklearn_model = _load_sklearn(path, payload["sklearn"]) if kind in SKLEARN_KINDS else None
+    torch_model = _load_torch(path, kind, payload, len(cell_types)) if kind in TORCH_KINDS else None
+    return CellClassifier(info, sklearn_model, torch_model)
+
+
+def _load_sklearn(path: Path, data: bytes) -> Any:
+    import skops.io as sio
+
+    untrusted = sio.get_untrusted_types(data=data)
+    refused = [t for t in untrusted if not t.startswith(_TRUSTED_MODULES)]
+    if refused:
+        raise ModelNotFound(f"{path}: the classifier holds types blastq does not load: {', '.join(refused)}")
+    return sio.loads(data, trusted=untrusted)
+
+
+def _load_torch(path: Path, kind: str, payload: dict[str, Any], n_classes: int) -> Any:
+    from blastq.core.cellnets import CropCNN, EncoderFeatures
+    from blastq.core.unet import UNet
+
+    arch = dict(payload.get("arch", {}))
+    try:
+        if kind == "cnn":
+            model = CropCNN(n_classes, **arch)
+            model.load_state_dict(payload["state_dict"])
+        else:
+            unet = UNet(**arch)
+            unet.load_state_dict(payload["state_dict"])
+            model = EncoderFeatures(unet)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise ModelNotFound(f"{path}: weights do not fit the {kind} architecture ({exc})") from None
+    return model.eval()
+
+
+# --- the pipeline's use -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellTyping:
+    """The classifier's answer for one cell, reconciled with the segmentation's blast call."""
+
+    cell_type: str
+    probability: float  # of cell_type
+    review: bool
+    probabilities: tuple[float, ...]  # over CELL_TYPES
+
+
+def reconcile(
+    probs: np.ndarray, is_blast: np.ndarray, review_below: float = REVIEW_BELOW
+) -> list[CellTyping]:
+    """Types for cells whose blast call the segmentation already made.
+
+    The blast count stays the segmentation's (it is what blastq validates and flags on); the classifier
+    names the type of every other cell among the normal types (its probabilities renormalised without
+    blast). A cell is marked for review when the classifier is unsure (top probability below
+    `review_below`) or disagrees with the segmentation about whether it is a blast.
+    """
+    blast = CELL_TYPES.index("blast")
+    out = []
+    for p, seg_blast in zip(probs, is_blast, strict=True):
+        p = np.asarray(p, np.float64)
+        says_blast = int(np.argmax(p)) == blast
+        if seg_blast:
+            cell_type, probability = "blast", float(p[blast])
+            unsure = False  # the segmentation's call; disagreement is caught below
+        else:
+            normal = p.copy()
+            normal[blast] = 0.0
+            total = normal.sum()
+            normal = normal / total if total > 0 else np.full_like(normal, 1.0 / (len(CELL_TYPES) - 1))
+            normal[blast] = 0.0
+            top = int(np.argmax(normal))
+            cell_type, probability = CELL_TYPES[top], float(normal[top])
+            unsure = probability < review_below
+        review = unsure or says_blast != bool(seg_blast) or float(p.max()) < review_below
+        out.append(
+            CellTyping(cell_type, round(probability, 4), bool(review), tuple(round(float(v), 4) for v in p))
+        )
+    return out
+
+
+def default_classifier_path() -> Path:
+    """The classifier shipped in the package (trained by `blastq compare-classifiers --save-best`)."""
+    return Path(__file__).with_name("weights") / "blastq-cells-default.pt"
+
+
+def type_cells(maps: CellMaps, work: np.ndarray, work_mpp: float, classifier: CellClassifier) -> CellMaps:
+    """`maps` with every cell typed from `work` (the preprocessed image at `work_mpp`)."""
+    if not maps.cells:
+        return maps
+    h, w = work.shape[:2]
+    instances = resample_to_shape(maps.instances, h, w, labels=True)
+    nuclei = resample_to_shape(maps.nuclei, h, w, labels=True)
+    ids = [c.cell_id for c in maps.cells]
+    crops = [normalise_crop(c) for c in crops_from_instances(work, instances, nuclei, work_mpp, ids)]
+    typings = reconcile(
+        classifier.predict_proba(crops), np.array([c.label == LABEL_BLAST for c in maps.cells])
+    )
+    cells = tuple(
+        replace(
+            cell,
+            cell_type=t.cell_type,
+            cell_type_probability=t.probability,
+            review=t.review,
+            **{f"p_{name}": p for name, p in zip(CELL_TYPES, t.probabilities, strict=True)},
+        )
+        for cell, t in zip(maps.cells, typings, strict=True)
+    )
+    return replace(maps, cells=cells)
+
+
+def load_cell_classifier(setting: str) -> CellClassifier | None:
+    """The classifier a `classifier` setting names: "default" (shipped), "none", or a file."""
+    if setting == "none":
+        return None
+    return load_classifier(default_classifier_path() if setting in ("", "default") else Path(setting))
