@@ -66,6 +66,12 @@ def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_
         } < files
     summary = json.loads((out / "synth_00040" / "summary.json").read_text())
     assert summary["mpp_source"] == "user" and summary["mpp"] == 0.2
+    # The shipped classifier typed every cell: the differential covers them all, and cells.csv names types.
+    assert summary["classifier_version"] == "blastq-cells-1.0" and "differential:" in result.output
+    assert sum(d["count"] for d in summary["differential"].values()) == summary["white_cells"]
+    rows = (out / "synth_00040" / "cells.csv").read_text().splitlines()
+    types = {line.split(",")[rows[0].split(",").index("cell_type")] for line in rows[1:]}
+    assert types and types <= set(summary["differential"])
     db = create_engine(f"sqlite:///{tmp_path}/data/blastq.db")
     with db.connect() as c:
         assert c.execute(text("select count(*) from results")).scalar() == 2
@@ -134,6 +140,21 @@ def test_mpp_is_estimated_from_red_cells_when_not_given(cli, smears, tmp_path):
 def test_a_bad_model_path_is_one_clear_line(cli, smears, tmp_path):
     result = cli("run", smears / "synth_00040.png", "--model", tmp_path / "none.pt")
     assert result.exit_code == 2 and "model file not found" in result.output
+
+
+def test_a_bad_classifier_setting_is_one_clear_line_and_none_turns_typing_off(
+    cli, smears, tmp_path, monkeypatch
+):
+    from blastq.core.unet import default_model_path
+
+    monkeypatch.setenv("BLASTQ_CLASSIFIER", str(default_model_path()))  # a U-Net, not a classifier
+    result = cli("run", smears / "synth_00040.png", "--mpp", "0.2", "--no-record")
+    assert result.exit_code == 2 and "not a blastq cell classifier" in result.output
+    monkeypatch.setenv("BLASTQ_CLASSIFIER", "none")
+    result = cli("run", smears / "synth_00040.png", "--mpp", "0.2", "--out", tmp_path / "r", "--no-record")
+    assert result.exit_code == 0 and "differential" not in result.output
+    summary = json.loads((tmp_path / "r" / "synth_00040" / "summary.json").read_text())
+    assert summary["differential"] == {} and summary["classifier_version"] == ""
 
 
 def test_evaluate_reports_metrics_on_a_synth_folder(cli, smears):
