@@ -1,29 +1,39 @@
 """Evaluating a model through the full pipeline, on images it never trained on.
 
 Two kinds of truth: segmentation_wbc crops (whole white cell and nucleus; no blasts) and synthetic
-fields (classes, nuclei and instances, blasts included). Each image can also be offered to a
-CaseKeeper, which keeps the k best and k worst images (by Dice) for the report's examples grid.
+fields (classes, nuclei and instances, blasts included, and each cell's kind). On synthetic fields a
+cell classifier's types and differential are scored against the kinds. Each image can also be offered
+to a CaseKeeper, which keeps the k best and k worst images (by Dice) for the report's examples grid.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
+from blastq.core.cellcrops import CELL_TYPES
+from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.engines import Engine
 from blastq.core.metrics import ObjectCounts, PixelCounts, match_instances, pixel_counts, segmentation_report
-from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
 from blastq.core.slide import Slide
-from blastq.core.synth import generate_field
+from blastq.core.synth import SynthField, generate_field
 from blastq.core.unet import CLASS_NAMES, ModelInfo
 from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask, wbc_split
 from blastq.trainer.train import SYNTH_TEST_SEED0, SYNTH_VAL_SEED0
 
 Tick = Callable[[int], None]
+# A synthetic field with its truth: (rgb HWC uint8, classes HW uint8, instances HW int, mpp) and, to score
+# a classifier's types, a fifth item mapping each true instance id to its kind (SynthCell.kind).
+SynthTruth = (
+    tuple[np.ndarray, np.ndarray, np.ndarray, float]
+    | tuple[np.ndarray, np.ndarray, np.ndarray, float, Mapping[int, str]]
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,59 @@ class WbcEvaluation:
 
 
 @dataclass(frozen=True)
+class CellTypeEvaluation:
+    """How a cell classifier typed the white cells of synthetic fields (blasts stay the segmentation's call).
+
+    Type figures are over the `fields` fields whose true kinds were given: types compare predicted and
+    true cells matched one-to-one at IoU >= 0.5, the differential compares each field's percentages.
+    The review share is over every predicted cell of every field.
+    """
+
+    classifier_version: str
+    cells: int  # predicted white cells, all fields
+    review_cells: int  # of them, marked for a person's review
+    fields: int  # fields with true kinds; without any, the figures below are empty
+    confusion: tuple[tuple[int, ...], ...]  # [true kind][predicted type], CELL_TYPES order, matched cells
+    true_counts: tuple[int, ...]  # all true cells per CELL_TYPES, matched or not
+    predicted_counts: tuple[int, ...]  # all predicted cells per CELL_TYPES, matched or not
+    differential_abs_error: tuple[float, ...]  # per CELL_TYPES: mean over fields of |pred - true| points
+
+    @property
+    def review_share(self) -> float:
+        return self.review_cells / self.cells if self.cells else 0.0
+
+    @property
+    def matched_cells(self) -> int:
+        return int(sum(map(sum, self.confusion)))
+
+    @property
+    def accuracy(self) -> float:
+        """Matched cells whose predicted type is their true kind; nan when none matched."""
+        correct = sum(self.confusion[i][i] for i in range(len(CELL_TYPES)))
+        return correct / self.matched_cells if self.matched_cells else math.nan
+
+    def type_counts(self, cell_type: str) -> ObjectCounts:
+        """One type among the matched cells: tp (right), fp (called it, was not), fn (was it, called other)."""
+        i = CELL_TYPES.index(cell_type)
+        tp = self.confusion[i][i]
+        called = sum(row[i] for row in self.confusion)
+        return ObjectCounts(tp, called - tp, sum(self.confusion[i]) - tp, 0.0)
+
+    @property
+    def types_seen(self) -> tuple[str, ...]:
+        """Types that are in the truth or the predictions of the fields with kinds (CELL_TYPES order)."""
+        return tuple(
+            t for t, n, m in zip(CELL_TYPES, self.true_counts, self.predicted_counts, strict=True) if n or m
+        )
+
+    @property
+    def differential_mean_abs_error(self) -> float:
+        """Mean of differential_abs_error over types_seen (a type never there nor called is 0 by design)."""
+        seen = [self.differential_abs_error[CELL_TYPES.index(t)] for t in self.types_seen]
+        return float(np.mean(seen)) if seen else math.nan
+
+
+@dataclass(frozen=True)
 class SynthEvaluation:
     fields: int
     blast_dice: float  # over all pixels of all fields
@@ -54,6 +117,7 @@ class SynthEvaluation:
     cell_objects: ObjectCounts  # all white-cell instances matched at IoU >= 0.5
     blast_percent_abs_error: float  # mean over fields of |predicted - true| percentage points
     report: object  # the full SegmentationReport
+    cell_types: CellTypeEvaluation | None = None  # None when no classifier typed the cells
 
 
 # Label names of the examples' maps; the report colours each by name.
@@ -258,7 +322,9 @@ def combine_wbc(evaluations: Iterable[WbcEvaluation]) -> list[WbcEvaluation]:
     return out
 
 
-def synthetic_test_fields(count: int, size_px: int = 512, mpp: float = 0.2, blast_fraction: float = 0.3):
+def synthetic_test_fields(
+    count: int, size_px: int = 512, mpp: float = 0.2, blast_fraction: float = 0.3
+) -> list[SynthField]:
     """The fixed synthetic test set: seeds SYNTH_TEST_SEED0 + i, never used in training."""
     return [
         generate_field(SYNTH_TEST_SEED0 + i, size_px, size_px, mpp=mpp, blast_fraction=blast_fraction)
@@ -266,25 +332,114 @@ def synthetic_test_fields(count: int, size_px: int = 512, mpp: float = 0.2, blas
     ]
 
 
+def synth_truth(field: SynthField) -> SynthTruth:
+    """A generated field as evaluate_synthetic takes it, with each cell's kind."""
+    return field.image, field.classes, field.instances, field.mpp, {c.cell_id: c.kind for c in field.cells}
+
+
+def matched_pairs(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> list[tuple[int, int]]:
+    """(predicted id, true id) of the objects match_instances pairs: one-to-one, greedy by decreasing IoU.
+
+    Ties are broken as match_instances breaks them (lower predicted id, then lower true id), so the pairs
+    are exactly the ones it counts as true positives.
+    """
+    pred = np.asarray(pred, np.int64).reshape(-1)
+    truth = np.asarray(truth, np.int64).reshape(-1)
+    if pred.shape != truth.shape:
+        raise ValueError(f"matched_pairs: pred {pred.shape} and truth {truth.shape} differ")
+    both = (pred > 0) & (truth > 0)
+    if not both.any():
+        return []
+    stride = int(truth.max()) + 1
+    keys, overlap = np.unique(pred[both] * stride + truth[both], return_counts=True)
+    p, t = keys // stride, keys % stride
+    iou = overlap / (np.bincount(pred)[p] + np.bincount(truth)[t] - overlap)
+    keep = iou >= iou_threshold
+    p, t, iou = p[keep], t[keep], iou[keep]
+    pairs, pred_used, truth_used = [], set(), set()
+    for i in np.lexsort((t, p, -iou)).tolist():
+        a, b = int(p[i]), int(t[i])
+        if a not in pred_used and b not in truth_used:
+            pred_used.add(a)
+            truth_used.add(b)
+            pairs.append((a, b))
+    return pairs
+
+
+class _TypeTally:
+    """Adds up one field after another into a CellTypeEvaluation."""
+
+    def __init__(self, classifier_version: str) -> None:
+        n = len(CELL_TYPES)
+        self.version, self.cells, self.review, self.fields = classifier_version, 0, 0, 0
+        self.confusion = np.zeros((n, n), np.int64)
+        self.true_counts = np.zeros(n, np.int64)
+        self.predicted_counts = np.zeros(n, np.int64)
+        self.abs_error_sum = np.zeros(n, np.float64)
+
+    def add(self, result: SlideResult, instances: np.ndarray, kinds: Mapping[int, str] | None) -> None:
+        self.cells += result.stats.white_cells
+        self.review += result.stats.review_cells
+        if kinds is None:
+            return
+        unknown = set(kinds.values()) - set(CELL_TYPES)
+        if unknown:
+            raise ValueError(f"true kinds {sorted(unknown)} are not cell types ({', '.join(CELL_TYPES)})")
+        self.fields += 1
+        predicted = {c.cell_id: c.cell_type for c in result.maps.cells}
+        for pred_id, true_id in matched_pairs(result.maps.instances, instances):
+            if true_id not in kinds:
+                raise ValueError(f"true instance {true_id} has no kind")
+            self.confusion[CELL_TYPES.index(kinds[true_id]), CELL_TYPES.index(predicted[pred_id])] += 1
+        true_n = np.array([sum(k == t for k in kinds.values()) for t in CELL_TYPES], np.int64)
+        self.true_counts += true_n
+        self.predicted_counts += [sum(c == t for c in predicted.values()) for t in CELL_TYPES]
+        true_pct = 100.0 * true_n / true_n.sum() if true_n.sum() else np.zeros(len(CELL_TYPES))
+        differential = result.stats.differential  # empty when nothing was segmented: 0 % of every type
+        pred_pct = np.array([differential.get(t, {}).get("percent", 0.0) for t in CELL_TYPES], np.float64)
+        self.abs_error_sum += np.abs(pred_pct - true_pct)
+
+    def result(self) -> CellTypeEvaluation:
+        return CellTypeEvaluation(
+            classifier_version=self.version,
+            cells=self.cells,
+            review_cells=self.review,
+            fields=self.fields,
+            confusion=tuple(tuple(int(v) for v in row) for row in self.confusion),
+            true_counts=tuple(int(v) for v in self.true_counts),
+            predicted_counts=tuple(int(v) for v in self.predicted_counts),
+            differential_abs_error=(
+                tuple(float(v) for v in self.abs_error_sum / self.fields) if self.fields else ()
+            ),
+        )
+
+
 def evaluate_synthetic(
     engine: Engine,
     info: ModelInfo,
-    fields: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    fields: Iterable[SynthTruth],
     config: PipelineConfig = PipelineConfig(),
     tick: Tick | None = None,
     cases: CaseKeeper | None = None,
     names: Sequence[str] | None = None,
+    classifier: CellClassifier | str | None = "default",
 ) -> SynthEvaluation:
-    """Figures on (rgb, classes, instances, mpp) tuples with full truth; any iterable, read once.
+    """Figures on fields with full truth (SynthTruth; see synth_truth); any iterable, read once.
 
-    With `cases`, every field is offered to it, ranked by its blast Dice; `names` name the fields.
+    `classifier` types the cells: a loaded one, a setting as load_cell_classifier reads it ("default", the
+    shipped one; "none"; a file), or None for no typing (then `cell_types` is None). Types are scored
+    on the fields that carry their true kinds. With `cases`, every field is offered to it, ranked by its
+    blast Dice; `names` name the fields.
     """
+    if isinstance(classifier, str):
+        classifier = load_cell_classifier(classifier)
+    types = _TypeTally(classifier.info.version) if classifier is not None else None
     report = None
     blast_obj = cell_obj = ObjectCounts(0, 0, 0, 0.0)
     errors = []
-    for i, (rgb, classes, instances, mpp) in enumerate(fields):
+    for i, (rgb, classes, instances, mpp, *kinds) in enumerate(fields):
         name = names[i] if names is not None else f"field{i}"
-        result = process_slide(_slide(rgb, mpp, name), engine, info, config)
+        result = process_slide(_slide(rgb, mpp, name), engine, info, config, classifier=classifier)
         maps = result.maps
         r = segmentation_report(maps.classes, classes, CLASS_NAMES)
         report = r if report is None else report + r
@@ -303,6 +458,8 @@ def evaluate_synthetic(
         true_blasts = len(np.unique(instances[classes == 2]))
         true_pct = 100.0 * true_blasts / len(true_ids) if len(true_ids) else 0.0
         errors.append(abs(result.stats.blast_percent - true_pct))
+        if types is not None:
+            types.add(result, instances, kinds[0] if kinds else None)
         if tick:
             tick(1)
     if report is None:
@@ -318,6 +475,7 @@ def evaluate_synthetic(
         cell_objects=cell_obj,
         blast_percent_abs_error=float(np.mean(errors)),
         report=report,
+        cell_types=types.result() if types is not None else None,
     )
 
 
@@ -342,8 +500,9 @@ def validation_metrics(
         generate_field(VALIDATION_SYNTH_SEED0 + i, 512, 512, mpp=0.2, blast_fraction=0.3)
         for i in range(VALIDATION_SYNTH_FIELDS)
     )
+    # Segmentation figures only: typing the cells would cost time and change none of them.
     synth = evaluate_synthetic(
-        engine, info, ((f.image, f.classes, f.instances, f.mpp) for f in fields), tick=tick
+        engine, info, ((f.image, f.classes, f.instances, f.mpp) for f in fields), tick=tick, classifier=None
     )
     metrics["synthetic_val_blast_dice"] = round(synth.blast_dice, 4)
     metrics["synthetic_val_blast_f1"] = round(synth.blast_objects.f1, 4)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from blastq.core.engines import load_engine
 from blastq.trainer.datasets import SEGMENTATION_WBC_MPP, segmentation_wbc_items
-from blastq.trainer.evaluate import evaluate_synthetic, evaluate_wbc, synthetic_test_fields
+from blastq.trainer.evaluate import evaluate_synthetic, evaluate_wbc, synth_truth, synthetic_test_fields
 from blastq.trainer.report import EvaluationReport
 
 SYNTH_TEST_FIELDS = 24
@@ -31,9 +31,7 @@ def measure(model: Path, wbc_root: Path, n_fields: int = SYNTH_TEST_FIELDS) -> d
     t0 = time.perf_counter()
     with tqdm(total=len(items), desc="segmentation_wbc test", disable=None) as bar:
         wbc = evaluate_wbc(engine, info, items, tick=bar.update)
-    fields = [
-        (f.image, f.classes, f.instances, f.mpp) for f in synthetic_test_fields(n_fields, SYNTH_TEST_SIZE_PX)
-    ]
+    fields = [synth_truth(f) for f in synthetic_test_fields(n_fields, SYNTH_TEST_SIZE_PX)]
     with tqdm(total=len(fields), desc="synthetic test", disable=None) as bar:
         synth = evaluate_synthetic(engine, info, fields, tick=bar.update)
     report = EvaluationReport(info.version, "test split", "test", wbc=tuple(wbc), synthetic=synth)

@@ -10,24 +10,31 @@ fixed synthetic test fields.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
+from blastq.core.cellcrops import CELL_TYPES
+from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.engines import Engine, load_engine
 from blastq.core.errors import InvalidDataset
-from blastq.core.synth import read_field_masks
+from blastq.core.synth import generate_field, read_field_masks
 from blastq.core.unet import ModelInfo, default_model_path
 from blastq.trainer.datasets import read_rgb, segmentation_wbc_items, synth_folder_items
 from blastq.trainer.evaluate import (
     CaseKeeper,
+    CellTypeEvaluation,
     SynthEvaluation,
     WbcEvaluation,
     combine_wbc,
     evaluate_synthetic,
     evaluate_wbc,
+    synth_truth,
     synthetic_test_fields,
 )
 
@@ -79,6 +86,8 @@ class EvaluationReport:
                     for c in s.report.classes
                 },
             }
+            if s.cell_types is not None:
+                out["synthetic"]["cell_types"] = _cell_types_dict(s.cell_types)
         return out
 
     def as_text(self) -> str:
@@ -111,7 +120,82 @@ class EvaluationReport:
             lines.append(
                 f"blast percentage: mean absolute error {s.blast_percent_abs_error:.2f} points per field"
             )
+            if s.cell_types is not None:
+                lines.extend(_cell_types_lines(s.cell_types))
         return "\n".join(lines)
+
+
+def _rounded(value: float, digits: int = 4) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
+
+
+def _cell_types_dict(t: CellTypeEvaluation) -> dict:
+    out: dict = {
+        "classifier_version": t.classifier_version,
+        "cells": t.cells,
+        "review_cells": t.review_cells,
+        "review_share": round(t.review_share, 4),
+        "fields_with_kinds": t.fields,
+    }
+    if not t.fields:
+        return out
+    per_type = {}
+    for name in t.types_seen:
+        c, i = t.type_counts(name), CELL_TYPES.index(name)
+        per_type[name] = {
+            "recall": round(c.recall, 4),
+            "precision": round(c.precision, 4),
+            "f1": round(c.f1, 4),
+            "matched": c.tp + c.fn,
+            "true_cells": t.true_counts[i],
+            "predicted_cells": t.predicted_counts[i],
+            "differential_abs_error": round(t.differential_abs_error[i], 2),
+        }
+    out.update(
+        matched_cells=t.matched_cells,
+        accuracy=_rounded(t.accuracy),
+        per_type=per_type,
+        # Rows: true kind, columns: predicted type, both over every type of the differential.
+        confusion={
+            true: dict(zip(CELL_TYPES, row, strict=True))
+            for true, row in zip(CELL_TYPES, t.confusion, strict=True)
+        },
+        differential_abs_error={
+            name: round(v, 2) for name, v in zip(CELL_TYPES, t.differential_abs_error, strict=True)
+        },
+        differential_mean_abs_error=_rounded(t.differential_mean_abs_error, 2),
+    )
+    return out
+
+
+def _cell_types_lines(t: CellTypeEvaluation) -> list[str]:
+    lines = [f"cell types (classifier {t.classifier_version}):"]
+    if t.fields:
+        lines.append(
+            f"type accuracy {t.accuracy:.4f} over {t.matched_cells} cells matched at IoU >= 0.5 "
+            f"({t.fields} fields with true kinds)"
+        )
+        lines.append(
+            f"{'type':12} {'recall':>7} {'prec':>7} {'F1':>7} {'true':>6} {'called':>6} {'diff err':>8}"
+        )
+        for name in t.types_seen:
+            c, i = t.type_counts(name), CELL_TYPES.index(name)
+            lines.append(
+                f"{name:12} {c.recall:7.4f} {c.precision:7.4f} {c.f1:7.4f} {t.true_counts[i]:6d} "
+                f"{t.predicted_counts[i]:6d} {t.differential_abs_error[i]:8.2f}"
+            )
+        lines.append("confusion of matched cells (rows: true kind, columns: predicted type)")
+        lines.append(f"{'':12} " + " ".join(f"{name[:6]:>6}" for name in CELL_TYPES))
+        for name, row in zip(CELL_TYPES, t.confusion, strict=True):
+            lines.append(f"{name:12} " + " ".join(f"{v:6d}" for v in row))
+        lines.append(
+            f"differential: mean absolute error {t.differential_mean_abs_error:.2f} points per field and type "
+            "(diff err: per type)"
+        )
+    else:
+        lines.append("no true kinds given: types and differential not scored")
+    lines.append(f"cells marked for review: {100 * t.review_share:.1f}% ({t.review_cells} of {t.cells})")
+    return lines
 
 
 def _is_wbc_folder(folder: Path) -> bool:
@@ -132,6 +216,29 @@ def _synth_images(folder: Path) -> list[Path]:
         ) from None
 
 
+# `blastq synth` names field i of a dataset synth_<seed + i>, and field i is generated from seed + i.
+_SYNTH_STEM = re.compile(r"synth_(\d+)")
+
+
+def synth_folder_kinds(
+    image_path: Path, classes: np.ndarray, instances: np.ndarray, mpp: float
+) -> Mapping[int, str] | None:
+    """The true kind of each cell of a field written by `blastq synth`, or None when it cannot be known.
+
+    The written masks hold no kinds, but the generator is deterministic: the field is generated again
+    from the seed in its name (its size, `mpp`, the default blast fraction) and its kinds are taken only
+    when its masks equal the written ones exactly (a renamed field, another --blast-fraction: None).
+    """
+    match = _SYNTH_STEM.fullmatch(Path(image_path).stem)
+    if match is None:
+        return None
+    h, w = classes.shape
+    field = generate_field(int(match.group(1)), h, w, mpp=mpp)
+    if not (np.array_equal(field.classes, classes) and np.array_equal(field.instances, instances)):
+        return None
+    return synth_truth(field)[4]
+
+
 def _evaluate_synth_folder(
     folder: Path,
     images: list[Path],
@@ -140,14 +247,16 @@ def _evaluate_synth_folder(
     mpp: float | None,
     tick: Callable[[int], None],
     cases: CaseKeeper | None,
+    classifier: CellClassifier | None,
 ) -> EvaluationReport:
     def fields():  # read one field at a time: a large folder is never held in memory
         for p in images:
             classes, _, instances = read_field_masks(p)
-            yield read_rgb(p), classes, instances, mpp or 0.2
+            kinds = synth_folder_kinds(p, classes, instances, mpp or 0.2) if classifier is not None else None
+            yield read_rgb(p), classes, instances, mpp or 0.2, kinds
 
     synthetic = evaluate_synthetic(
-        engine, info, fields(), tick=tick, cases=cases, names=[p.name for p in images]
+        engine, info, fields(), tick=tick, cases=cases, names=[p.name for p in images], classifier=classifier
     )
     return EvaluationReport(info.version, str(folder), "all", synthetic=synthetic)
 
@@ -159,10 +268,13 @@ def evaluate_folder(
     split: str = "test",
     mpp: float | None = None,
     cases: CaseKeeper | None = None,
+    classifier: str = "default",
 ) -> EvaluationReport:
     """Evaluate a model on a segmentation_wbc folder or a `blastq synth` folder.
 
-    With `cases`, every image is offered to it (the best and worst examples of a report).
+    On a synth folder, `classifier` (a load_cell_classifier setting: "default", "none", a file) types
+    the cells and is scored. With `cases`, every image is offered to it (the best and worst examples of
+    a report).
     """
     folder = Path(folder)
     engine, info = load_engine(model)
@@ -172,8 +284,9 @@ def evaluate_folder(
             wbc = evaluate_wbc(engine, info, items, tick=bar.update, cases=cases)
         return EvaluationReport(info.version, str(folder), split, wbc=tuple(wbc))
     images = _synth_images(folder)
+    typer = load_cell_classifier(classifier)
     with tqdm(total=len(images), desc="evaluate", unit="image", disable=None) as bar:
-        return _evaluate_synth_folder(folder, images, engine, info, mpp, bar.update, cases)
+        return _evaluate_synth_folder(folder, images, engine, info, mpp, bar.update, cases, typer)
 
 
 def history_path(model: Path | None) -> Path:
@@ -196,6 +309,7 @@ def write_folder_report(
     split: str = "test",
     mpp: float | None = None,
     k: int = 4,
+    classifier: str = "default",
 ) -> tuple[EvaluationReport, Path]:
     """Evaluate as evaluate_folder does and write the HTML report into out_dir: (figures, report.html).
 
@@ -228,9 +342,10 @@ def write_folder_report(
         )
     else:
         images = _synth_images(folder)
+        typer = load_cell_classifier(classifier)
         cases = CaseKeeper(k, f"synthetic fields in {folder.name}/")
         with tqdm(total=len(images), desc="evaluate", unit="image", disable=None) as bar:
-            overall = _evaluate_synth_folder(folder, images, engine, info, mpp, bar.update, cases)
+            overall = _evaluate_synth_folder(folder, images, engine, info, mpp, bar.update, cases, typer)
         by_split = {"all": overall}
     page = write_report(
         out_dir, model_info=info, evaluations_by_split=by_split, history=_history(model), cases=cases.result()
@@ -273,10 +388,7 @@ def model_report(
             by_split[s] = EvaluationReport(info.version, str(wbc_root), s, wbc=tuple(wbc))
         synthetic = None
         if n_fields:
-            fields = (
-                (f.image, f.classes, f.instances, f.mpp)
-                for f in synthetic_test_fields(n_fields, SYNTH_TEST_SIZE_PX)
-            )
+            fields = (synth_truth(f) for f in synthetic_test_fields(n_fields, SYNTH_TEST_SIZE_PX))
             names = [f"test field {i} ({SYNTH_TEST_SIZE_PX} px)" for i in range(n_fields)]
             synthetic = evaluate_synthetic(
                 engine, info, fields, tick=bar.update, cases=synth_cases, names=names
