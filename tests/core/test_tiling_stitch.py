@@ -71,3 +71,19 @@ def test_skipped_tiles_become_background():
     s.add_background(t)
     out = s.result()
     assert np.allclose(out[0], 1) and np.allclose(out[1:], 0)
+
+
+def test_stained_fraction_counts_coloured_or_dark_pixels_without_uint8_wraparound():
+    from blastq.core.tiling import stained_fraction
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        tile = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        wide = tile.astype(int)
+        chroma, low = wide.max(axis=2) - wide.min(axis=2), wide.min(axis=2)
+        assert stained_fraction(tile) == pytest.approx(np.mean((chroma > 25) | (low < 170)))
+    plasma = np.full((8, 8, 3), 235, np.uint8)
+    assert stained_fraction(plasma) == 0.0
+    plasma[0, 0] = (240, 200, 240)  # pink: chroma 40
+    plasma[0, 1] = (160, 160, 160)  # dark grey: no chroma
+    assert stained_fraction(plasma) == 2 / 64

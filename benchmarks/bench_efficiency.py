@@ -1,0 +1,194 @@
+"""How much of a slide's time the engine gets: process_slide against the engine alone, stage by stage.
+
+python benchmarks/bench_efficiency.py [--sizes 2048 4096] [--threads N] [--repeat 3] [--artifacts]
+
+For each synthetic smear (0.2 um/px), `process_slide` runs end to end with the default CPU engine and
+the shipped cell classifier. The same work is then done stage by stage with the pipeline's public
+functions, each stage timed on its own:
+
+  prepare    prepare_image: resample to the model's scale + flat-field/CLAHE preprocessing
+  tiling     pad_to_tiles, tile_grid and the empty-tile check (is_empty_tile) on every tile
+  batching   cutting the non-empty tiles out, stacking them, to_model_input (NCHW float32)
+  engine     engine.infer on those batches only: the pure engine time for the same tiles and batch size
+  stitching  logits_to_probabilities, Stitcher.add/add_background, result, crop (and resize)
+  cells      extract_cells (threshold, watershed split, measurements)
+  typing     type_cells with load_cell_classifier("default")
+  stats      slide_stats
+  artifacts  render_artifacts (PNG, TIFF, CSV, GeoJSON, HTML), with --artifacts; not in process_slide
+
+overhead = (end to end - engine) / end to end: the share of a slide's time spent outside the engine;
+segmentation overhead: the same for prepare..stitching only (what segment_prepared does).
+Figures are medians over --repeat rounds after a warm-up round; end to end and stages alternate within
+a round, so a neighbour's load on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from blastq.core.artifacts import render_artifacts
+from blastq.core.cells import extract_cells
+from blastq.core.classify import CellClassifier, load_cell_classifier, type_cells
+from blastq.core.engines import Engine, cpu_cores, load_engine
+from blastq.core.pipeline import PipelineConfig, prepare_image, process_slide, segment_prepared
+from blastq.core.slide import Slide
+from blastq.core.stats import slide_stats
+from blastq.core.stitch import Stitcher, logits_to_probabilities
+from blastq.core.synth import generate_field
+from blastq.core.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+from blastq.core.unet import N_OUTPUTS, ModelInfo, to_model_input
+
+MPP = 0.2
+SEGMENTATION_STAGES = ("prepare", "tiling", "batching", "engine", "stitching")
+STAGES = ("prepare", "tiling", "batching", "engine", "stitching", "cells", "typing", "stats", "artifacts")
+
+
+class StageClock:
+    """Seconds per named stage of one staged run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, stage: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def staged_run(
+    slide: Slide, engine: Engine, info: ModelInfo, config: PipelineConfig, classifier: CellClassifier | None
+) -> tuple[dict[str, float], np.ndarray, int]:
+    """process_slide's work, stage by stage (segment_prepared's loop unrolled); (seconds, probs, tiles run)."""
+    clock = StageClock()
+    height, width = slide.rgb.shape[:2]
+    work = clock.run("prepare", lambda: prepare_image(slide.rgb, slide.mpp, info))
+    wh, ww = work.shape[:2]
+
+    def cut_tiles():
+        padded = pad_to_tiles(work, config.tile_px)
+        tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
+        empty = [config.skip_empty_tiles and is_empty_tile(padded[t.slices]) for t in tiles]
+        return padded, tiles, empty
+
+    padded, tiles, empty = clock.run("tiling", cut_tiles)
+    todo = [t for t, e in zip(tiles, empty, strict=True) if not e]
+    batches = list(iter_batches(todo, config.batch_size))
+    inputs = clock.run(
+        "batching", lambda: [to_model_input(np.stack([padded[t.slices] for t in b])) for b in batches]
+    )
+    logits = clock.run("engine", lambda: [engine.infer(x) for x in inputs])
+
+    def stitch():
+        stitcher = Stitcher(N_OUTPUTS, padded.shape[0], padded.shape[1], config.tile_px)
+        for t, e in zip(tiles, empty, strict=True):
+            if e:
+                stitcher.add_background(t)
+        for batch, y in zip(batches, logits, strict=True):
+            for t, p in zip(batch, logits_to_probabilities(y), strict=True):
+                stitcher.add(t, p)
+        probs = stitcher.result()[:, :wh, :ww]
+        if (wh, ww) != (height, width):
+            probs = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in probs])
+        return probs
+
+    probs = clock.run("stitching", stitch)
+    maps = clock.run("cells", lambda: extract_cells(probs, slide.rgb, slide.mpp))
+    if classifier is not None:
+        maps = clock.run("typing", lambda: type_cells(maps, work, info.mpp, classifier))
+    clock.run("stats", lambda: slide_stats(maps.cells, config.blast_threshold_percent))
+    return clock.seconds, probs, len(todo)
+
+
+def bench_size(
+    size: int,
+    seed: int,
+    engine: Engine,
+    info: ModelInfo,
+    classifier: CellClassifier | None,
+    args: argparse.Namespace,
+) -> None:
+    """Print end to end, engine alone, overhead and the stage breakdown for one size x size smear."""
+    field = generate_field(seed, size, size, mpp=MPP, blast_fraction=0.3)
+    slide = Slide(field.image, MPP, "user", "bench.png", "")
+    config = PipelineConfig()
+    # Warm-up, and a check that the unrolled loop computes what the pipeline does.
+    result = process_slide(slide, engine, info, config, classifier=classifier)
+    _, probs, n_run = staged_run(slide, engine, info, config, classifier)
+    want, _, want_run = segment_prepared(
+        prepare_image(slide.rgb, slide.mpp, info), (size, size), engine, config
+    )
+    if n_run != want_run or not np.allclose(probs, want, atol=1e-5):
+        raise SystemExit(f"staged run differs from segment_prepared: {n_run} vs {want_run} tiles")
+    end_to_end: list[float] = []
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        result = process_slide(slide, engine, info, config, classifier=classifier)
+        end_to_end.append(time.perf_counter() - t0)
+        seconds, _, _ = staged_run(slide, engine, info, config, classifier)
+        if args.artifacts:
+            t0 = time.perf_counter()
+            render_artifacts(result, slide.rgb)
+            seconds["artifacts"] = time.perf_counter() - t0
+        for stage, s in seconds.items():
+            stages[stage].append(s)
+    e2e = statistics.median(end_to_end)
+    med = {stage: statistics.median(s) for stage, s in stages.items() if s}
+    engine_s = med["engine"]
+    in_pipeline = sum(s for stage, s in med.items() if stage != "artifacts")
+    print(
+        f"smear {size}x{size} px (seed {seed}): {result.tiles_total} tiles, {result.tiles_run} run, "
+        f"{result.stats.white_cells} cells found ({len(field.cells)} true)"
+    )
+    print(
+        f"  end to end (process_slide) {e2e:7.2f} s   ({', '.join(f'{t:.2f}' for t in end_to_end)}), "
+        f"{result.tiles_run / e2e:.1f} tiles/s"
+    )
+    print(f"  engine alone               {engine_s:7.2f} s   {result.tiles_run / engine_s:.1f} tiles/s")
+    print(f"  overhead (e2e - engine)/e2e {(e2e - engine_s) / e2e:6.1%}   (target < 20%)")
+    # The same share for segmentation alone (what sliding-window tools do): cells and typing are analysis
+    # the engine cannot do, the rest is the pipeline's own cost of feeding and blending tiles.
+    segmentation = sum(med[s] for s in SEGMENTATION_STAGES)
+    print(
+        f"  segmentation overhead       {(segmentation - engine_s) / segmentation:6.1%}   (prepare..stitching: {segmentation:.2f} s)"
+    )
+    for stage in STAGES:
+        if stage in med:
+            note = "  (not in process_slide)" if stage == "artifacts" else ""
+            print(f"    {stage:<10} {med[stage]:7.3f} s  {med[stage] / e2e:6.1%} of end to end{note}")
+    print(
+        f"    {'sum':<10} {in_pipeline:7.3f} s  {in_pipeline / e2e:6.1%} of end to end (stages of process_slide)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="smear sides, px at 0.2 um/px")
+    ap.add_argument("--seed", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=cpu_cores())
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--artifacts", action="store_true", help="also time render_artifacts")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    engine, info = load_engine(kind="auto", threads=args.threads)
+    classifier = load_cell_classifier("default")
+    print(
+        f"engine {engine.name}, {args.threads} threads, model {info.version}, "
+        f"classifier {classifier.info.version if classifier else 'none'}, batch {PipelineConfig().batch_size}, "
+        f"median of {args.repeat} after a warm-up"
+    )
+    for size in args.sizes:
+        bench_size(size, args.seed, engine, info, classifier, args)
+
+
+if __name__ == "__main__":
+    main()
