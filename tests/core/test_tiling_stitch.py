@@ -73,6 +73,17 @@ def test_skipped_tiles_become_background():
     assert np.allclose(out[0], 1) and np.allclose(out[1:], 0)
 
 
+def test_pixels_no_tile_covers_are_background_and_the_map_is_handed_over_once():
+    s = Stitcher(5, 100, 160, 64)
+    (t,) = tile_grid(64, 64, 64, 0)  # covers the top-left 64 x 64 only
+    s.add(t, np.full((5, 64, 64), 0.5, np.float32))
+    out = s.result()
+    assert np.allclose(out[:, :64, :64], 0.5)
+    assert np.allclose(out[0, 64:], 1) and np.allclose(out[1:, 64:], 0) and np.allclose(out[0, :, 64:], 1)
+    with pytest.raises(RuntimeError, match="twice"):
+        s.result()  # divided in place already: a second call must not divide again
+
+
 def test_stained_fraction_counts_coloured_or_dark_pixels_without_uint8_wraparound():
     from blastq.core.tiling import stained_fraction
 
