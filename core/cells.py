@@ -117,12 +117,24 @@ def extract_cells(
     n = int(instances.max())
     if n == 0:
         return CellMaps(np.zeros(instances.shape, np.uint8), nuclei, instances, ())
-    index = np.arange(1, n + 1)
+    # Per-cell means over the cells' pixels only, by bincount: one pass each, where ndi.mean over the
+    # whole image walked every background pixel five times (benchmarks/bench_efficiency.py).
+    where = np.flatnonzero(instances)
+    ids = instances.ravel()[where]
+
+    def cell_sum(values_at_cells: np.ndarray) -> np.ndarray:
+        return np.bincount(ids, weights=values_at_cells, minlength=n + 1)[1:]
+
+    cell_px = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)  # > 0: ids are 1..n, relabelled
+
+    def cell_mean(values_at_cells: np.ndarray) -> np.ndarray:
+        return cell_sum(values_at_cells) / cell_px
+
     # A cell is labelled from all its pixels: the mean share of blast among white-cell probability.
-    blast_share = p_blast / np.maximum(p_wbc + p_blast, 1e-6)
-    blast_prob = np.asarray(ndi.mean(blast_share, instances, index))
-    nucleus_px = np.asarray(ndi.sum(nuclei, instances, index)).astype(int)
-    means = [np.asarray(ndi.mean(rgb[..., c], instances, index)) for c in range(3)]
+    wbc_at, blast_at = p_wbc.ravel()[where], p_blast.ravel()[where]
+    blast_prob = cell_mean(blast_at / np.maximum(wbc_at + blast_at, 1e-6))
+    nucleus_px = cell_sum(nuclei.ravel()[where]).astype(int)
+    means = [cell_mean(rgb[..., c].ravel()[where]) for c in range(3)]
     is_blast = blast_prob >= blast_threshold
     label_of = np.concatenate([[0], np.where(is_blast, 2, 1)]).astype(np.uint8)
     classes = label_of[instances]
