@@ -338,12 +338,12 @@ class ObjectCounts:
         return self.matched_iou_sum / den if den else 1.0
 
 
-def _compact_ids(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel a flat instance map to 0 (background), 1..n; return it with the n object areas."""
+def _compact_ids(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Relabel a flat instance map to 0 (background), 1..n; return it, the n object areas and their ids."""
     if labels.dtype.kind not in "biu":
         raise ValueError(f"{what} must be an integer instance map, got dtype {labels.dtype}")
     if labels.size == 0:
-        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     if labels.dtype.kind == "i" and int(labels.min()) < 0:
         raise ValueError(f"{what} has negative instance id {int(labels.min())}; ids must be >= 0")
     max_id = int(labels.max())
@@ -353,13 +353,13 @@ def _compact_ids(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]
         present = np.flatnonzero(areas_by_id[1:]) + 1
         lut = np.zeros(max_id + 1, dtype=np.int32 if present.size < 2**31 - 1 else np.int64)
         lut[present] = np.arange(1, present.size + 1)
-        return lut[labels], areas_by_id[present].astype(np.int64)
+        return lut[labels], areas_by_id[present].astype(np.int64), present.astype(np.int64)
     ids, inverse = np.unique(labels, return_inverse=True)
     inverse = inverse.reshape(-1).astype(np.intp, copy=False)
     if ids[0] != 0:
         inverse += 1
     areas = np.bincount(inverse)[1:]
-    return inverse, areas.astype(np.int64)
+    return inverse, areas.astype(np.int64), ids[ids != 0].astype(np.int64)
 
 
 def _pair_overlaps(
@@ -377,20 +377,17 @@ def _pair_overlaps(
     return pair_keys // max(n_truth, 1), pair_keys % max(n_truth, 1), overlaps.astype(np.int64)
 
 
-def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> ObjectCounts:
-    """Match objects of two HW instance maps (0 = background) one-to-one by IoU >= iou_threshold.
-
-    Candidate pairs are taken greedily by decreasing IoU (ties: lower pred id, then lower truth id in
-    compacted order), each object used at most once. Above a threshold of 0.5 a pair is unique anyway,
-    so greedy equals optimal there. Objects must overlap to match, even with a threshold of 0.
-    """
+def _greedy_matches(
+    pred: np.ndarray, truth: np.ndarray, iou_threshold: float, caller: str
+) -> tuple[list[tuple[int, int, float]], int, int]:
+    """The matched (pred id, truth id, IoU) triples, plus the object counts (n pred, n truth)."""
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     pred = np.asarray(pred)
     truth = np.asarray(truth)
-    _check_same_shape(pred, truth, "match_instances")
-    pred_ids, pred_areas = _compact_ids(pred.reshape(-1), "pred")
-    truth_ids, truth_areas = _compact_ids(truth.reshape(-1), "truth")
+    _check_same_shape(pred, truth, caller)
+    pred_ids, pred_areas, pred_orig = _compact_ids(pred.reshape(-1), "pred")
+    truth_ids, truth_areas, truth_orig = _compact_ids(truth.reshape(-1), "truth")
     n_pred, n_truth = pred_areas.size, truth_areas.size
 
     p_idx, t_idx, overlap = _pair_overlaps(pred_ids, truth_ids, n_pred, n_truth)
@@ -402,15 +399,35 @@ def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 
     order = np.lexsort((t_idx, p_idx, -iou))
     pred_used: set[int] = set()
     truth_used: set[int] = set()
-    iou_sum = 0.0
+    matches = []
     for p, t, v in zip(p_idx[order].tolist(), t_idx[order].tolist(), iou[order].tolist(), strict=True):
         if p in pred_used or t in truth_used:
             continue
         pred_used.add(p)
         truth_used.add(t)
+        matches.append((int(pred_orig[p]), int(truth_orig[t]), v))
+    return matches, n_pred, n_truth
+
+
+def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> ObjectCounts:
+    """Match objects of two HW instance maps (0 = background) one-to-one by IoU >= iou_threshold.
+
+    Candidate pairs are taken greedily by decreasing IoU (ties: lower pred id, then lower truth id in
+    compacted order), each object used at most once. Above a threshold of 0.5 a pair is unique anyway,
+    so greedy equals optimal there. Objects must overlap to match, even with a threshold of 0.
+    """
+    matches, n_pred, n_truth = _greedy_matches(pred, truth, iou_threshold, "match_instances")
+    iou_sum = 0.0
+    for _, _, v in matches:
         iou_sum += v
-    tp = len(pred_used)
+    tp = len(matches)
     return ObjectCounts(tp=tp, fp=n_pred - tp, fn=n_truth - tp, matched_iou_sum=iou_sum)
+
+
+def matched_pairs(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> list[tuple[int, int]]:
+    """(pred id, truth id) of the objects match_instances counts as true positives, by the same rule."""
+    matches, _, _ = _greedy_matches(pred, truth, iou_threshold, "matched_pairs")
+    return [(p, t) for p, t, _ in matches]
 
 
 def mean_per_image(values: Sequence[float]) -> float:

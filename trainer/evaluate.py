@@ -19,7 +19,14 @@ import numpy as np
 from blastq.core.cellcrops import CELL_TYPES
 from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.engines import Engine
-from blastq.core.metrics import ObjectCounts, PixelCounts, match_instances, pixel_counts, segmentation_report
+from blastq.core.metrics import (
+    ObjectCounts,
+    PixelCounts,
+    match_instances,
+    matched_pairs,
+    pixel_counts,
+    segmentation_report,
+)
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
 from blastq.core.slide import Slide
 from blastq.core.synth import SynthField, generate_field
@@ -335,35 +342,6 @@ def synthetic_test_fields(
 def synth_truth(field: SynthField) -> SynthTruth:
     """A generated field as evaluate_synthetic takes it, with each cell's kind."""
     return field.image, field.classes, field.instances, field.mpp, {c.cell_id: c.kind for c in field.cells}
-
-
-def matched_pairs(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> list[tuple[int, int]]:
-    """(predicted id, true id) of the objects match_instances pairs: one-to-one, greedy by decreasing IoU.
-
-    Ties are broken as match_instances breaks them (lower predicted id, then lower true id), so the pairs
-    are exactly the ones it counts as true positives.
-    """
-    pred = np.asarray(pred, np.int64).reshape(-1)
-    truth = np.asarray(truth, np.int64).reshape(-1)
-    if pred.shape != truth.shape:
-        raise ValueError(f"matched_pairs: pred {pred.shape} and truth {truth.shape} differ")
-    both = (pred > 0) & (truth > 0)
-    if not both.any():
-        return []
-    stride = int(truth.max()) + 1
-    keys, overlap = np.unique(pred[both] * stride + truth[both], return_counts=True)
-    p, t = keys // stride, keys % stride
-    iou = overlap / (np.bincount(pred)[p] + np.bincount(truth)[t] - overlap)
-    keep = iou >= iou_threshold
-    p, t, iou = p[keep], t[keep], iou[keep]
-    pairs, pred_used, truth_used = [], set(), set()
-    for i in np.lexsort((t, p, -iou)).tolist():
-        a, b = int(p[i]), int(t[i])
-        if a not in pred_used and b not in truth_used:
-            pred_used.add(a)
-            truth_used.add(b)
-            pairs.append((a, b))
-    return pairs
 
 
 class _TypeTally:

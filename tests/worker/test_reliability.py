@@ -138,10 +138,9 @@ class TcpProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
+            with suppress(OSError):  # either side closing ends the pump
+                while data := src.recv(65536):
+                    dst.sendall(data)
         finally:
             for s in (src, dst):
                 with suppress(OSError):

@@ -167,7 +167,7 @@ def test_a_killed_trainer_resumes_the_run_from_its_last_epoch(lab, trainer, tmp_
 
 
 class Retry(Exception):
-    pass
+    """What the task's retry raises in these tests."""
 
 
 class UnreachableStore:
