@@ -43,6 +43,8 @@ def main() -> None:
       blastq run smears/synth_00000.png --out results     # segment it with the shipped model
     Each image gets results/<name>/ with mask.png, nuclei.png, instances.tif, overlay.png,
     cells.csv, cells.geojson, summary.json and report.html; results are also recorded in the local database.
+    Whole slides (tiled/pyramidal TIFF, OME-TIFF, SVS, NDPI, MRXS...) are read region by region and give
+    mask.tif, nuclei.tif and instances.tif as tiled pyramidal TIFFs instead of the PNGs.
 
     Settings come from BLASTQ_* environment variables (see `blastq config`).
     """
@@ -78,6 +80,10 @@ def run(
     no_record: bool,
 ) -> None:
     """Segment IMAGES on this machine and report white cells, blasts and blast percentage.
+
+    Whole-slide files (tiled or pyramidal TIFF, OME-TIFF, and through OpenSlide SVS, NDPI, MRXS, SCN)
+    are read region by region and processed in chunks, so memory stays bounded whatever the slide's
+    size; their masks come as tiled pyramidal TIFFs (mask.tif, nuclei.tif, instances.tif).
 
     Exit status is 0 when every image succeeded; a failed image prints one line with the reason
     and the others are still processed.
@@ -187,6 +193,37 @@ def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fra
             progress=bar.update,
         )
     click.echo(f"wrote {len(paths)} field(s) to {out_dir}/ (first: {paths[0].name})")
+
+
+@main.command("synth-slide", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--width", default=8192, show_default=True, type=click.IntRange(256, 200_000), help="Pixels.")
+@click.option("--height", default=8192, show_default=True, type=click.IntRange(256, 200_000), help="Pixels.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first field of the mosaic.")
+@click.option(
+    "--mpp", default=0.2, show_default=True, type=click.FloatRange(0.05, 2.0), help="Microns per pixel."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["tiff", "ome", "svs"]),
+    default="tiff",
+    show_default=True,
+    help="Pyramidal tiled TIFF, OME-TIFF, or Aperio SVS (read through OpenSlide).",
+)
+def synth_slide(out: Path, width: int, height: int, seed: int, mpp: float, fmt: str) -> None:
+    """Write a whole synthetic slide: a tiled, pyramidal TIFF made of 2048 px synthetic fields.
+
+    Memory stays at one band of fields whatever the size, so `--width 20000 --height 20000` works on a
+    laptop. Run it with `blastq run OUT --out results`: whole slides are processed chunk by chunk.
+    """
+    from blastq.core.synthslide import write_synthetic_slide
+
+    info = write_synthetic_slide(out, width, height, seed=seed, mpp=mpp, ome=fmt == "ome", svs=fmt == "svs")
+    click.echo(
+        f"wrote {out} ({info['width']}x{info['height']} px, {len(info['levels'])} level(s), "
+        f"{info['white_cells']} white cells of which {info['blasts']} blasts, {info['seconds']:.0f}s)"
+    )
 
 
 @main.command(context_settings=CONTEXT)

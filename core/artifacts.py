@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -18,7 +19,7 @@ import numpy as np
 import tifffile
 from skimage.segmentation import find_boundaries
 
-from blastq.core.cells import CELL_COLUMNS, LABEL_BLAST, CellMaps
+from blastq.core.cells import CELL_COLUMNS, LABEL_BLAST, CellMaps, CellRecord
 from blastq.core.errors import BlastqError
 from blastq.core.pipeline import SlideResult
 
@@ -51,7 +52,7 @@ def blastq_version() -> str:
         return "0+unknown"
 
 
-def _png(arr: np.ndarray) -> bytes:
+def png_bytes(arr: np.ndarray) -> bytes:
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".png", arr)
@@ -102,28 +103,42 @@ def overlay(rgb: np.ndarray, maps: CellMaps) -> np.ndarray:
 
 
 def cells_csv(maps: CellMaps) -> bytes:
+    return cells_csv_bytes(maps.cells)
+
+
+def cells_csv_bytes(cells: Sequence[CellRecord]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CELL_COLUMNS)
-    for cell in maps.cells:
+    for cell in cells:
         writer.writerow(asdict(cell).values())
     return buf.getvalue().encode()
 
 
 def cells_geojson(maps: CellMaps) -> bytes:
     """Cells as polygons in input-pixel coordinates, in the GeoJSON flavour QuPath imports."""
-    features = []
-    for cell in maps.cells:
-        crop = maps.instances[cell.bbox_y0 : cell.bbox_y1, cell.bbox_x0 : cell.bbox_x1] == cell.cell_id
-        contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        if not contours:
-            continue
+    return geojson_bytes(maps.cells, [cell_ring(maps.instances, cell) for cell in maps.cells])
+
+
+def cell_ring(instances: np.ndarray, cell: CellRecord) -> list[list[int]]:
+    """The closed outline of one cell of an instance map, in its pixel coordinates."""
+    crop = instances[cell.bbox_y0 : cell.bbox_y1, cell.bbox_x0 : cell.bbox_x1] == cell.cell_id
+    contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    ring = []
+    if contours:
         contour = max(contours, key=cv2.contourArea)[:, 0, :]
         ring = [[int(x) + cell.bbox_x0, int(y) + cell.bbox_y0] for x, y in contour]
-        if len(ring) < 3:  # a one- or two-pixel-wide sliver: outline its bounding box
-            x0, y0, x1, y1 = cell.bbox_x0, cell.bbox_y0, cell.bbox_x1, cell.bbox_y1
-            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
-        ring.append(ring[0])
+    if len(ring) < 3:  # a one- or two-pixel-wide sliver: outline its bounding box
+        x0, y0, x1, y1 = cell.bbox_x0, cell.bbox_y0, cell.bbox_x1, cell.bbox_y1
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    ring.append(ring[0])
+    return ring
+
+
+def geojson_bytes(cells: Sequence[CellRecord], rings: Sequence[list]) -> bytes:
+    """A FeatureCollection of cells with their outlines (closed rings), as QuPath imports detections."""
+    features = []
+    for cell, ring in zip(cells, rings, strict=True):
         is_blast = cell.label == LABEL_BLAST
         colour = COLOUR_BLAST if is_blast else COLOUR_WHITE_CELL
         props = asdict(cell)
@@ -154,10 +169,17 @@ def _class_name(cell) -> str:
 
 
 REPORT_THUMB_PX = 1200  # longest side of the overlay picture embedded in report.html
+REPORT_MAX_ROWS = 5000  # cell table rows in report.html (a whole slide has tens of thousands of cells)
 
 
-def report_html(result: SlideResult, overlay_rgb: np.ndarray) -> bytes:
-    """A self-contained page for a person: the figures, the overlay, and the cell table."""
+def report_html(
+    result: SlideResult, overlay_rgb: np.ndarray, cells: Sequence[CellRecord] | None = None
+) -> bytes:
+    """A self-contained page for a person: the figures, the overlay, and the cell table.
+
+    `cells` defaults to the result's maps' cells (a whole slide's result has no maps); the table shows
+    the first REPORT_MAX_ROWS of them, cells.csv has all."""
+    cells = result.maps.cells if cells is None else cells
     h, w = overlay_rgb.shape[:2]
     scale = min(1.0, REPORT_THUMB_PX / max(h, w))
     thumb = cv2.resize(
@@ -184,8 +206,10 @@ def report_html(result: SlideResult, overlay_rgb: np.ndarray) -> bytes:
     head = "".join(f"<th>{esc(c)}</th>" for c in CELL_COLUMNS)
     rows = "".join(
         "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in asdict(c).values()) + "</tr>"
-        for c in result.maps.cells
+        for c in cells[:REPORT_MAX_ROWS]
     )
+    if len(cells) > REPORT_MAX_ROWS:
+        rows += f"<tr><td colspan={len(CELL_COLUMNS)}>... the first {REPORT_MAX_ROWS} of {len(cells)} cells; all in cells.csv</td></tr>"
     s = result.stats
     verdict = "FLAGGED" if s.flagged else "not flagged"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: {esc(result.name)}</title>
@@ -211,10 +235,10 @@ def render_artifacts(result: SlideResult, rgb: np.ndarray) -> list[Artifact]:
     tifffile.imwrite(tif, maps.instances.astype(np.uint32), compression="zlib")
     outlined = overlay(rgb, maps)
     return [
-        Artifact("mask.png", _png(maps.classes), "image/png"),
-        Artifact("nuclei.png", _png(np.where(maps.nuclei, 255, 0).astype(np.uint8)), "image/png"),
+        Artifact("mask.png", png_bytes(maps.classes), "image/png"),
+        Artifact("nuclei.png", png_bytes(np.where(maps.nuclei, 255, 0).astype(np.uint8)), "image/png"),
         Artifact("instances.tif", tif.getvalue(), "image/tiff"),
-        Artifact("overlay.png", _png(outlined), "image/png"),
+        Artifact("overlay.png", png_bytes(outlined), "image/png"),
         Artifact("cells.csv", cells_csv(maps), "text/csv"),
         Artifact("cells.geojson", cells_geojson(maps), "application/geo+json"),
         Artifact("summary.json", json.dumps(summary_dict(result), indent=2).encode(), "application/json"),

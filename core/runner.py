@@ -6,6 +6,7 @@ the job row around them.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
 from blastq.core.slide import read_slide
 from blastq.core.store import ObjectStore, slide_prefix, store_from_settings
 from blastq.core.unet import ModelInfo
+from blastq.core.wholeslide import WholeSlideResult, process_whole_slide
 
 
 @dataclass
@@ -54,8 +56,16 @@ class LocalRunner:
         mpp: float | None = None,
         out_folder: Path | None = None,
         progress: Callable[[int, int], None] | None = None,
-    ) -> SlideResult:
-        """Process one image; artifacts go to the store (and into out_folder when given)."""
+    ) -> SlideResult | WholeSlideResult:
+        """Process one image; artifacts go to the store (and into out_folder when given).
+
+        Whole-slide files (tiled TIFF/OME-TIFF, SVS, NDPI, MRXS...) go chunk by chunk through
+        `core.wholeslide` and give a WholeSlideResult, with the maps as pyramidal TIFFs.
+        """
+        from blastq.core.wsi import is_whole_slide
+
+        if is_whole_slide(path):
+            return self.run_whole_slide(path, mpp=mpp, out_folder=out_folder, progress=progress)
         slide = read_slide(path, mpp=mpp, max_pixels=self.settings.max_pixels)
         result = process_slide(slide, self.engine, self.info, self.config, progress, self.classifier)
         artifacts = render_artifacts(result, slide.rgb)
@@ -70,6 +80,54 @@ class LocalRunner:
             for a in artifacts:
                 (Path(out_folder) / a.name).write_bytes(a.data)
         return result
+
+    def run_whole_slide(
+        self,
+        path: Path,
+        *,
+        mpp: float | None = None,
+        out_folder: Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> WholeSlideResult:
+        """A whole slide, read region by region; its files are written to a folder, then stored."""
+        from blastq.core.wsi import file_sha256, open_slide_reader
+
+        with open_slide_reader(path) as reader, tempfile.TemporaryDirectory(prefix="blastq-wsi-") as tmp:
+            sha = file_sha256(path)
+            folder = Path(out_folder) if out_folder is not None else Path(tmp)
+            result = process_whole_slide(
+                reader,
+                self.engine,
+                self.info,
+                folder,
+                sha256=sha,
+                mpp=mpp,
+                config=self.config,
+                classifier=self.classifier,
+                progress=progress,
+            )
+            prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
+            if self.store is not None:
+                store_files(self.store, prefix, result.files)
+            if self.db is not None:
+                record_result(self.db, summary_dict(result), result.cells, prefix)
+        return result
+
+
+CONTENT_TYPES = {
+    ".tif": "image/tiff",
+    ".png": "image/png",
+    ".csv": "text/csv",
+    ".geojson": "application/geo+json",
+    ".json": "application/json",
+    ".html": "text/html",
+}
+
+
+def store_files(store: ObjectStore, prefix: str, files: dict[str, Path]) -> None:
+    """Put a whole slide's result files under prefix (one file's bytes in memory at a time)."""
+    for name, file in files.items():
+        store.put(f"{prefix}/{name}", file.read_bytes(), CONTENT_TYPES[Path(name).suffix])
 
 
 def model_checkpoint(settings: Settings, name: str) -> Path | None:

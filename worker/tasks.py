@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import PurePath
+import tempfile
+from pathlib import Path, PurePath
 
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
@@ -23,8 +24,11 @@ from blastq.core.artifacts import render_artifacts, summary_dict
 from blastq.core.db import claim_job, fail_job, finish_job, record_result
 from blastq.core.errors import BlastqError, TransientError
 from blastq.core.pipeline import process_slide
+from blastq.core.runner import store_files
 from blastq.core.slide import decode_slide
 from blastq.core.store import slide_prefix
+from blastq.core.wholeslide import process_whole_slide
+from blastq.core.wsi import TIFF_MAGICS, file_sha256, is_whole_slide, open_slide_reader
 
 PROCESS_SLIDE = "blastq.process_slide"
 TRAIN_MODEL = "blastq.train_model"  # its body: blastq.trainer.service.run_training_job
@@ -63,6 +67,16 @@ def run_job(task: Task, job_id: str) -> str | None:
             _fail(resources, job_id, f"{job.filename}: input {job.input_key} is missing from {store.url}")
             return "failed"
         loaded = resources.engine()
+        if _maybe_whole_slide(data):
+            with tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp:
+                path = Path(tmp) / PurePath(job.filename).name
+                path.write_bytes(data)
+                if is_whole_slide(path):
+                    del data
+                    result_id = _run_whole_slide(db, store, loaded, path, job.mpp, Path(tmp) / "out")
+                    finish_job(db, job_id, result_id)
+                    log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
+                    return "succeeded"
         slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
         result = process_slide(slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier)
         prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
@@ -85,6 +99,30 @@ def run_job(task: Task, job_id: str) -> str | None:
         log.exception("job %s: internal error", job_id)
         _fail(resources, job_id, f"internal error: {type(exc).__name__}: {exc}")
     return "failed"
+
+
+def _maybe_whole_slide(data: bytes) -> bool:
+    """TIFF bytes (tiled TIFF, OME-TIFF, SVS, NDPI...): worth the look at the file that tells a whole slide.
+    Multi-file formats (MRXS) cannot be queued as one file; `blastq run` reads them in place."""
+    return data[:4] in TIFF_MAGICS
+
+
+def _run_whole_slide(db, store, loaded, path: Path, mpp: float | None, out: Path) -> int:
+    """A whole slide, chunk by chunk (core.wholeslide): files to the store, the result row; its id."""
+    with open_slide_reader(path) as reader:
+        result = process_whole_slide(
+            reader,
+            loaded.engine,
+            loaded.info,
+            out,
+            sha256=file_sha256(path),
+            mpp=mpp,
+            config=loaded.config,
+            classifier=loaded.classifier,
+        )
+    prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
+    store_files(store, prefix, result.files)
+    return record_result(db, summary_dict(result), result.cells, prefix)
 
 
 def _fail(resources, job_id: str, reason: str) -> None:

@@ -238,3 +238,40 @@ def test_train_submit_queues_a_run_for_the_trainer_service(cli, tmp_path):
     run_id = result.output.split("training run ")[1].split()[0]
     status = cli("trainer", "status", run_id)
     assert status.exit_code == 0 and "queued" in status.output
+
+
+def test_a_whole_slide_runs_chunk_by_chunk_and_is_recorded(cli, tmp_path):
+    """`blastq synth-slide` writes an Aperio SVS (read through OpenSlide); `blastq run` processes it by
+    region, writes pyramidal TIFF masks and records the result and every cell."""
+    from blastq.core.tiffout import read_tiff_level, tiff_levels
+
+    slide = tmp_path / "mosaic.svs"
+    made = cli("synth-slide", slide, "--width", "1400", "--height", "1200", "--format", "svs", "--seed", "3")
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "results"
+    result = cli("run", slide, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "0.200 um/px metadata" in result.output  # the SVS's MPP, read by OpenSlide
+    files = {p.name for p in (out / "mosaic").iterdir()}
+    assert {"mask.tif", "nuclei.tif", "instances.tif", "overlay.png", "cells.csv", "summary.json"} <= files
+    summary = json.loads((out / "mosaic" / "summary.json").read_text())
+    inst = read_tiff_level(out / "mosaic" / "instances.tif")
+    assert inst.shape == (1200, 1400) and tiff_levels(out / "mosaic" / "instances.tif")[1] == (600, 700)
+    assert int(inst.max()) == summary["white_cells"] > 20
+    with create_engine(f"sqlite:///{tmp_path}/data/blastq.db").connect() as c:
+        assert c.execute(text("select white_cells from results")).scalar() == summary["white_cells"]
+        assert c.execute(text("select count(*) from cells")).scalar() == summary["white_cells"]
+    stored = {p.name for p in (tmp_path / "data" / "store" / "slides").rglob("*") if p.is_file()}
+    assert {"mask.tif", "instances.tif", "cells.geojson"} <= stored
+
+
+def test_a_truncated_whole_slide_fails_with_one_line(cli, tmp_path):
+    from blastq.core.synthslide import write_synthetic_slide
+
+    slide = tmp_path / "cut.tif"
+    write_synthetic_slide(slide, 1024, 1024, field_px=512, pyramid=False)
+    slide.write_bytes(slide.read_bytes()[: slide.stat().st_size // 2])
+    result = cli("run", slide, "--no-record")
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "cut.tif" in failed[0]

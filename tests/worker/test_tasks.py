@@ -123,3 +123,31 @@ def test_a_job_started_max_attempts_times_is_failed_not_run_again(local):
     assert app.tasks[PROCESS_SLIDE].apply(args=[job_id]).get() is None
     job = job_status(db, job_id)
     assert job.state == "failed" and "gave up after 3 attempts" in job.error
+
+
+def test_a_whole_slide_job_is_processed_by_region(local, tmp_path):
+    """A tiled TIFF queued as a job: the worker takes the whole-slide path and records its cells."""
+    import tifffile
+
+    from blastq.core.db import list_results
+    from blastq.core.pipeline import process_slide
+    from blastq.core.slide import Slide
+    from blastq.core.store import FileStore
+    from blastq.core.synthslide import write_synthetic_slide
+
+    settings, app, db = local
+    store = FileStore(settings.data_dir / "store")
+    app.resources.provide(store=store)
+    slide = tmp_path / "wsi.tif"
+    write_synthetic_slide(slide, 1100, 900, seed=5, field_px=512)
+    job_id = queued_job(settings, db, store, slide.read_bytes(), name="wsi.tif")
+    app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+    job = job_status(db, job_id)
+    assert job.state == "succeeded", job.error
+    (result,) = [r for r in list_results(db) if r.id == job.result_id]
+    # The same pixels as one image through the small-image pipeline: the same count.
+    engine, model = app.resources.engine().engine, app.resources.engine().info
+    pixels = Slide(tifffile.imread(slide, level=0), 0.2, "user", "wsi", "0")
+    assert result.white_cells == len(process_slide(pixels, engine, model).maps.cells) > 10
+    keys = set(store.list(result.store_prefix))
+    assert {f"{result.store_prefix}/{n}" for n in ("mask.tif", "instances.tif", "summary.json")} <= keys

@@ -1,0 +1,228 @@
+"""Whole slides chunk by chunk: the same cells as the whole image, each once, and bounded scratch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from blastq.core.cells import CellMaps, CellRecord
+from blastq.core.classify import load_cell_classifier
+from blastq.core.errors import InvalidConfig, InvalidSlide
+from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.slide import Slide
+from blastq.core.synth import generate_field
+from blastq.core.tiffout import read_tiff_level, tiff_levels
+from blastq.core.wholeslide import (
+    Chunk,
+    DiskRaster,
+    WholeSlideConfig,
+    _take_cells,
+    chunk_grid,
+    process_whole_slide,
+    whole_slide_key,
+)
+from blastq.core.wsi import ArrayReader
+
+
+def _centroids(cells) -> np.ndarray:
+    return np.array([[c.centroid_x, c.centroid_y] for c in cells])
+
+
+def _unmatched(a: np.ndarray, b: np.ndarray, tol: float = 4.0) -> tuple[int, int]:
+    d = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    return int((d.min(1) > tol).sum()), int((d.min(0) > tol).sum())
+
+
+@pytest.mark.parametrize("mpp", [0.2, 0.25])
+def test_chunked_slide_finds_the_whole_images_cells_once(shipped_engine, tmp_path, mpp):
+    """Many chunk borders through crowded, touching cells (and, at 0.25 um/px, a resampled slide):
+    every cell the whole-image pipeline finds is found once, at the same place, in slide pixels."""
+    engine, info = shipped_engine
+    field = generate_field(23, 1024, 1280, mpp=mpp, touching_fraction=0.6, wbc_per_10k_um2=12)
+    whole = process_slide(Slide(field.image, mpp, "user", "f", "0"), engine, info)
+    wsi = WholeSlideConfig(chunk_px=384)  # a 5x4 grid at the model's scale
+    result = process_whole_slide(
+        ArrayReader(field.image, "f.tif", mpp), engine, info, tmp_path / "out", sha256="abc", wsi=wsi
+    )
+    assert result.chunks >= 12
+    assert len(result.cells) == len(whole.maps.cells) == len(field.cells)
+    assert _unmatched(_centroids(whole.maps.cells), _centroids(result.cells)) == (0, 0)
+    assert [c.cell_id for c in result.cells] == list(range(1, len(result.cells) + 1))
+    assert result.stats.blasts == whole.stats.blasts
+    # The rasters: model scale, every cell id present once, mask labels agree with the cell records.
+    inst = read_tiff_level(result.files["instances.tif"])
+    mask = read_tiff_level(result.files["mask.tif"])
+    nuclei = read_tiff_level(result.files["nuclei.tif"])
+    scale = mpp / info.mpp
+    assert inst.shape == (round(1024 * scale), round(1280 * scale)) == mask.shape == nuclei.shape
+    assert set(np.unique(inst)) == set(range(len(result.cells) + 1))
+    for cell in result.cells:
+        labels = np.unique(mask[inst == cell.cell_id])
+        assert labels.tolist() == [2 if cell.label == "blast" else 1]
+    assert not nuclei[inst == 0].any()
+    assert ((inst > 0) == (mask > 0)).all()
+    # Pixel agreement with the whole image, at the model's scale.
+    whole_fg = whole.maps.instances > 0
+    if scale != 1:
+        import cv2
+
+        whole_fg = (
+            cv2.resize(whole_fg.astype(np.uint8), inst.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        )
+    assert ((inst > 0) == whole_fg).mean() > 0.995
+    # Records are in slide pixels: areas match the whole image's.
+    assert sum(c.area_px for c in result.cells) == pytest.approx(
+        sum(c.area_px for c in whole.maps.cells), rel=0.01
+    )
+    assert result.width == 1280 and result.height == 1024 and result.mpp == mpp
+    assert not list((tmp_path / "out").glob(".blastq-wsi-*")), "scratch rasters left behind"
+
+
+def test_whole_slide_files_and_typing(shipped_engine, tmp_path):
+    engine, info = shipped_engine
+    field = generate_field(7, 900, 700, mpp=0.2)
+    classifier = load_cell_classifier("default")
+    out = tmp_path / "out"
+    result = process_whole_slide(
+        ArrayReader(field.image, "slide.tif", 0.2),
+        engine,
+        info,
+        out,
+        sha256="abc",
+        wsi=WholeSlideConfig(chunk_px=384),
+        classifier=classifier,
+    )
+    names = {"mask.tif", "nuclei.tif", "instances.tif", "overlay.png", "cells.csv", "cells.geojson"}
+    assert names | {"summary.json", "report.html"} == set(result.files)
+    assert all(p.is_file() for p in result.files.values())
+    assert all(c.cell_type for c in result.cells)
+    assert sum(d["count"] for d in result.stats.differential.values()) == len(result.cells)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["white_cells"] == len(result.cells)
+    assert summary["params_key"] == whole_slide_key(PipelineConfig(), WholeSlideConfig(chunk_px=384))
+    assert summary["analysis_mpp"] == info.mpp and summary["classifier_version"]
+    geo = json.loads((out / "cells.geojson").read_text())
+    assert len(geo["features"]) == len(result.cells)
+    # Each outline lies around its cell's centroid, in slide pixels.
+    for feature, cell in zip(geo["features"], result.cells, strict=True):
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert ring[:, 0].min() <= cell.centroid_x <= ring[:, 0].max()
+        assert ring[:, 1].min() <= cell.centroid_y <= ring[:, 1].max()
+    csv_lines = (out / "cells.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == len(result.cells) + 1
+    assert tiff_levels(result.files["instances.tif"])[0] == (900, 700)
+
+
+def test_take_cells_ownership_rule(tmp_path):
+    """Centroid in a later core: left; mostly claimed already: left; centroid behind, unclaimed: taken."""
+    # A 2x2 grid of 100 px cores; the chunk under test is index 1 (top right), window = the whole 200x200.
+    chunk = Chunk(index=1, core=(0, 100, 100, 200), window=(0, 200, 0, 200))
+    local = np.zeros((200, 200), np.int32)
+    cells = []
+
+    def add(cell_id, y0, x0, size=10):
+        local[y0 : y0 + size, x0 : x0 + size] = cell_id
+        c = y0 + size / 2, x0 + size / 2
+        cells.append(_record(cell_id, c, (y0, x0, y0 + size, x0 + size), size * size))
+
+    add(1, 20, 150)  # own core: taken
+    add(2, 20, 30)  # earlier core (index 0), unclaimed: taken
+    add(3, 150, 30)  # later core (index 2): left
+    add(4, 40, 60)  # earlier core, claimed by an earlier chunk: left
+    add(5, 70, 150)  # own core, 30% claimed: taken
+    claims = DiskRaster(tmp_path / "claims.raw", 200, 200, np.uint32)
+    try:
+        claims.write(40, 60, np.full((10, 10), 9, np.uint32))
+        claims.write(70, 150, np.full((3, 10), 8, np.uint32))
+        maps = CellMaps(np.zeros((200, 200), np.uint8), np.zeros((200, 200), bool), local, tuple(cells))
+        taken = _take_cells(maps, chunk, claims, 100, 2)
+    finally:
+        claims.close()
+    assert [c.cell_id for c in taken] == [1, 2, 5]
+
+
+def _record(cell_id, centroid, bbox, area) -> CellRecord:
+    return CellRecord(
+        cell_id=cell_id,
+        label="white_cell",
+        centroid_x=centroid[1],
+        centroid_y=centroid[0],
+        bbox_x0=bbox[1],
+        bbox_y0=bbox[0],
+        bbox_x1=bbox[3],
+        bbox_y1=bbox[2],
+        area_px=area,
+        area_um2=0.0,
+        perimeter_um=0.0,
+        circularity=0.0,
+        nucleus_area_px=0,
+        nucleus_area_um2=0.0,
+        nc_ratio=0.0,
+        mean_r=0.0,
+        mean_g=0.0,
+        mean_b=0.0,
+        blast_probability=0.0,
+    )
+
+
+def test_disk_raster_windows_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = np.zeros((300, 257), np.uint32)
+    raster = DiskRaster(tmp_path / "r.raw", 300, 257, np.uint32)
+    try:
+        for _ in range(30):
+            y0, x0 = rng.integers(0, 250), rng.integers(0, 200)
+            block = rng.integers(0, 2**32, (rng.integers(1, 50), rng.integers(1, 57)), dtype=np.uint32)
+            raster.write(y0, x0, block)
+            ref[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+        assert (raster.read(0, 300, 0, 257) == ref).all()
+        assert (raster.read(17, 123, 5, 250) == ref[17:123, 5:250]).all()
+        assert (np.concatenate(list(raster.row_stripes(64))) == ref).all()
+    finally:
+        raster.close()
+    assert not (tmp_path / "r.raw").exists()
+
+
+def test_chunk_cores_tile_the_slide_and_windows_hold_them():
+    chunks = chunk_grid(1000, 1300, 384, 192)
+    cover = np.zeros((1000, 1300), int)
+    for k, c in enumerate(chunks):
+        assert c.index == k
+        y0, y1, x0, x1 = c.core
+        cover[y0:y1, x0:x1] += 1
+        wy0, wy1, wx0, wx1 = c.window
+        assert wy0 <= y0 and wy1 >= y1 and wx0 <= x0 and wx1 >= x1
+        assert wy0 == max(0, y0 - 192) and wx1 == min(1300, x1 + 192)
+    assert (cover == 1).all()
+
+
+def test_grid_is_whole_tile_steps():
+    config = PipelineConfig()  # step 192
+    assert WholeSlideConfig(chunk_px=3072).grid(0.2, config) == (3072, 192)
+    assert WholeSlideConfig(chunk_px=1000, margin_px=10).grid(0.2, config) == (1152, 192)
+    with pytest.raises(InvalidConfig):
+        WholeSlideConfig(chunk_px=10)
+
+
+def test_no_pixel_size_and_no_red_cells_is_one_clear_error(shipped_engine, tmp_path):
+    engine, info = shipped_engine
+    blank = np.full((600, 600, 3), 240, np.uint8)
+    with pytest.raises(InvalidSlide, match="no pixel size in the metadata.*pass mpp"):
+        process_whole_slide(ArrayReader(blank, "blank.tif"), engine, info, tmp_path, sha256="x")
+
+
+def test_engine_failure_leaves_no_scratch_or_partial_files(shipped_engine, tmp_path, smear):
+    engine, info = shipped_engine
+
+    class Broken:
+        stride = engine.stride
+
+        def infer(self, x):
+            raise RuntimeError("device lost")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="device lost"):
+        process_whole_slide(ArrayReader(smear.image, "s.tif", 0.2), Broken(), info, out, sha256="x")
+    assert list(out.iterdir()) == []
