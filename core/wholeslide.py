@@ -347,7 +347,7 @@ def process_whole_slide(
         mpp=slide_mpp,
         mpp_source=mpp_source,
         model_version=info.version,
-        params_key=whole_slide_key(config, wsi),
+        params_key=whole_slide_key(config.key(), wsi),
         cells=tuple(cells),
         stats=stats,
         seconds=round(time.perf_counter() - start, 3),  # the cell files below take a moment more
@@ -362,9 +362,9 @@ def process_whole_slide(
     return result
 
 
-def whole_slide_key(config: PipelineConfig, wsi: WholeSlideConfig) -> str:
-    """The result key of a whole slide: the pipeline's parameters and the chunking."""
-    text = json.dumps([config.key(), wsi.chunk_px, wsi.margin_px])
+def whole_slide_key(params_key: str, wsi: WholeSlideConfig = WholeSlideConfig()) -> str:
+    """The result key of a whole slide: the pipeline's parameters key (PipelineConfig.key) and the chunking."""
+    text = json.dumps([params_key, wsi.chunk_px, wsi.margin_px])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -32,6 +32,8 @@ from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
 from blastq.core.slide import USER_MPP_RANGE
 from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
+from blastq.core.wholeslide import whole_slide_key
+from blastq.core.wsi import is_whole_slide
 from blastq.worker.celery_app import SLIDES_QUEUE, BlastqCelery, make_app
 from blastq.worker.tasks import PROCESS_SLIDE
 
@@ -165,7 +167,10 @@ def submit(
             suffix = path.suffix.lower()
             input_key = f"inputs/{sha256}{suffix if suffix[1:].isalnum() else '.bin'}"
             store.put(input_key, data, CONTENT_TYPES.get(suffix, "application/octet-stream"))
-            existing = None if force else find_result(db, sha256, model_version, params_key)
+            # A whole slide's result is keyed by the chunking too (core.wholeslide); the worker decides
+            # the same way, from the file.
+            key = whole_slide_key(params_key) if is_whole_slide(path) else params_key
+            existing = None if force else find_result(db, sha256, model_version, key)
             job = create_job(
                 db,
                 batch_id=batch_id,
@@ -173,7 +178,7 @@ def submit(
                 input_key=input_key,
                 sha256=sha256,
                 mpp=mpp,
-                params_key=params_key,
+                params_key=key,
             )
             if existing is not None:
                 finish_job(db, job.id, existing)

@@ -101,7 +101,7 @@ def test_whole_slide_files_and_typing(shipped_engine, tmp_path):
     assert sum(d["count"] for d in result.stats.differential.values()) == len(result.cells)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["white_cells"] == len(result.cells)
-    assert summary["params_key"] == whole_slide_key(PipelineConfig(), WholeSlideConfig(chunk_px=384))
+    assert summary["params_key"] == whole_slide_key(PipelineConfig().key(), WholeSlideConfig(chunk_px=384))
     assert summary["analysis_mpp"] == info.mpp and summary["classifier_version"]
     geo = json.loads((out / "cells.geojson").read_text())
     assert len(geo["features"]) == len(result.cells)

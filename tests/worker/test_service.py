@@ -106,6 +106,31 @@ def test_the_same_content_again_reuses_its_result_and_force_processes_it_once_mo
     assert result_count(db, job.sha256) == 1
 
 
+def test_a_whole_slide_goes_through_the_service_and_is_reused_when_sent_again(lab, lab_worker, tmp_path):
+    """A tiled pyramidal TIFF: a real worker processes it by region, its TIFF masks land in S3, and the
+    same file sent again finds its result (the whole-slide result key is the submitter's too)."""
+    from blastq.core.synthslide import write_synthetic_slide
+    from blastq.core.wholeslide import whole_slide_key
+
+    settings, db, store = lab
+    slide = tmp_path / "scan.tif"
+    write_synthetic_slide(slide, 1300, 1000, seed=9, field_px=512)
+    first = submit(settings, [slide])
+    assert wait_for_batch(settings, first.batch_id, timeout_s=180).succeeded == 1
+    job = job_status(db, first.jobs[0].job_id)
+    model_version, params_key = model_identity(settings)
+    prefix = slide_prefix(job.sha256, model_version, whole_slide_key(params_key))
+    keys = store.list(prefix)
+    assert {f"{prefix}/{n}" for n in ("mask.tif", "nuclei.tif", "instances.tif", "cells.geojson")} <= set(
+        keys
+    )
+    summary = json.loads(store.get(f"{prefix}/summary.json"))
+    assert summary["white_cells"] > 10 and summary["mpp_source"] == "metadata"
+
+    again = submit(settings, [slide])
+    assert (again.jobs[0].state, again.jobs[0].reused_result_id) == ("succeeded", job.result_id)
+
+
 def queued_without_message(settings, db, store, slide) -> str:
     """A job row written and its input uploaded, as submit does, but no message sent (a lost message)."""
     import hashlib
