@@ -57,7 +57,7 @@ _MACENKO_SAMPLE = 250_000
 # --- checks -------------------------------------------------------------------------------------------
 
 
-def _check_rgb(rgb: np.ndarray) -> None:
+def check_rgb(rgb: np.ndarray) -> None:
     if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         shape = getattr(rgb, "shape", None)
         raise InvalidSlide(
@@ -98,7 +98,7 @@ DEFAULT_PREPROCESS = PreprocessConfig()
 
 def preprocess(rgb: np.ndarray, mpp: float, config: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
     """Run flat-field -> stain normalisation -> CLAHE as configured; same size, HWC uint8 RGB."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     _check_positive(mpp, "mpp")
     out = rgb
     if config.flatfield:
@@ -139,7 +139,7 @@ def flatfield(rgb: np.ndarray, mpp: float, block_um: float = 40.0) -> np.ndarray
 
 def _background_grid(rgb: np.ndarray, mpp: float, block_um: float) -> np.ndarray:
     """Background at low resolution (_BLOCK_SAMPLES px per block), smoothed, float32 HWC."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     _check_positive(mpp, "mpp")
     _check_positive(block_um, "block_um")
     height, width = rgb.shape[:2]
@@ -185,7 +185,7 @@ def reinhard(
     target_std: Sequence[float] = REINHARD_TARGET_STD,
 ) -> np.ndarray:
     """Match the per-channel mean and std in cv2 8-bit LAB to the target (Reinhard et al. 2001)."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     target_mean_arr = np.asarray(target_mean, np.float64)
     target_std_arr = np.asarray(target_std, np.float64)
     if target_mean_arr.shape != (3,) or target_std_arr.shape != (3,) or np.any(target_std_arr < 0):
@@ -210,7 +210,7 @@ def macenko(
     beta: float = 0.15,
 ) -> np.ndarray:
     """Macenko stain normalisation in optical density; the input back if too few stained pixels."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     target = np.asarray(target_stain_matrix, np.float64)
     max_ref = np.asarray(target_max_conc, np.float64)
     if target.shape != (2, 3) or max_ref.shape != (2,):
@@ -282,7 +282,7 @@ def _macenko_stain_vectors(od: np.ndarray, alpha: float) -> np.ndarray | None:
 
 def clahe_lightness(rgb: np.ndarray, mpp: float, clip: float = 1.5, tile_um: float = 40.0) -> np.ndarray:
     """CLAHE on the L channel of LAB with tiles of tile_um microns; colour is left as it is."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     _check_positive(mpp, "mpp")
     _check_positive(clip, "clip")
     _check_positive(tile_um, "tile_um")

@@ -31,6 +31,7 @@ import tifffile
 
 from blastq.core import slide as slide_io
 from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.preprocess import check_rgb
 
 try:  # OpenSlide is optional at runtime: without it vendor formats are refused with a clear message.
     import openslide
@@ -121,13 +122,10 @@ class ArrayReader(SlideReader):
     def __init__(
         self, rgb: np.ndarray, name: str, mpp: float | None = None, *, path: str | Path | None = None
     ) -> None:
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            shape = getattr(rgb, "shape", None)
-            raise InvalidSlide(
-                f"{name}: expected HWC uint8 RGB, got shape {shape} dtype {getattr(rgb, 'dtype', None)}"
-            )
-        if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-            raise InvalidSlide(f"{name}: zero-size image ({rgb.shape[1]}x{rgb.shape[0]})")
+        try:
+            check_rgb(rgb)
+        except InvalidSlide as exc:
+            raise InvalidSlide(f"{name}: {exc}") from exc
         slide_io._check_user_mpp(mpp, name)
         self._rgb: np.ndarray | None = rgb
         self.name = name

@@ -276,7 +276,7 @@ def test_array_reader_cuts_windows_with_plasma_margins(rgb):
     assert (reader.width, reader.height, reader.mpp, reader.format) == (WIDTH, HEIGHT, 0.2, "image")
     for x, y, w, h in _windows(seed=5, count=5):
         np.testing.assert_array_equal(reader.read_region(x, y, w, h), _expected(rgb, x, y, w, h))
-    with pytest.raises(InvalidSlide, match="expected HWC uint8 RGB"):
+    with pytest.raises(InvalidSlide, match="grey.png: expected an HWC uint8 RGB array"):
         ArrayReader(rgb[:, :, 0], "grey.png")
     with pytest.raises(InvalidConfig, match="plausible pixel size"):
         ArrayReader(rgb, "field.png", mpp=250.0)
