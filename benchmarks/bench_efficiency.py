@@ -18,6 +18,9 @@ functions, each stage timed on its own:
 
 overhead = (end to end - engine) / end to end: the share of a slide's time spent outside the engine;
 segmentation overhead: the same for prepare..stitching only (what segment_prepared does).
+The stages run one after another here, but in process_slide batching and stitching overlap the engine
+(segment_prepared cuts the next batch and stitches the previous one while a batch runs), so the stage
+sum can exceed end to end; on 2 cores the overlapped stages still take cores from the engine.
 Figures are medians over --repeat rounds after a warm-up round; end to end and stages alternate within
 a round, so a neighbour's load on a shared machine hits both alike.
 """

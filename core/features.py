@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.feature import graycomatrix, graycoprops
+from skimage.feature import graycomatrix
 from skimage.measure import find_contours
 from skimage.morphology import h_maxima
 
@@ -252,11 +252,42 @@ def _glcm(levels: np.ndarray, cell: np.ndarray) -> np.ndarray:
     out = np.zeros((len(GLCM_DISTANCES_PX), len(GLCM_PROPS)))
     for d in range(len(GLCM_DISTANCES_PX)):
         used = pairs[d] > 0  # a cell thinner than the distance has no pairs at some angles
-        if not used.any():
-            continue
-        for k, prop in enumerate(GLCM_PROPS):
-            out[d, k] = graycoprops(matrix[:, :, d : d + 1, used], prop).mean()
+        if used.any():
+            out[d] = _glcm_props(matrix[:, :, d, used]).mean(axis=1)
     return out.ravel()
+
+
+def _glcm_props(matrices: np.ndarray) -> np.ndarray:
+    """GLCM_PROPS of (L, L, A) co-occurrence counts: (len(GLCM_PROPS), A), as skimage's graycoprops.
+
+    All six at once: graycoprops normalises the matrices again for every property, and that was most of
+    the texture features' time.
+    """
+    p = matrices.astype(np.float64)
+    p /= p.sum(axis=(0, 1), keepdims=True)  # every matrix has pairs (the caller keeps those only)
+    levels = np.arange(p.shape[0], dtype=np.float64)
+    i, j = levels[:, None, None], levels[None, :, None]
+    contrast = np.sum(p * (i - j) ** 2, axis=(0, 1))
+    dissimilarity = np.sum(p * np.abs(i - j), axis=(0, 1))
+    homogeneity = np.sum(p * (1.0 / (1.0 + (i - j) ** 2)), axis=(0, 1))
+    asm = np.sum(p**2, axis=(0, 1))
+    diff_i = i - np.sum(i * p, axis=(0, 1))
+    diff_j = j - np.sum(j * p, axis=(0, 1))
+    std_i = np.sqrt(np.sum(p * diff_i**2, axis=(0, 1)))
+    std_j = np.sqrt(np.sum(p * diff_j**2, axis=(0, 1)))
+    cov = np.sum(p * (diff_i * diff_j), axis=(0, 1))
+    flat = (std_i < 1e-15) | (std_j < 1e-15)  # one grey level: graycoprops calls that correlation 1
+    correlation = np.ones_like(cov)
+    correlation[~flat] = cov[~flat] / (std_i[~flat] * std_j[~flat])
+    by_name = {
+        "contrast": contrast,
+        "dissimilarity": dissimilarity,
+        "homogeneity": homogeneity,
+        "energy": np.sqrt(asm),
+        "correlation": correlation,
+        "ASM": asm,
+    }
+    return np.stack([by_name[prop] for prop in GLCM_PROPS])
 
 
 def _run_lengths(levels: np.ndarray, cell: np.ndarray) -> np.ndarray:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -23,7 +25,7 @@ from blastq.core.preprocess import PreprocessConfig, preprocess, resample
 from blastq.core.slide import Slide
 from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT, SlideStats, slide_stats
 from blastq.core.stitch import Stitcher, logits_to_probabilities
-from blastq.core.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+from blastq.core.tiling import Tile, is_empty_tile, iter_batches, pad_to_tiles, tile_grid
 from blastq.core.unet import N_OUTPUTS, ModelInfo, to_model_input
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
@@ -114,18 +116,74 @@ def segment_prepared(
     done = len(tiles) - len(todo)
     if progress:
         progress(done, len(tiles))
-    for batch in iter_batches(todo, config.batch_size):
-        x = to_model_input(np.stack([work[t.slices] for t in batch]))
-        probs = logits_to_probabilities(engine.infer(x))
-        for t, p in zip(batch, probs, strict=True):
-            stitcher.add(t, p)
-        done += len(batch)
+    for n_stitched in _run_batches(work, todo, engine, stitcher, config.batch_size):
+        done += n_stitched
         if progress:
             progress(done, len(tiles))
     probs = stitcher.result()[:, :wh, :ww]
     if (wh, ww) != (height, width):
         probs = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in probs])
     return probs, len(tiles), len(todo)
+
+
+def _run_batches(
+    work: np.ndarray, todo: list[Tile], engine: Engine, stitcher: Stitcher, batch_size: int
+) -> Iterator[int]:
+    """Run the engine on `todo` in batches and stitch them in order; yields each stitched batch's size.
+
+    With the engine on a GPU, while it runs batch i one thread cuts batch i+1's input and another stitches
+    batch i-1 (ONNX Runtime and torch release the GIL; cutting and stitching are numpy copies and
+    arithmetic). At most one input ahead and two outputs behind are held, and the stitcher sees the
+    batches in order, one at a time, so the map is the same as from the plain loop. The first error of
+    any stage is raised here, after the threads stop.
+
+    A CPU engine already runs on every core (`engines.cpu_cores`), and its threads meet at a barrier after
+    every layer: a cutting or stitching thread taking one of the cores delays them all. On the 2-core
+    machine of benchmarks/bench_efficiency.py that made a 4096 px slide 10 s slower, so there the batches
+    run one after another.
+    """
+    batches = list(iter_batches(todo, batch_size))
+    if not batches:
+        return
+
+    def cut(batch: list[Tile]) -> np.ndarray:
+        return to_model_input(np.stack([work[t.slices] for t in batch]))
+
+    def stitch(batch: list[Tile], logits: np.ndarray) -> int:
+        for tile, probs in zip(batch, logits_to_probabilities(logits), strict=True):
+            stitcher.add(tile, probs)
+        return len(batch)
+
+    if not _engine_on_gpu(engine):
+        for batch in batches:
+            yield stitch(batch, engine.infer(cut(batch)))
+        return
+
+    cutter = ThreadPoolExecutor(1, thread_name_prefix="blastq-cut")
+    stitching = ThreadPoolExecutor(1, thread_name_prefix="blastq-stitch")
+    try:
+        next_input = cutter.submit(cut, batches[0])
+        behind: deque[Future[int]] = deque()
+        for i, batch in enumerate(batches):
+            x = next_input.result()
+            if i + 1 < len(batches):
+                next_input = cutter.submit(cut, batches[i + 1])
+            logits = engine.infer(x)
+            # Queued before waiting for the previous one: the stitch thread goes on while progress reports.
+            behind.append(stitching.submit(stitch, batch, logits))
+            if len(behind) > 1:
+                yield behind.popleft().result()
+        while behind:
+            yield behind.popleft().result()
+    finally:
+        cutter.shutdown(wait=True, cancel_futures=True)
+        stitching.shutdown(wait=True, cancel_futures=True)
+
+
+def _engine_on_gpu(engine: Engine) -> bool:
+    """True for engines that leave the CPU cores free (ONNX Runtime's device_type, torch's device)."""
+    kind = getattr(engine, "device_type", None) or getattr(getattr(engine, "device", None), "type", "cpu")
+    return kind == "cuda"
 
 
 def process_slide(

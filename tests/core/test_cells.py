@@ -74,3 +74,112 @@ def test_no_foreground_gives_no_cells():
     p[0] = 1
     maps = extract_cells(p, np.zeros((50, 50, 3), np.uint8), mpp=0.2)
     assert maps.cells == () and maps.instances.max() == 0 and maps.classes.max() == 0
+
+
+# --- the blob-by-blob split against the whole-image one it replaced ---------------------------------
+
+
+def whole_image_split(foreground, marker_prob, mpp, marker_threshold=0.5):
+    """split_instances as it was: every step over the whole image (the reference for the blob-wise one)."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from blastq.core.cells import MIN_CELL_AREA_UM2, MIN_MARKER_AREA_UM2
+
+    def drop_small(labels, min_px):
+        small = np.bincount(labels.ravel()) < min_px
+        small[0] = False
+        return np.where(small[labels], 0, labels)
+
+    px_per_um2 = 1.0 / (mpp * mpp)
+    seeds, _ = ndi.label((marker_prob > marker_threshold) & foreground)
+    seeds = drop_small(seeds, MIN_MARKER_AREA_UM2 * px_per_um2)
+    blobs, n_blobs = ndi.label(foreground)
+    if n_blobs == 0:
+        return np.zeros(foreground.shape, np.int32)
+    seeded = np.zeros(n_blobs + 1, bool)
+    seeded[np.unique(blobs[seeds > 0])] = True
+    unseeded = ~seeded[blobs] & foreground
+    seeds = np.where(unseeded, blobs + int(seeds.max()), seeds)
+    labels = watershed(-ndi.distance_transform_edt(foreground), seeds, mask=foreground)
+    labels = drop_small(labels, MIN_CELL_AREA_UM2 * px_per_um2)
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def probs_from_truth(field, rng):
+    """Probability maps from a synthetic field's truth: markers are the cells' cores, some missing, plus specks."""
+    from scipy import ndimage as ndi
+
+    inst = field.instances
+    shape = inst.shape
+    p = np.zeros((5, *shape), np.float32)
+    cells = inst > 0
+    p[0] = np.where(cells, 0.1, 0.9)
+    p[1] = np.where(cells, 0.9, 0.05)
+    p[3] = field.nuclei * 0.9
+    # The core of each cell, away from its own edge and from its neighbours.
+    alone = (ndi.grey_erosion(inst, size=3) == ndi.grey_dilation(inst, size=3)) & cells
+    core = ndi.distance_transform_edt(alone) > 6
+    missed = rng.random(int(inst.max()) + 1) < 0.25  # cells the marker head missed
+    p[4] = core & ~missed[inst]
+    specks = rng.random(shape) < 2e-4  # single-pixel foreground and marker specks
+    p[1][specks], p[0][specks], p[4][np.roll(specks, 7)] = 0.9, 0.1, 0.9
+    return p
+
+
+def same_cells(a, b):
+    return len(a.cells) == len(b.cells) and all(x == y for x, y in zip(a.cells, b.cells, strict=True))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_blob_wise_split_matches_the_whole_image_split_on_a_smear(seed, monkeypatch):
+    from blastq.core import cells as cells_module
+    from blastq.core.synth import generate_field
+
+    field = generate_field(seed, 512, 512, mpp=0.2, wbc_per_10k_um2=25.0, touching_fraction=0.7)
+    p = probs_from_truth(field, np.random.default_rng(seed))
+    foreground = p[1] + p[2] > p[0]
+    got = split_instances(foreground, p[4], mpp=0.2)
+    want = whole_image_split(foreground, p[4], mpp=0.2)
+    assert want.max() > 10
+    assert got.dtype == np.int32 and np.array_equal(got, want)  # same ids too, not only the same cells
+    maps = extract_cells(p, field.image, mpp=0.2)
+    monkeypatch.setattr(cells_module, "split_instances", whole_image_split)
+    reference = extract_cells(p, field.image, mpp=0.2)
+    assert np.array_equal(maps.instances, reference.instances) and same_cells(maps, reference)
+
+
+def test_blob_wise_split_matches_the_whole_image_split_on_touching_discs():
+    """Equal discs on whole pixels: many equally deep marker pixels, where watershed ties decide the cut."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        cells = []
+        for _ in range(int(rng.integers(2, 8))):
+            cy, cx = int(rng.integers(0, 200)), int(rng.integers(0, 300))
+            r = int(rng.choice([22, 22, int(rng.integers(6, 30))]))
+            cells.append((cy, cx, r, 0.0, r // 2))
+        for cy, cx in ((60, 40), (140, 200)):  # pairs touching edge to edge, one of them on the border
+            cells += [(cy, cx, 22, 0.0, 10), (cy, cx + 40, 22, 0.0, 10)]
+        p = probs_for(cells, marker_r=int(rng.integers(3, 9)))
+        p[4][rng.random(p[4].shape) < 0.3] *= rng.random() < 0.5  # ragged markers, sometimes
+        foreground = p[1] + p[2] > p[0]
+        for mpp in (0.2, 0.4):
+            assert np.array_equal(
+                split_instances(foreground, p[4], mpp), whole_image_split(foreground, p[4], mpp)
+            )
+
+
+def test_cells_touching_the_image_edge_are_measured_as_before(monkeypatch):
+    from blastq.core import cells as cells_module
+
+    p = probs_for(
+        [(0, 0, 30, 0.5, 15), (199, 150, 30, 0.2, 12), (100, 299, 25, 0.9, 10), (100, 250, 25, 0, 10)]
+    )
+    rgb = np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    maps = extract_cells(p, rgb, mpp=0.2)
+    monkeypatch.setattr(cells_module, "split_instances", whole_image_split)
+    assert len(maps.cells) == 4 and same_cells(maps, extract_cells(p, rgb, mpp=0.2))

@@ -255,3 +255,18 @@ def test_lymphocytes_and_neutrophils_from_synthetic_fields_differ_as_they_should
     assert np.mean(lymph[:, col("nucleus_lobes")] == 1) >= 0.9
     assert np.mean(neut[:, col("nucleus_lobes")] >= 2) >= 0.7
     assert np.isfinite(lymph).all() and np.isfinite(neut).all()
+
+
+def test_glcm_properties_are_those_of_skimage_graycoprops():
+    from skimage.feature import graycoprops
+
+    from blastq.core.features import GLCM_PROPS, _glcm_props
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 5, (32, 32, 4)).astype(np.uint32)
+    counts[:, :, 3] = 0
+    counts[7, 7, 3] = 12  # one grey level only: zero spread, correlation 1 by convention
+    got = _glcm_props(counts)
+    for k, prop in enumerate(GLCM_PROPS):
+        want = graycoprops(counts[:, :, None, :], prop)[0]
+        np.testing.assert_allclose(got[k], want, rtol=1e-12, atol=1e-15)

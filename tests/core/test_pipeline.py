@@ -68,3 +68,133 @@ def test_bad_tiling_is_a_config_error(shipped_engine):
 def test_params_key_ignores_batch_size_only():
     assert PipelineConfig(batch_size=1).key() == PipelineConfig(batch_size=32).key()
     assert PipelineConfig(tile_px=512).key() != PipelineConfig().key()
+
+
+# --- the engine overlapped with cutting and stitching ------------------------------------------------
+
+
+class FakeEngine:
+    """Logits computed from the input pixels (deterministic, fast); optionally fails on one batch."""
+
+    name = "fake"
+    stride = 32
+
+    def __init__(
+        self,
+        fail_on_batch: int | None = None,
+        bad_shape_on_batch: int | None = None,
+        device_type: str = "cuda",  # a GPU engine leaves the cores free: cutting and stitching overlap it
+    ):
+        self.device_type = device_type
+        self.fail_on_batch = fail_on_batch
+        self.bad_shape_on_batch = bad_shape_on_batch
+        self.calls = 0
+
+    def infer(self, batch):
+        from blastq.core.unet import N_OUTPUTS
+
+        self.calls += 1
+        if self.calls == self.fail_on_batch:
+            raise RuntimeError(f"engine failed on batch {self.calls}")
+        mixing = np.linspace(-1.0, 1.0, N_OUTPUTS * 3, dtype=np.float32).reshape(N_OUTPUTS, 3)
+        logits = np.einsum("oc,nchw->nohw", mixing, batch).astype(np.float32)
+        if self.calls == self.bad_shape_on_batch:
+            return logits[:, :, :-1]
+        return logits
+
+
+def sequential_probabilities(work, engine, config):
+    """segment_prepared's batches as a plain loop (the reference for the overlapped one)."""
+    from blastq.core.stitch import Stitcher, logits_to_probabilities
+    from blastq.core.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+    from blastq.core.unet import N_OUTPUTS, to_model_input
+
+    wh, ww = work.shape[:2]
+    work = pad_to_tiles(work, config.tile_px)
+    tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
+    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1], config.tile_px)
+    todo = []
+    for tile in tiles:
+        if is_empty_tile(work[tile.slices]):
+            stitcher.add_background(tile)
+        else:
+            todo.append(tile)
+    for batch in iter_batches(todo, config.batch_size):
+        probs = logits_to_probabilities(
+            engine.infer(to_model_input(np.stack([work[t.slices] for t in batch])))
+        )
+        for t, p in zip(batch, probs, strict=True):
+            stitcher.add(t, p)
+    return stitcher.result()[:, :wh, :ww]
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 100])
+def test_overlapped_batches_give_the_same_map_bit_for_bit(smear, batch_size, device_type):
+    from blastq.core.pipeline import segment_prepared
+
+    config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=batch_size)
+    ticks = []
+    got, n_tiles, n_run = segment_prepared(
+        smear.image,
+        smear.image.shape[:2],
+        FakeEngine(device_type=device_type),
+        config,
+        lambda d, n: ticks.append((d, n)),
+    )
+    want = sequential_probabilities(smear.image, FakeEngine(), config)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert n_run > 2 * batch_size or batch_size == 100
+    done = [d for d, _ in ticks]
+    assert done == sorted(done) and done[-1] == n_tiles and {n for _, n in ticks} == {n_tiles}
+    assert len(ticks) == 1 + -(-n_run // batch_size)  # the skipped tiles, then one per batch, in order
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_an_engine_error_on_the_third_batch_reaches_the_caller_after_two_batches(smear, device_type):
+    from blastq.core.pipeline import segment_prepared
+
+    config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=2)
+    engine, ticks = FakeEngine(fail_on_batch=3, device_type=device_type), []
+    with pytest.raises(RuntimeError, match="batch 3"):
+        segment_prepared(smear.image, smear.image.shape[:2], engine, config, lambda d, n: ticks.append(d))
+    assert engine.calls == 3
+    # The skipped tiles and batch 1 reported; batch 2 (overlapped: was stitching while batch 3 failed).
+    assert len(ticks) in (2, 3) and ticks == sorted(ticks) and ticks[1] - ticks[0] == 2
+
+
+def test_a_stitching_error_reaches_the_caller_and_stops_the_engine(smear):
+    from blastq.core.pipeline import segment_prepared
+
+    config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=2)
+    engine = FakeEngine(bad_shape_on_batch=2)
+    with pytest.raises(ValueError):
+        segment_prepared(smear.image, smear.image.shape[:2], engine, config)
+    assert engine.calls <= 4  # noticed within two batches, not after the whole slide
+
+
+def test_a_failing_progress_callback_stops_the_run(smear):
+    from blastq.core.pipeline import segment_prepared
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        if done > 0:
+            raise Cancelled
+
+    config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=2)
+    engine = FakeEngine()
+    with pytest.raises(Cancelled):
+        segment_prepared(smear.image, smear.image.shape[:2], engine, config, progress)
+    assert engine.calls <= 3
+
+
+def test_cpu_engines_run_batches_in_turn_and_gpu_engines_overlapped(shipped_engine):
+    from blastq.core.pipeline import _engine_on_gpu
+
+    engine, _ = shipped_engine
+    assert not _engine_on_gpu(engine)
+    assert _engine_on_gpu(FakeEngine(device_type="cuda")) and not _engine_on_gpu(
+        FakeEngine(device_type="cpu")
+    )
