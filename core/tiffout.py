@@ -126,8 +126,10 @@ class PyramidTiffSink:
             step = 2**level
             # Rows whose global index is a multiple of step belong to this level.
             part = rows[(-start) % step :: step, ::step]
-            if part.size:
+            if part.any():
                 f.write(np.ascontiguousarray(part).data)
+            else:  # all background: leave a hole (a sparse file; most of a slide is plasma)
+                f.seek(part.nbytes, os.SEEK_CUR)
         self.rows_written += n
 
     def close(self) -> Path:
@@ -143,6 +145,7 @@ class PyramidTiffSink:
             )
         try:
             for f in self._raw_files:
+                f.truncate(f.tell())  # a hole at the end still counts: the file gets its full length
                 f.flush()
             self._write_tiff(self._partial)
             os.replace(self._partial, self.path)

@@ -144,10 +144,12 @@ class DiskRaster:
             out[i] = np.frombuffer(os.pread(self._fd, nbytes, y * self._row_bytes + offset), self.dtype)
         return out
 
-    def write(self, y0: int, x0: int, block: np.ndarray) -> None:
+    def write(self, y0: int, x0: int, block: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Write block at (y0, x0); with `rows` (bool per block row) only those rows (the file stays sparse
+        where nothing was ever written)."""
         block = np.ascontiguousarray(block, self.dtype)
         offset = x0 * self.dtype.itemsize
-        for i in range(block.shape[0]):
+        for i in range(block.shape[0]) if rows is None else np.flatnonzero(rows):
             os.pwrite(self._fd, block[i].tobytes(), (y0 + i) * self._row_bytes + offset)
 
     def row_stripes(self, rows: int) -> Iterator[np.ndarray]:
@@ -412,10 +414,11 @@ def _paint(
     old = instances.read(wy0 + y0, wy0 + y1, wx0 + x0, wx0 + x1)
     fresh = (new > 0) & (old == 0)
     old[fresh] = new[fresh]
-    instances.write(wy0 + y0, wx0 + x0, old)
+    changed = fresh.any(axis=1)
+    instances.write(wy0 + y0, wx0 + x0, old, changed)
     nuc = nuclei.read(wy0 + y0, wy0 + y1, wx0 + x0, wx0 + x1)
     nuc[fresh & maps.nuclei[y0:y1, x0:x1]] = 255
-    nuclei.write(wy0 + y0, wx0 + x0, nuc)
+    nuclei.write(wy0 + y0, wx0 + x0, nuc, changed)
 
 
 def _to_slide(cell: CellRecord, gid: int, chunk: Chunk, scale: float) -> CellRecord:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tracemalloc
 
 import numpy as np
@@ -274,3 +275,20 @@ def test_big_maps_are_written_as_bigtiff(tmp_path, labels, monkeypatch):
         assert tif.is_bigtiff
     assert tiff_levels(path) == [(1000, 1300), (500, 650), (250, 325), (125, 163)]
     np.testing.assert_array_equal(read_tiff_level(path, 2), labels[::4, ::4])
+
+
+def test_background_rows_leave_holes_and_read_back_as_zeros(tmp_path):
+    """Rows of zeros are not written to the spool (sparse files: most of a slide is plasma), including
+    a run of them at the very end, and still come back as zeros of the right size."""
+    height, width = 3000, 2000
+    arr = np.zeros((height, width), np.uint32)
+    arr[1200:1260, 500:700] = 7
+    path = tmp_path / "sparse.tif"
+    with PyramidTiffSink(path, height, width, np.uint32, tile=256) as sink:
+        for y in range(0, height, 100):
+            sink.write_rows(arr[y : y + 100])
+        spool = sink._raw_paths[0]
+        allocated = os.stat(spool).st_blocks * 512
+        assert allocated < arr.nbytes / 10, f"{allocated} bytes on disk for {arr.nbytes} of mostly zeros"
+    np.testing.assert_array_equal(read_tiff_level(path), arr)
+    np.testing.assert_array_equal(read_tiff_level(path, 1), arr[::2, ::2])

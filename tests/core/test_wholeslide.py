@@ -180,6 +180,11 @@ def test_disk_raster_windows_round_trip(tmp_path):
         assert (raster.read(0, 300, 0, 257) == ref).all()
         assert (raster.read(17, 123, 5, 250) == ref[17:123, 5:250]).all()
         assert (np.concatenate(list(raster.row_stripes(64))) == ref).all()
+        # Only the chosen rows of a block are written.
+        block = np.full((4, 10), 5, np.uint32)
+        raster.write(0, 0, block, np.array([True, False, False, True]))
+        ref[0, :10] = ref[3, :10] = 5
+        assert (raster.read(0, 4, 0, 257) == ref[:4]).all()
     finally:
         raster.close()
     assert not (tmp_path / "r.raw").exists()
