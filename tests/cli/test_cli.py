@@ -275,3 +275,24 @@ def test_a_truncated_whole_slide_fails_with_one_line(cli, tmp_path):
     assert result.exit_code == 1
     failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "cut.tif" in failed[0]
+
+
+def test_a_corrupt_tile_fails_the_whole_slide_with_one_line_and_no_files(cli, tmp_path):
+    import tifffile
+
+    from blastq.core.synthslide import write_synthetic_slide
+
+    slide = tmp_path / "bad.tif"
+    write_synthetic_slide(slide, 1024, 1024, field_px=512, pyramid=False)
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[0]
+        offset, size = page.dataoffsets[2], page.databytecounts[2]
+    data = bytearray(slide.read_bytes())
+    data[offset + 10 : offset + size - 10] = b"\x07" * (size - 20)
+    slide.write_bytes(bytes(data))
+    out = tmp_path / "results"
+    result = cli("run", slide, "--out", out, "--no-record")
+    assert result.exit_code == 1
+    (line,) = [x for x in result.output.splitlines() if x.startswith("FAILED")]
+    assert "bad.tif" in line and "cannot decode TIFF tile" in line
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # no half-written masks, no scratch
