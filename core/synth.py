@@ -169,12 +169,18 @@ def generate_field(
     rbc_coverage: float = 0.35,
     touching_fraction: float = 0.3,
     artefacts: bool = True,
+    stain_seed: int | None = None,
 ) -> SynthField:
-    """Render one synthetic smear field (RGB HWC uint8) with its class, nucleus and instance truth."""
+    """Render one synthetic smear field (RGB HWC uint8) with its class, nucleus and instance truth.
+
+    `stain_seed`: take the stain from this seed instead of `seed` (the fields of one synthetic whole
+    slide share one stain, as one slide does); everything else still follows `seed`."""
     _check_args(height_px, width_px, mpp, blast_fraction, wbc_per_10k_um2, rbc_coverage, touching_fraction)
     rng = np.random.default_rng(seed)
     h_um, w_um = height_px * mpp, width_px * mpp
     stain = _sample_stain(rng)
+    if stain_seed is not None:
+        stain = _sample_stain(np.random.default_rng(stain_seed))
     plans = _place_white_cells(rng, h_um, w_um, mpp, blast_fraction, wbc_per_10k_um2, touching_fraction)
 
     od = _plasma(rng, height_px, width_px, stain)

@@ -115,8 +115,14 @@ def _field_bands(
         for col, x in enumerate(range(0, width, field_px)):
             band_w = min(field_px, width - x)
             # Edge fields are rendered at their cropped size, so the truth covers exactly the slide.
+            # One stain for the whole slide (a slide is stained once); layout, cells and light per field.
             field = generate_field(
-                seed + row * columns + col, band_h, band_w, mpp=mpp, blast_fraction=blast_fraction
+                seed + row * columns + col,
+                band_h,
+                band_w,
+                mpp=mpp,
+                blast_fraction=blast_fraction,
+                stain_seed=seed,
             )
             band[:, x : x + band_w] = field.image
             counts["fields"] += 1

@@ -7,13 +7,15 @@ with a margin around it, preprocessed, segmented with the same tiled engine loop
 disk (`DiskRaster`), which become tiled, compressed, pyramidal TIFFs at the end; memory is that of one
 chunk, whatever the slide's size.
 
-Who owns a cell on a chunk border. Each cell is seen whole by every chunk whose window contains it
-(the margin is larger than a cell's radius plus the tile overlap), but slightly differently (other tiles, other context), so
-each chunk could place its centroid on another side of a border. The rule, in raster order: a chunk
-takes a cell when its centroid lies in this chunk's core or in the core of an earlier chunk, and at
-most half of its pixels were already claimed by cells taken earlier; cells whose centroid lies in a
-later chunk's core are left to that chunk. A cell is then taken exactly once: the first chunk to see
-its centroid in its own core or behind it takes it, and every later sighting overlaps that claim.
+Who owns a cell on a chunk border. Each cell is seen whole by the chunks whose windows contain it (the
+margin is larger than a cell's radius plus the tile overlap), but slightly differently (other context at
+the window's edge), so two chunks could place its centroid on different sides of a border. The rule, in
+raster order: a chunk ignores a cell cut by its window's edge (a part, not the cell); it leaves a whole
+cell whose centroid lies in a later chunk's core if that chunk's window holds it too; otherwise it takes
+the cell unless at most half of its pixels were taken by earlier cells. Each cell is then taken once: by
+the first chunk that sees it whole with its centroid at or behind that chunk's core, and every later
+sighting overlaps that claim. Clumps larger than a window (more than ~80 um across) are the limit: no
+chunk sees them whole, and their parts are the chunks' watershed cells.
 
 Coordinates: the rasters are at the model's scale (`analysis_mpp`, written into the TIFFs); cell
 records (centroid, bounding box, pixel areas) are in the slide's level-0 pixels, like a small image's,
@@ -302,7 +304,7 @@ def process_whole_slide(
                 tiles_run += n_run
                 maps = extract_cells(probs, raw, info.mpp)
                 del probs
-                taken = _take_cells(maps, chunk, instances, chunk_px, n_cols)
+                taken = _take_cells(maps, chunk, instances, chunks, chunk_px, n_cols)
                 if taken and classifier is not None:
                     maps = type_cells(replace(maps, cells=tuple(taken)), work, info.mpp, classifier)
                     taken = list(maps.cells)
@@ -371,7 +373,7 @@ def whole_slide_key(params_key: str, wsi: WholeSlideConfig = WholeSlideConfig())
 
 
 def _take_cells(
-    maps: CellMaps, chunk: Chunk, instances: DiskRaster, chunk_px: int, n_cols: int
+    maps: CellMaps, chunk: Chunk, instances: DiskRaster, chunks: list[Chunk], chunk_px: int, n_cols: int
 ) -> list[CellRecord]:
     """The chunk's cells that are its to take (see the module's docstring), window-local records."""
     if not maps.cells:
@@ -380,15 +382,32 @@ def _take_cells(
     claimed = instances.read(wy0, wy1, wx0, wx1) > 0
     taken = []
     for cell in maps.cells:
+        box = (cell.bbox_y0 + wy0, cell.bbox_y1 + wy0, cell.bbox_x0 + wx0, cell.bbox_x1 + wx0)
+        if not _inside(box, chunk.window, chunks[-1].window):
+            continue  # cut by this window's edge: only part of it is here
         owner = _core_index(chunk_px, n_cols, cell.centroid_y + wy0, cell.centroid_x + wx0)
-        if owner > chunk.index:
-            continue  # a later chunk has it in its core
+        if owner > chunk.index and _inside(box, chunks[owner].window, chunks[-1].window):
+            continue  # a later chunk has it in its core, and sees it whole
         ys, xs = slice(cell.bbox_y0, cell.bbox_y1), slice(cell.bbox_x0, cell.bbox_x1)
         mine = maps.instances[ys, xs] == cell.cell_id
         if np.count_nonzero(claimed[ys, xs] & mine) * 2 > cell.area_px:
             continue  # an earlier chunk took it
         taken.append(cell)
     return taken
+
+
+def _inside(box: tuple[int, int, int, int], window: tuple[int, int, int, int], last: tuple) -> bool:
+    """Whether a cell's box (global, y1/x1 exclusive) lies in the window without touching an edge of it
+    that is not the slide's own edge (`last`, the last chunk's window, ends where the slide does)."""
+    y0, y1, x0, x1 = box
+    wy0, wy1, wx0, wx1 = window
+    height, width = last[1], last[3]
+    return (
+        (y0 > wy0 or wy0 == 0)
+        and (y1 < wy1 or wy1 == height)
+        and (x0 > wx0 or wx0 == 0)
+        and (x1 < wx1 or wx1 == width)
+    )
 
 
 def _paint(

@@ -15,7 +15,6 @@ from blastq.core.slide import Slide
 from blastq.core.synth import generate_field
 from blastq.core.tiffout import read_tiff_level, tiff_levels
 from blastq.core.wholeslide import (
-    Chunk,
     DiskRaster,
     WholeSlideConfig,
     _take_cells,
@@ -116,31 +115,35 @@ def test_whole_slide_files_and_typing(shipped_engine, tmp_path):
 
 
 def test_take_cells_ownership_rule(tmp_path):
-    """Centroid in a later core: left; mostly claimed already: left; centroid behind, unclaimed: taken."""
-    # A 2x2 grid of 100 px cores; the chunk under test is index 1 (top right), window = the whole 200x200.
-    chunk = Chunk(index=1, core=(0, 100, 100, 200), window=(0, 200, 0, 200))
-    local = np.zeros((200, 200), np.int32)
+    """Which cells the centre chunk of a 3x3 grid takes (global coordinates in the comments)."""
+    chunks = chunk_grid(300, 300, 100, 50)
+    chunk = chunks[4]  # core rows/cols 100..200, window 50..250
+    assert chunk.window == (50, 250, 50, 250)
+    local = np.zeros((200, 200), np.int32)  # window-local: global - 50
     cells = []
 
-    def add(cell_id, y0, x0, size=10):
-        local[y0 : y0 + size, x0 : x0 + size] = cell_id
-        c = y0 + size / 2, x0 + size / 2
-        cells.append(_record(cell_id, c, (y0, x0, y0 + size, x0 + size), size * size))
+    def add(cell_id, y0, x0, h=10, w=10, centroid=None):
+        local[y0 - 50 : y0 - 50 + h, x0 - 50 : x0 - 50 + w] = cell_id
+        cy, cx = centroid or (y0 + h / 2, x0 + w / 2)
+        box = (y0 - 50, x0 - 50, y0 - 50 + h, x0 - 50 + w)
+        cells.append(_record(cell_id, (cy - 50, cx - 50), box, h * w))
 
-    add(1, 20, 150)  # own core: taken
-    add(2, 20, 30)  # earlier core (index 0), unclaimed: taken
-    add(3, 150, 30)  # later core (index 2): left
-    add(4, 40, 60)  # earlier core, claimed by an earlier chunk: left
-    add(5, 70, 150)  # own core, 30% claimed: taken
-    claims = DiskRaster(tmp_path / "claims.raw", 200, 200, np.uint32)
+    add(1, 140, 140)  # own core: taken
+    add(2, 90, 140)  # centre in the core above (earlier), not claimed: taken
+    add(3, 205, 140)  # centre in the core below (later), whose window holds it: left to it
+    add(4, 80, 60)  # earlier core, claimed by an earlier chunk: left
+    add(5, 170, 150)  # own core, 30% claimed: taken
+    add(6, 50, 100)  # cut by this window's top edge (global row 50): a part, left
+    add(7, 145, 120, h=100, w=8, centroid=(215, 124))  # centre below, but reaching above that window: taken
+    claims = DiskRaster(tmp_path / "claims.raw", 300, 300, np.uint32)
     try:
-        claims.write(40, 60, np.full((10, 10), 9, np.uint32))
-        claims.write(70, 150, np.full((3, 10), 8, np.uint32))
+        claims.write(80, 60, np.full((10, 10), 9, np.uint32))
+        claims.write(170, 150, np.full((3, 10), 8, np.uint32))
         maps = CellMaps(np.zeros((200, 200), np.uint8), np.zeros((200, 200), bool), local, tuple(cells))
-        taken = _take_cells(maps, chunk, claims, 100, 2)
+        taken = _take_cells(maps, chunk, claims, chunks, 100, 3)
     finally:
         claims.close()
-    assert [c.cell_id for c in taken] == [1, 2, 5]
+    assert [c.cell_id for c in taken] == [1, 2, 5, 7]
 
 
 def _record(cell_id, centroid, bbox, area) -> CellRecord:
