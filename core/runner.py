@@ -16,7 +16,7 @@ from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.db import connect, record_result
 from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
-from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
+from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config, whole_slide_config
 from blastq.core.slide import read_slide
 from blastq.core.store import ObjectStore, slide_prefix, store_from_settings
 from blastq.core.unet import ModelInfo
@@ -103,6 +103,7 @@ class LocalRunner:
                 sha256=sha,
                 mpp=mpp,
                 config=self.config,
+                wsi=whole_slide_config(self.settings),
                 classifier=self.classifier,
                 progress=progress,
             )

@@ -18,6 +18,7 @@ from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT
 
 if TYPE_CHECKING:
     from blastq.core.pipeline import PipelineConfig
+    from blastq.core.wholeslide import WholeSlideConfig
 
 
 REGISTRY_MODEL = "registry"
@@ -53,6 +54,9 @@ class Settings:
     tile_px: int = 256
     overlap_px: int = 64
     batch_size: int = 8
+    # Whole slides: chunk side at the model's scale. Peak memory grows with its square (3072: 1.7 GiB on
+    # a 20k slide, benchmarks/bench_wsi_memory.py); smaller chunks repeat more margin tiles.
+    wsi_chunk_px: int = 3072
     max_attempts: int = 3  # deliveries of one job before it is failed (a slide that kills its worker)
     visibility_timeout_s: int = 3600  # Redis redelivers an unacknowledged job after this: > longest slide
     task_retry_max: int = 5  # retries, with backoff, of a job hit by a transient fault (database, store)
@@ -117,6 +121,13 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
     )
 
 
+def whole_slide_config(settings: Settings) -> WholeSlideConfig:
+    """How whole slides are cut into chunks; the chunking is part of a whole slide's result key."""
+    from blastq.core.wholeslide import WholeSlideConfig
+
+    return WholeSlideConfig(chunk_px=settings.wsi_chunk_px)
+
+
 def _coerce(name: str, raw: Any, kind: type) -> Any:
     try:
         if kind is Path:
@@ -137,6 +148,7 @@ _TYPES = {
     "tile_px": int,
     "overlap_px": int,
     "batch_size": int,
+    "wsi_chunk_px": int,
     "max_attempts": int,
     "visibility_timeout_s": int,
     "task_retry_max": int,

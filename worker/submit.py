@@ -28,7 +28,7 @@ from blastq.core.db import (
 )
 from blastq.core.errors import InvalidConfig
 from blastq.core.registry import promoted
-from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
+from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config, whole_slide_config
 from blastq.core.slide import USER_MPP_RANGE
 from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
@@ -169,7 +169,11 @@ def submit(
             store.put(input_key, data, CONTENT_TYPES.get(suffix, "application/octet-stream"))
             # A whole slide's result is keyed by the chunking too (core.wholeslide); the worker decides
             # the same way, from the file.
-            key = whole_slide_key(params_key) if is_whole_slide(path) else params_key
+            key = (
+                whole_slide_key(params_key, whole_slide_config(settings))
+                if is_whole_slide(path)
+                else params_key
+            )
             existing = None if force else find_result(db, sha256, model_version, key)
             job = create_job(
                 db,

@@ -25,9 +25,10 @@ from blastq.core.db import claim_job, fail_job, finish_job, record_result
 from blastq.core.errors import BlastqError, TransientError
 from blastq.core.pipeline import process_slide
 from blastq.core.runner import store_files
+from blastq.core.settings import whole_slide_config
 from blastq.core.slide import decode_slide
 from blastq.core.store import slide_prefix
-from blastq.core.wholeslide import process_whole_slide
+from blastq.core.wholeslide import WholeSlideConfig, process_whole_slide
 from blastq.core.wsi import TIFF_MAGICS, file_sha256, is_whole_slide, open_slide_reader
 
 PROCESS_SLIDE = "blastq.process_slide"
@@ -73,7 +74,9 @@ def run_job(task: Task, job_id: str) -> str | None:
                 path.write_bytes(data)
                 if is_whole_slide(path):
                     del data
-                    result_id = _run_whole_slide(db, store, loaded, path, job.mpp, Path(tmp) / "out")
+                    result_id = _run_whole_slide(
+                        db, store, loaded, path, job.mpp, Path(tmp) / "out", whole_slide_config(settings)
+                    )
                     finish_job(db, job_id, result_id)
                     log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
                     return "succeeded"
@@ -107,7 +110,9 @@ def _maybe_whole_slide(data: bytes) -> bool:
     return data[:4] in TIFF_MAGICS
 
 
-def _run_whole_slide(db, store, loaded, path: Path, mpp: float | None, out: Path) -> int:
+def _run_whole_slide(
+    db, store, loaded, path: Path, mpp: float | None, out: Path, wsi: WholeSlideConfig
+) -> int:
     """A whole slide, chunk by chunk (core.wholeslide): files to the store, the result row; its id."""
     with open_slide_reader(path) as reader:
         result = process_whole_slide(
@@ -118,6 +123,7 @@ def _run_whole_slide(db, store, loaded, path: Path, mpp: float | None, out: Path
             sha256=file_sha256(path),
             mpp=mpp,
             config=loaded.config,
+            wsi=wsi,
             classifier=loaded.classifier,
         )
     prefix = slide_prefix(result.sha256, result.model_version, result.params_key)

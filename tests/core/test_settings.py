@@ -55,3 +55,18 @@ def test_passwords_never_printed():
     shown = " ".join(s.describe().values())
     assert "s3cret" not in shown and "lab:***@db" in shown
     assert mask_secret("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_whole_slide_chunking_comes_from_the_settings(tmp_path):
+    from blastq.core.settings import whole_slide_config
+    from blastq.core.wholeslide import whole_slide_key
+
+    base = {"BLASTQ_DATA_DIR": str(tmp_path)}
+    small = whole_slide_config(load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "1536"}))
+    default = whole_slide_config(load_settings(base))
+    assert (small.chunk_px, default.chunk_px) == (1536, 3072)
+    assert whole_slide_key("k", small) != whole_slide_key("k", default)  # another chunking, another result
+    with pytest.raises(InvalidConfig, match="chunk_px=10"):
+        whole_slide_config(load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "10"}))
+    with pytest.raises(InvalidConfig, match="BLASTQ_WSI_CHUNK_PX|wsi_chunk_px"):
+        load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "big"})
