@@ -126,9 +126,9 @@ CONTENT_TYPES = {
 
 
 def store_files(store: ObjectStore, prefix: str, files: dict[str, Path]) -> None:
-    """Put a whole slide's result files under prefix (one file's bytes in memory at a time)."""
+    """Put a whole slide's result files under prefix, streamed."""
     for name, file in files.items():
-        store.put(f"{prefix}/{name}", file.read_bytes(), CONTENT_TYPES[Path(name).suffix])
+        store.put_file(f"{prefix}/{name}", file, CONTENT_TYPES[Path(name).suffix])
 
 
 def model_checkpoint(settings: Settings, name: str) -> Path | None:

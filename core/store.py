@@ -13,6 +13,7 @@ import base64
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,9 @@ class ObjectStore(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
     def get(self, key: str) -> bytes: ...
+    # Files: streamed, never whole in memory (whole-slide scans are gigabytes).
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
@@ -84,6 +88,24 @@ class FileStore:
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {key} from {self.url}: {exc.strerror or exc}") from exc
 
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """Copy the file at `path` under `key` (atomically, as put)."""
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {key} to {self.url}: {exc.strerror or exc}") from exc
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Copy the object under `key` to the file `path`; FileNotFoundError if there is none."""
+        _copy_into(self._path(key), Path(path), key, self.url)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -108,6 +130,28 @@ class FileStore:
             raise StoreUnavailable(
                 f"cannot list {prefix or '/'} in {self.url}: {exc.strerror or exc}"
             ) from exc
+
+
+def _copy_into(source: Path, path: Path, key: str, url: str) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreUnavailable(f"cannot read {key} from {url}: {exc.strerror or exc}") from exc
+
+
+def file_digest(path: Path, chunk: int = 8 * 1024 * 1024) -> bytes:
+    """SHA-256 of a file, read in chunks (bounded memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.digest()
 
 
 # S3 error codes by what a caller can do about them. A HEAD has no body, so it reports a bare status.
@@ -238,6 +282,45 @@ class S3Store:
             return response["Body"].read()
 
         return self._call(f"read {key} from", read)
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """Upload the file at `path` under `key`, in parts above 8 MB (boto3's managed transfer), each
+        part with its SHA-256 checksum; skipped, as put, when the same content is there already."""
+        name = self._name(key)
+        digest = file_digest(Path(path))
+        size = Path(path).stat().st_size
+        head = self._head(name, f"write {key} to")
+        if (
+            head is not None
+            and head.get("Metadata", {}).get("sha256") == digest.hex()
+            and head.get("ContentLength") == size
+            and head.get("ContentType") == content_type
+        ):
+            return
+        extra = {
+            "ContentType": content_type,
+            "Metadata": {"sha256": digest.hex()},
+            "ChecksumAlgorithm": "SHA256",
+        }
+        self._call(
+            f"write {key} to", lambda: self.client.upload_file(str(path), self.bucket, name, ExtraArgs=extra)
+        )
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Download the object under `key` to the file `path` (checksums checked; in parts when large);
+        FileNotFoundError if there is none. The file appears whole or not at all."""
+        name, path = self._name(key), Path(path)
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            self._call(
+                f"read {key} from",
+                lambda: self.client.download_file(
+                    self.bucket, name, str(tmp), ExtraArgs={"ChecksumMode": "ENABLED"}
+                ),
+            )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._head(self._name(key), f"check {key} in") is not None

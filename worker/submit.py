@@ -8,7 +8,6 @@ processed with the same model and parameters is not sent at all: its job points 
 from __future__ import annotations
 
 import glob
-import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,14 +25,14 @@ from blastq.core.db import (
     stale_jobs,
     touch_job,
 )
-from blastq.core.errors import InvalidConfig
+from blastq.core.errors import InvalidConfig, InvalidSlide
 from blastq.core.registry import promoted
 from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config, whole_slide_config
 from blastq.core.slide import USER_MPP_RANGE
 from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
 from blastq.core.wholeslide import whole_slide_key
-from blastq.core.wsi import is_whole_slide
+from blastq.core.wsi import file_sha256, is_whole_slide
 from blastq.worker.celery_app import SLIDES_QUEUE, BlastqCelery, make_app
 from blastq.worker.tasks import PROCESS_SLIDE
 
@@ -157,16 +156,13 @@ def submit(
             raise InvalidConfig(f"no batch {batch_id}")
         for path in files:
             try:
-                data = path.read_bytes()
-            except OSError as exc:
-                entries.append(
-                    SubmittedFile(str(path), None, "error", error=f"{path}: {exc.strerror or exc}")
-                )
+                sha256 = file_sha256(path)  # streamed: a whole-slide scan is gigabytes
+            except InvalidSlide as exc:
+                entries.append(SubmittedFile(str(path), None, "error", error=str(exc)))
                 continue
-            sha256 = hashlib.sha256(data).hexdigest()
             suffix = path.suffix.lower()
             input_key = f"inputs/{sha256}{suffix if suffix[1:].isalnum() else '.bin'}"
-            store.put(input_key, data, CONTENT_TYPES.get(suffix, "application/octet-stream"))
+            store.put_file(input_key, path, CONTENT_TYPES.get(suffix, "application/octet-stream"))
             # A whole slide's result is keyed by the chunking too (core.wholeslide); the worker decides
             # the same way, from the file.
             key = (

@@ -29,7 +29,7 @@ from blastq.core.settings import whole_slide_config
 from blastq.core.slide import decode_slide
 from blastq.core.store import slide_prefix
 from blastq.core.wholeslide import WholeSlideConfig, process_whole_slide
-from blastq.core.wsi import TIFF_MAGICS, file_sha256, is_whole_slide, open_slide_reader
+from blastq.core.wsi import file_sha256, is_whole_slide, open_slide_reader
 
 PROCESS_SLIDE = "blastq.process_slide"
 TRAIN_MODEL = "blastq.train_model"  # its body: blastq.trainer.service.run_training_job
@@ -62,24 +62,23 @@ def run_job(task: Task, job_id: str) -> str | None:
             log.info("job %s: not run (unknown, finished, or out of attempts)", job_id)
             return None
         store = resources.store()
-        try:
-            data = store.get(job.input_key)
-        except FileNotFoundError:
-            _fail(resources, job_id, f"{job.filename}: input {job.input_key} is missing from {store.url}")
-            return "failed"
-        loaded = resources.engine()
-        if _maybe_whole_slide(data):
-            with tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp:
-                path = Path(tmp) / PurePath(job.filename).name
-                path.write_bytes(data)
-                if is_whole_slide(path):
-                    del data
-                    result_id = _run_whole_slide(
-                        db, store, loaded, path, job.mpp, Path(tmp) / "out", whole_slide_config(settings)
-                    )
-                    finish_job(db, job_id, result_id)
-                    log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
-                    return "succeeded"
+        # The input is streamed to a file (a whole-slide scan is gigabytes), never held as bytes first.
+        with tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp:
+            path = Path(tmp) / (PurePath(job.filename).name or "slide")
+            try:
+                store.get_file(job.input_key, path)
+            except FileNotFoundError:
+                _fail(resources, job_id, f"{job.filename}: input {job.input_key} is missing from {store.url}")
+                return "failed"
+            loaded = resources.engine()
+            if is_whole_slide(path):
+                result_id = _run_whole_slide(
+                    db, store, loaded, path, job.mpp, Path(tmp) / "out", whole_slide_config(settings)
+                )
+                finish_job(db, job_id, result_id)
+                log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
+                return "succeeded"
+            data = path.read_bytes()
         slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
         result = process_slide(slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier)
         prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
@@ -102,12 +101,6 @@ def run_job(task: Task, job_id: str) -> str | None:
         log.exception("job %s: internal error", job_id)
         _fail(resources, job_id, f"internal error: {type(exc).__name__}: {exc}")
     return "failed"
-
-
-def _maybe_whole_slide(data: bytes) -> bool:
-    """TIFF bytes (tiled TIFF, OME-TIFF, SVS, NDPI...): worth the look at the file that tells a whole slide.
-    Multi-file formats (MRXS) cannot be queued as one file; `blastq run` reads them in place."""
-    return data[:4] in TIFF_MAGICS
 
 
 def _run_whole_slide(

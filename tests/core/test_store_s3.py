@@ -107,6 +107,27 @@ def test_a_5_mb_object_round_trips(store):
     assert store.get("inputs/big.tif") == data
 
 
+def test_a_20_mb_file_round_trips_as_a_file(store, tmp_path):
+    """put_file/get_file stream (S3: a multipart upload and ranged download above 8 MB)."""
+    source = tmp_path / "scan.svs"
+    source.write_bytes(os.urandom(20 * 1024 * 1024 + 3))
+    store.put_file("inputs/scan.svs", source, "image/tiff")
+    back = tmp_path / "back" / "scan.svs"
+    back.parent.mkdir()
+    store.get_file("inputs/scan.svs", back)
+    assert back.read_bytes() == source.read_bytes()
+    assert store.get("inputs/scan.svs") == source.read_bytes()
+    assert [p.name for p in back.parent.iterdir()] == ["scan.svs"]  # no part file left
+
+
+def test_get_file_of_a_missing_key_raises_and_leaves_no_file(store, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError):
+        store.get_file("never/written.svs", out / "x.svs")
+    assert list(out.iterdir()) == []
+
+
 def test_exists_only_for_written_keys(store):
     store.put("a/b.txt", b"x")
     assert store.exists("a/b.txt")
@@ -168,6 +189,18 @@ def test_reputting_identical_content_does_not_upload_again(s3_store):
     s3_store.put("inputs/abc.png", b"other bytes", "image/png")
     assert len(uploads) == 2
     assert s3_store.get("inputs/abc.png") == b"other bytes"
+
+
+def test_reputting_an_identical_file_does_not_upload_again(s3_store, tmp_path):
+    uploads = count_uploads(s3_store)
+    path = tmp_path / "slide.tif"
+    path.write_bytes(b"tiff bytes")
+    s3_store.put_file("inputs/slide.tif", path, "image/tiff")
+    s3_store.put_file("inputs/slide.tif", path, "image/tiff")
+    assert len(uploads) == 1
+    path.write_bytes(b"other tiff")
+    s3_store.put_file("inputs/slide.tif", path, "image/tiff")
+    assert len(uploads) == 2 and s3_store.get("inputs/slide.tif") == b"other tiff"
 
 
 def test_an_upload_carries_the_sha256_of_its_content(s3_store):
