@@ -217,9 +217,19 @@ def synth_slide(out: Path, width: int, height: int, seed: int, mpp: float, fmt: 
     Memory stays at one band of fields whatever the size, so `--width 20000 --height 20000` works on a
     laptop. Run it with `blastq run OUT --out results`: whole slides are processed chunk by chunk.
     """
+    from tqdm import tqdm
+
     from blastq.core.synthslide import write_synthetic_slide
 
-    info = write_synthetic_slide(out, width, height, seed=seed, mpp=mpp, ome=fmt == "ome", svs=fmt == "svs")
+    with tqdm(desc=out.name, unit="field", disable=None) as bar:
+
+        def tick(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        info = write_synthetic_slide(
+            out, width, height, seed=seed, mpp=mpp, ome=fmt == "ome", svs=fmt == "svs", progress=tick
+        )
     click.echo(
         f"wrote {out} ({info['width']}x{info['height']} px, {len(info['levels'])} level(s), "
         f"{info['white_cells']} white cells of which {info['blasts']} blasts, {info['seconds']:.0f}s)"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -48,6 +48,7 @@ def write_synthetic_slide(
     svs: bool = False,
     compression: str | None = "zlib",
     blast_fraction: float = 0.3,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write a width x height synthetic smear as a tiled TIFF; return its size, levels and truth counts."""
     path = Path(path)
@@ -58,7 +59,7 @@ def write_synthetic_slide(
         w, h = sizes[-1]
         sizes.append(((w + 1) // 2, (h + 1) // 2))
     counts = {"fields": 0, "white_cells": 0, "blasts": 0}
-    bands = _field_bands(width, height, seed, mpp, field_px, blast_fraction, counts)
+    bands = _field_bands(width, height, seed, mpp, field_px, blast_fraction, counts, progress)
     # Level-0 raw size decides BigTIFF: compressed data is smaller, so this errs on the safe side.
     options = {
         "compression": compression,
@@ -105,7 +106,14 @@ def _check_args(width: int, height: int, mpp: float, field_px: int, tile: int, o
 
 
 def _field_bands(
-    width: int, height: int, seed: int, mpp: float, field_px: int, blast_fraction: float, counts: dict
+    width: int,
+    height: int,
+    seed: int,
+    mpp: float,
+    field_px: int,
+    blast_fraction: float,
+    counts: dict,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """Rows of fields (HWC uint8, field_px rows, the last one shorter), counting their truth."""
     columns = math.ceil(width / field_px)
@@ -126,6 +134,8 @@ def _field_bands(
             )
             band[:, x : x + band_w] = field.image
             counts["fields"] += 1
+            if progress:
+                progress(counts["fields"], columns * math.ceil(height / field_px))
             counts["white_cells"] += len(field.cells)
             counts["blasts"] += sum(cell.is_blast for cell in field.cells)
         yield band

@@ -366,7 +366,19 @@ def test_bad_windows_and_closed_readers_are_refused(tmp_path, rgb):
 @pytest.mark.parametrize("ome", [False, True])
 def test_synthetic_slide_round_trips_size_mpp_and_levels(tmp_path, ome):
     path = tmp_path / ("synthetic.ome.tif" if ome else "synthetic.tif")
-    info = write_synthetic_slide(path, 1536, 1100, seed=3, mpp=0.2, field_px=512, tile=256, ome=ome)
+    ticks = []
+    info = write_synthetic_slide(
+        path,
+        1536,
+        1100,
+        seed=3,
+        mpp=0.2,
+        field_px=512,
+        tile=256,
+        ome=ome,
+        progress=lambda *a: ticks.append(a),
+    )
+    assert ticks == [(i, 9) for i in range(1, 10)]
     assert info["levels"] == [(1536, 1100), (768, 550)]
     assert info["fields"] == 9 and info["white_cells"] > 0 and 0 < info["blasts"] <= info["white_cells"]
     with tifffile.TiffFile(path) as tif:
