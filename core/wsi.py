@@ -16,6 +16,7 @@ margin at the slide edge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -373,10 +374,8 @@ def _tiff_level0_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float |
     if description.startswith("Aperio"):
         match = _APERIO_MPP.search(description)
         if match:
-            try:
+            with contextlib.suppress(ValueError):  # e.g. "1.2.3": fall through to the resolution tags
                 return float(match.group(1))
-            except ValueError:
-                pass
     if page is tif.pages.first or page.offset == tif.pages.first.offset:
         return slide_io._tiff_mpp(tif)
     return None

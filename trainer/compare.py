@@ -663,41 +663,6 @@ def default_unet() -> tuple[UNet, PreprocessConfig]:
     return unet, PreprocessConfig(**info.preprocess)
 
 
-def compare_classifiers(
-    wbc_root: Path | None,
-    *,
-    synth_fields: int,
-    folds: int = 5,
-    seed: int = 0,
-    models: Sequence[str] = MODELS,
-    progress: Progress | None = None,
-    wbc_limit: int | None = None,
-    cnn_epochs: int | None = None,
-) -> Comparison:
-    """Load segmentation_wbc's labelled cells and `synth_fields` synthetic fields, then compare_cells.
-
-    `wbc_limit`: at most this many real cells, classes taken in turn (for a quick trial).
-    """
-    unet, preprocess_config = default_unet()
-    datasets = load_cells(
-        wbc_root,
-        synth_fields=synth_fields,
-        seed=seed,
-        preprocess_config=preprocess_config,
-        wbc_limit=wbc_limit,
-    )
-    return compare_cells(
-        datasets,
-        folds=folds,
-        seed=seed,
-        models=models,
-        unet=unet,
-        cnn_epochs=cnn_epochs,
-        progress=progress,
-        settings={"synth_fields": synth_fields, "wbc_limit": wbc_limit},
-    )
-
-
 # ---------------------------------------------------------------- the final model
 
 

@@ -29,7 +29,7 @@ from blastq.core.settings import whole_slide_config
 from blastq.core.slide import decode_slide
 from blastq.core.store import slide_prefix
 from blastq.core.wholeslide import WholeSlideConfig, process_whole_slide
-from blastq.core.wsi import file_sha256, is_whole_slide, open_slide_reader
+from blastq.core.wsi import is_whole_slide, open_slide_reader
 
 PROCESS_SLIDE = "blastq.process_slide"
 TRAIN_MODEL = "blastq.train_model"  # its body: blastq.trainer.service.run_training_job
@@ -72,9 +72,7 @@ def run_job(task: Task, job_id: str) -> str | None:
                 return "failed"
             loaded = resources.engine()
             if is_whole_slide(path):
-                result_id = _run_whole_slide(
-                    db, store, loaded, path, job.mpp, Path(tmp) / "out", whole_slide_config(settings)
-                )
+                result_id = _run_whole_slide(db, store, loaded, job, path, whole_slide_config(settings))
                 finish_job(db, job_id, result_id)
                 log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
                 return "succeeded"
@@ -103,18 +101,19 @@ def run_job(task: Task, job_id: str) -> str | None:
     return "failed"
 
 
-def _run_whole_slide(
-    db, store, loaded, path: Path, mpp: float | None, out: Path, wsi: WholeSlideConfig
-) -> int:
-    """A whole slide, chunk by chunk (core.wholeslide): files to the store, the result row; its id."""
+def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) -> int:
+    """A whole slide, chunk by chunk (core.wholeslide): files to the store, the result row; its id.
+
+    The job's sha256 is the content's (submit hashed it; the input key is named by it): a scan of
+    gigabytes is not read once more to hash it again."""
     with open_slide_reader(path) as reader:
         result = process_whole_slide(
             reader,
             loaded.engine,
             loaded.info,
-            out,
-            sha256=file_sha256(path),
-            mpp=mpp,
+            path.parent / "out",
+            sha256=job.sha256,
+            mpp=job.mpp,
             config=loaded.config,
             wsi=wsi,
             classifier=loaded.classifier,

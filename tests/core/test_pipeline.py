@@ -177,7 +177,7 @@ def test_a_failing_progress_callback_stops_the_run(smear):
     from blastq.core.pipeline import segment_prepared
 
     class Cancelled(Exception):
-        pass
+        """The user stopped the run."""
 
     def progress(done, total):
         if done > 0:
