@@ -44,7 +44,10 @@ class CellRecord:
     # The cell classifier's answer (blastq.core.classify); empty/0 when no classifier ran.
     cell_type: str = ""
     cell_type_probability: float = 0.0
-    review: bool = False  # the classifier is unsure, or disagrees with the segmentation's blast call
+    # The classifier is unsure, or disagrees with the segmentation's blast call, or the cell could not be
+    # measured or typed (then review_reason says why; the slide's other cells go on).
+    review: bool = False
+    review_reason: str = ""
     p_neutrophil: float = 0.0
     p_lymphocyte: float = 0.0
     p_monocyte: float = 0.0
@@ -54,6 +57,20 @@ class CellRecord:
 
 
 CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CellRecord))
+_REASON_CHARS = 200  # a review reason is one line of a table, not a traceback
+
+
+def failure_reason(stage: str, exc: Exception) -> str:
+    """One line for `CellRecord.review_reason`: the stage that failed and the error, e.g. "features failed: ..."."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())  # OpenCV's messages span several lines
+    if len(text) > _REASON_CHARS:
+        text = text[: _REASON_CHARS - 3] + "..."
+    return f"{stage} failed: {text}"
+
+
+def joined_reasons(*reasons: str) -> str:
+    """Review reasons of several stages as one field ("; " between them, empty ones left out)."""
+    return "; ".join(r for r in reasons if r)
 
 
 @dataclass(frozen=True)
@@ -156,13 +173,19 @@ def extract_cells(
     um2 = mpp * mpp
     cells = []
     for i, region in enumerate(regionprops(instances)):
-        area = int(region.area)
-        perimeter = float(region.perimeter)
-        cy, cx = region.centroid
-        y0, x0, y1, x1 = region.bbox
+        cell_id = int(region.label)
+        reason = ""
+        try:
+            (cy, cx), (y0, x0, y1, x1), perimeter = _outline(region)
+        except MemoryError:
+            raise
+        except Exception as exc:  # one odd outline must not cost the slide its other cells
+            reason = failure_reason("measurement", exc)
+            (cy, cx), (y0, x0, y1, x1), perimeter = _outline_from_pixels(instances, cell_id)
+        area = int(cell_px[i])
         cells.append(
             CellRecord(
-                cell_id=int(region.label),
+                cell_id=cell_id,
                 label=LABEL_BLAST if is_blast[i] else LABEL_WHITE_CELL,
                 centroid_x=round(float(cx), 2),
                 centroid_y=round(float(cy), 2),
@@ -183,6 +206,22 @@ def extract_cells(
                 mean_g=round(float(means[1][i]), 2),
                 mean_b=round(float(means[2][i]), 2),
                 blast_probability=round(float(blast_prob[i]), 4),
+                review=bool(reason),
+                review_reason=reason,
             )
         )
     return CellMaps(classes, nuclei, instances, tuple(cells))
+
+
+def _outline(region) -> tuple[tuple[float, float], tuple[int, int, int, int], float]:
+    """((cy, cx), (y0, x0, y1, x1), perimeter_px) of one regionprops region."""
+    return region.centroid, region.bbox, float(region.perimeter)
+
+
+def _outline_from_pixels(
+    instances: np.ndarray, cell_id: int
+) -> tuple[tuple[float, float], tuple[int, int, int, int], float]:
+    """_outline's answer from the cell's pixels alone, perimeter 0 (unknown): the fallback when it fails."""
+    ys, xs = np.nonzero(instances == cell_id)
+    bbox = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+    return (float(ys.mean()), float(xs.mean())), bbox, 0.0

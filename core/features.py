@@ -124,7 +124,8 @@ def _shape(mask: np.ndarray, mpp: float) -> tuple[float, ...]:
         area_px * mpp * mpp,
         perimeter_px * mpp,
         circularity,
-        area_px / _convex_area_px(mask),
+        # The hull holds every mask pixel, so this only guards the ratio (never over 1, never 0/0).
+        area_px / max(_convex_area_px(mask), area_px),
         eccentricity,
         float(np.sqrt(4 * area_px / np.pi)) * mpp,
         4 * float(np.sqrt(large)) * mpp,
@@ -213,7 +214,8 @@ def _max_defect_um(nucleus: np.ndarray, mpp: float) -> float:
         defects = cv2.convexityDefects(contour, hull)
     except cv2.error:  # a self-touching contour makes the hull indices non-monotonic
         return 0.0
-    if defects is None:
+    # OpenCV 4 answers "no indentation" with None, OpenCV 5 with an empty array.
+    if defects is None or len(defects) == 0:
         return 0.0
     # OpenCV gives the depth in fixed point with 8 fractional bits.
     return float(defects.reshape(-1, 4)[:, 3].max()) / 256.0 * mpp

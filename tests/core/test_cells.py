@@ -183,3 +183,72 @@ def test_cells_touching_the_image_edge_are_measured_as_before(monkeypatch):
     maps = extract_cells(p, rgb, mpp=0.2)
     monkeypatch.setattr(cells_module, "split_instances", whole_image_split)
     assert len(maps.cells) == 4 and same_cells(maps, extract_cells(p, rgb, mpp=0.2))
+
+
+def test_a_cell_whose_outline_fails_is_kept_for_review_and_the_others_are_measured(monkeypatch):
+    from blastq.core import cells as cells_module
+
+    p = probs_for([(100, 60, 30, 0.9, 20), (100, 200, 30, 0.1, 12)])
+    rgb = np.full((200, 300, 3), 200, np.uint8)
+    before = extract_cells(p, rgb, mpp=0.2).cells
+    real = cells_module._outline
+
+    def fails_for_cell_2(region):
+        if region.label == 2:
+            raise ValueError("a degenerate outline\nover two lines")
+        return real(region)
+
+    monkeypatch.setattr(cells_module, "_outline", fails_for_cell_2)
+    first, second = extract_cells(p, rgb, mpp=0.2).cells
+    assert first == before[0] and not first.review
+    assert second.review and second.review_reason == (
+        "measurement failed: ValueError: a degenerate outline over two lines"
+    )
+    # What the pixels give alone is still there; only the outline's measures are missing.
+    old = before[1]
+    for name in (
+        "cell_id",
+        "label",
+        "area_px",
+        "area_um2",
+        "nucleus_area_px",
+        "nc_ratio",
+        "blast_probability",
+    ):
+        assert getattr(second, name) == getattr(old, name)
+    assert (second.bbox_x0, second.bbox_y0, second.bbox_x1, second.bbox_y1) == (
+        old.bbox_x0,
+        old.bbox_y0,
+        old.bbox_x1,
+        old.bbox_y1,
+    )
+    assert second.centroid_x == pytest.approx(old.centroid_x, abs=0.01)
+    assert second.centroid_y == pytest.approx(old.centroid_y, abs=0.01)
+    assert second.perimeter_um == 0 and second.circularity == 0
+
+
+def test_a_failure_reason_is_one_bounded_line():
+    from blastq.core.cells import failure_reason
+
+    reason = failure_reason("features", RuntimeError("OpenCV(5.1.0) error:\n" + "x" * 500))
+    assert reason.startswith("features failed: RuntimeError: OpenCV(5.1.0) error: xxx")
+    assert "\n" not in reason and len(reason) <= len("features failed: ") + 200
+
+
+def test_the_review_reason_is_a_column_of_cells_csv_and_a_geojson_property():
+    import csv
+    import io
+    import json
+    from dataclasses import replace
+
+    from blastq.core.artifacts import cells_csv_bytes, geojson_bytes
+
+    p = probs_for([(100, 60, 30, 0.9, 20), (100, 200, 30, 0.1, 12)])
+    first, second = extract_cells(p, np.full((200, 300, 3), 200, np.uint8), mpp=0.2).cells
+    reason = "features failed: ValueError: zero-size array"
+    cells = (first, replace(second, review=True, review_reason=reason))
+    rows = list(csv.DictReader(io.StringIO(cells_csv_bytes(cells).decode())))
+    assert [r["review_reason"] for r in rows] == ["", reason]
+    ring = [[0, 0], [1, 0], [1, 1], [0, 0]]
+    features = json.loads(geojson_bytes(cells, [ring, ring]))["features"]
+    assert [f["properties"]["review_reason"] for f in features] == ["", reason]

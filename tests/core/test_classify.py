@@ -2,13 +2,22 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from blastq.core.cellcrops import CELL_TYPES, crops_to_array
-from blastq.core.classify import CLASSIFIER_FORMAT, REVIEW_BELOW, load_classifier, reconcile
+from blastq.core.classify import (
+    CLASSIFIER_FORMAT,
+    REVIEW_BELOW,
+    UNTYPED_PROBABILITIES,
+    CellClassifier,
+    ClassifierInfo,
+    load_classifier,
+    reconcile,
+)
 from blastq.core.errors import ModelNotFound
 from blastq.core.unet import default_model_path
 
@@ -171,3 +180,133 @@ def test_the_pipeline_types_every_cell_and_reports_a_differential(field_crops, t
     for c in cells:
         p = np.array([getattr(c, f"p_{t}") for t in CELL_TYPES])
         assert p.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def small_slide():
+    from blastq.core.slide import Slide
+    from blastq.core.synth import generate_field
+
+    field = generate_field(21, 320, 320, wbc_per_10k_um2=14.0, blast_fraction=0.3)
+    return Slide(name="f.png", rgb=field.image, mpp=0.2, mpp_source="user", sha256="0" * 64)
+
+
+def test_a_cell_whose_features_fail_is_reviewed_and_the_slide_goes_on(
+    small_slide, shipped_engine, monkeypatch
+):
+    from blastq.core import features
+    from blastq.core.classify import load_cell_classifier
+    from blastq.core.pipeline import process_slide
+
+    engine, info = shipped_engine
+    classifier = load_cell_classifier("default")
+    before = process_slide(small_slide, engine, info, classifier=classifier).maps.cells
+    assert len(before) >= 3 and not any(c.review_reason for c in before)
+
+    real, seen = features.cell_features, []
+
+    def fails_on_the_second_cell(crop):
+        if not any(crop is c for c in seen):
+            seen.append(crop)
+        if len(seen) > 1 and crop is seen[1]:
+            raise ValueError("zero-size array to reduction operation maximum which has no identity")
+        return real(crop)
+
+    monkeypatch.setattr(features, "cell_features", fails_on_the_second_cell)
+    result = process_slide(small_slide, engine, info, classifier=classifier)
+    after = result.maps.cells
+    assert len(after) == len(before)
+    bad = after[1]
+    assert bad.review and bad.review_reason == (
+        "features failed: ValueError: zero-size array to reduction operation maximum which has no identity"
+    )
+    p = np.array([getattr(bad, f"p_{t}") for t in CELL_TYPES])
+    np.testing.assert_allclose(p, UNTYPED_PROBABILITIES, atol=1e-4)
+    assert bad.cell_type == ("blast" if bad.label == "blast" else "neutrophil")
+    for old, new in zip(before[:1] + before[2:], after[:1] + after[2:], strict=True):
+        assert (new.cell_type, new.review, new.review_reason) == (old.cell_type, old.review, "")
+        assert new.cell_type_probability == pytest.approx(old.cell_type_probability, abs=1e-4)
+    # The slide keeps its differential and counts the cell among those to review.
+    assert sum(d["count"] for d in result.stats.differential.values()) == len(after)
+    assert result.stats.review_cells == sum(c.review for c in after)
+
+
+def test_a_cell_that_vanishes_at_the_crop_scale_is_reviewed_not_typed_from_an_empty_crop(field_crops):
+    from blastq.core.cells import CellMaps, CellRecord
+    from blastq.core.classify import type_cells
+    from blastq.core.features import features_matrix
+
+    crops, labels = field_crops
+    classifier = CellClassifier(
+        ClassifierInfo(version="rf", kind="random_forest"), _sklearn_model(features_matrix(crops), labels)
+    )
+    # Input at 0.05 um/px, typed from a work image at 0.2: a 1-pixel cell falls between the samples.
+    instances = np.zeros((400, 400), np.int32)
+    yy, xx = np.mgrid[:400, :400]
+    instances[(yy - 200) ** 2 + (xx - 200) ** 2 <= 150**2] = 1
+    instances[1, 1] = 2
+    record = CellRecord(1, "white_cell", 0, 0, 0, 0, 1, 1, 1, 0.04, 0.8, 1.0, 0, 0.0, 0.0, 0, 0, 0, 0.1)
+    maps = CellMaps(
+        (instances > 0).astype(np.uint8), instances == 1, instances, (record, replace(record, cell_id=2))
+    )
+    work = np.full((100, 100, 3), 200, np.uint8)
+    big, tiny = type_cells(maps, work, 0.2, classifier).cells
+    assert tiny.review and tiny.review_reason == "too small to type: no pixels at 0.2 um/px"
+    p = np.array([getattr(tiny, f"p_{t}") for t in CELL_TYPES])
+    np.testing.assert_allclose(p, UNTYPED_PROBABILITIES, atol=1e-4)
+    assert big.review_reason == ""
+
+
+def test_a_feature_model_of_another_width_is_refused_at_load(field_crops, tmp_path):
+    from blastq.core.classify import ClassifierInfo, save_classifier
+    from blastq.core.features import features_matrix
+
+    crops, labels = field_crops
+    model = _sklearn_model(features_matrix(crops)[:, :10], labels)
+    save_classifier(
+        tmp_path / "narrow.pt", ClassifierInfo(version="n", kind="random_forest"), sklearn_model=model
+    )
+    with pytest.raises(ModelNotFound, match="takes 10 features, blastq measures"):
+        load_classifier(tmp_path / "narrow.pt")
+
+
+def test_a_classifier_file_missing_its_parts_is_refused_with_the_reason(tmp_path):
+    path = _payload_file(tmp_path / "bare.pt", format=CLASSIFIER_FORMAT, kind="svm", version="x")
+    with pytest.raises(ModelNotFound, match=r"no cell_types, sklearn"):
+        load_classifier(path)
+    path = _payload_file(
+        tmp_path / "junk.pt",
+        format=CLASSIFIER_FORMAT,
+        kind="svm",
+        version="x",
+        cell_types=[],
+        sklearn=b"junk",
+    )
+    with pytest.raises(ModelNotFound, match="not a skops file"):
+        load_classifier(path)
+
+
+class _Picky(CellClassifier):
+    """Types every crop as a lymphocyte, except crops it refuses (all of them when `refuse_all`)."""
+
+    def __init__(self, refuse: object = None, refuse_all: bool = False) -> None:
+        super().__init__(ClassifierInfo(version="picky", kind="cnn"))
+        self.refuse, self.refuse_all = refuse, refuse_all
+
+    def predict_proba(self, crops):
+        if self.refuse_all or any(c is self.refuse for c in crops):
+            raise RuntimeError("the model cannot take this input")
+        out = np.zeros((len(crops), len(CELL_TYPES)), np.float32)
+        out[:, CELL_TYPES.index("lymphocyte")] = 1.0
+        return out
+
+
+def test_a_cell_the_model_refuses_costs_only_itself_but_a_model_refusing_all_fails(field_crops):
+    crops, _ = field_crops
+    probs, reasons = _Picky(refuse=crops[2]).predict_cells(crops)
+    assert reasons[2] == "typing failed: RuntimeError: the model cannot take this input"
+    assert [r for i, r in enumerate(reasons) if i != 2] == [""] * (len(crops) - 1)
+    assert probs[2].tolist() == pytest.approx(UNTYPED_PROBABILITIES.tolist())
+    assert (probs[np.arange(len(crops)) != 2, CELL_TYPES.index("lymphocyte")] == 1).all()
+    with pytest.raises(RuntimeError, match="cannot take"):
+        _Picky(refuse_all=True).predict_cells(crops)

@@ -149,6 +149,31 @@ def test_a_kidney_nucleus_has_a_deeper_indentation_than_a_round_one():
     assert deep > 0.8 and shallow < 0.3
 
 
+@pytest.mark.parametrize(
+    "nucleus",
+    [
+        (abs(YY - 64) <= 10) & (abs(XX - 64) <= 10),  # a square: its outline is its hull
+        (abs(YY - 64) <= 1) & (abs(XX - 64) <= 15),  # a 3-pixel-wide bar
+        (YY >= 64) & (YY < 66) & (XX >= 64) & (XX < 66),  # 2x2 pixels
+    ],
+)
+def test_a_nucleus_without_any_indentation_has_zero_defect_depth(nucleus):
+    # OpenCV 5 reports "no convexity defect" on these as an empty array (OpenCV 4 as None).
+    f = cell_features(crop_of(disc(64, 64, 45), nucleus))
+    assert f[INDEX["nucleus_max_defect_um"]] == 0 and np.isfinite(f).all()
+    assert f[INDEX["nucleus_area_um2"]] > 0
+
+
+def test_both_opencv_answers_for_no_defect_give_zero_depth(monkeypatch):
+    import cv2
+
+    kidney = disc(64, 64, 20) & ~disc(64, 90, 14)  # it has a defect, so only the stub can say none
+    answers = {"opencv 4": None, "opencv 5": np.zeros((0, 1, 4), np.int32)}
+    for answer in answers.values():
+        monkeypatch.setattr(cv2, "convexityDefects", lambda contour, hull, a=answer: a)
+        assert values(crop_of(disc(64, 64, 45), kidney), "nucleus_max_defect_um") == [0.0]
+
+
 def test_colour_statistics_are_per_region():
     cell, nucleus = disc(64, 64, 30), disc(64, 64, 12)
     rgb = np.zeros((128, 128, 3), np.uint8)
