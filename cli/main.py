@@ -22,14 +22,43 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+# Modules of the optional extras (pyproject.toml) and the extra that installs each.
+EXTRA_OF_MODULE = {
+    "celery": "service",  # part of the main install; missing only from an install broken since
+    "kombu": "service",
+    "redis": "service",
+    "boto3": "service",
+    "botocore": "service",
+    "psycopg": "service",
+    "psycopg2": "service",
+    "matplotlib": "report",
+    "torch_tensorrt": "tensorrt",
+    "monai": "bench",
+}
+
+
 class BlastqGroup(click.Group):
-    """Turns a BlastqError anywhere in a command into one line on stderr and exit status 2."""
+    """Turns a BlastqError anywhere in a command into one line on stderr and exit status 2, and so a
+    module of an extra that is not installed (naming the extra)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BlastqError as exc:
             _fail(str(exc))
+        except ImportError as exc:
+            # ModuleNotFoundError names the module; Kombu's own says "Missing redis library".
+            named = (exc.name or "").split(".")[0]
+            module = (
+                named
+                if named in EXTRA_OF_MODULE
+                else next((m for m in EXTRA_OF_MODULE if f" {m} " in f" {exc} "), None)
+            )
+            if module is None:
+                raise
+            _fail(
+                f"this needs {module}, which is not installed: pip install 'blastq[{EXTRA_OF_MODULE[module]}]'"
+            )
 
 
 @click.group(cls=BlastqGroup, context_settings=CONTEXT)
@@ -71,6 +100,12 @@ def main() -> None:
 )
 @click.option("--device", help="cpu or cuda:N (default: BLASTQ_DEVICE or cpu).")
 @click.option("--no-record", is_flag=True, help="Do not record results in the database and store.")
+@click.option(
+    "--sample",
+    metavar="ID",
+    help="The images are fields of one sample (patient): their cells are pooled into one verdict, "
+    "recorded with the sample's earlier images; with --out also OUT/sample-summary.json and report.",
+)
 def run(
     images: tuple[Path, ...],
     out_dir: Path | None,
@@ -78,8 +113,12 @@ def run(
     model: str | None,
     device: str | None,
     no_record: bool,
+    sample: str | None,
 ) -> None:
-    """Segment IMAGES on this machine and report white cells, blasts and blast percentage.
+    """Segment IMAGES (files, folders of images, or glob patterns) here; report white cells and blasts.
+
+    Folders and globs are taken as `blastq submit` takes them: regular files only, no symlink
+    leading out of the folder, and neither `blastq synth` truth nor `blastq run` outputs.
 
     Whole-slide files (tiled or pyramidal TIFF, OME-TIFF, and through OpenSlide SVS, NDPI, MRXS, SCN)
     are read region by region and processed in chunks, so memory stays bounded whatever the slide's
@@ -90,15 +129,40 @@ def run(
     """
     from tqdm import tqdm
 
-    from blastq.core.runner import LocalRunner
+    from blastq.core.inputs import (
+        check_local_folders,
+        check_user_mpp,
+        check_writable_folder,
+        expand_inputs,
+        output_folder_name,
+    )
+    from blastq.core.runner import SAMPLE_FILE_PREFIX, LocalRunner, write_sample
     from blastq.core.settings import load_settings
+    from blastq.core.stats import check_sample_name
 
+    # What can be checked is checked before the model loads (seconds) and the images are computed.
+    check_user_mpp(mpp)
+    if sample is not None:
+        check_sample_name(sample)
     settings = load_settings(model=model, device=device)
+    inputs = expand_inputs(images)  # files, folders and globs, as `blastq submit` takes them
+    for refused in inputs.refused:
+        click.echo(f"FAILED {refused}", err=True)
+    if inputs.skipped:
+        click.echo(inputs.skipped_line(), err=True)
+    total = len(inputs.files) + len(inputs.refused)
+    if not inputs.files:
+        _fail(f"{total} of {total} image(s) failed", code=1)
+    if out_dir is not None:
+        check_writable_folder(out_dir, "the output folder (--out)")
+    check_local_folders(settings, record=not no_record)
     runner = LocalRunner.from_settings(settings, record=not no_record)
-    failed = 0
-    used: set[str] = set()
-    for path in images:
-        name = _unique(path.stem, used)
+    failed = len(inputs.refused)
+    done = []
+    # The sample's files sit beside the images' folders: no image folder may take their names.
+    used: set[str] = {f"{SAMPLE_FILE_PREFIX}summary.json", f"{SAMPLE_FILE_PREFIX}report.html"}
+    for path in inputs.files:
+        name = output_folder_name(path, used)  # one part, never "..": stays inside OUT
         bar = tqdm(total=1, desc=path.name, unit="tile", leave=False, disable=None)
 
         def tick(done: int, total: int, bar=bar) -> None:
@@ -107,41 +171,45 @@ def run(
             bar.refresh()
 
         try:
-            result = runner.run(path, mpp=mpp, out_folder=out_dir and out_dir / name, progress=tick)
+            result = runner.run(
+                path, mpp=mpp, out_folder=out_dir and out_dir / name, progress=tick, sample=sample
+            )
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
             failed += 1
             bar.close()
             reason = (
                 str(exc) if isinstance(exc, BlastqError) else f"internal error ({type(exc).__name__}: {exc})"
             )
-            # Slide errors already name the file; do not print it twice.
-            click.echo(f"FAILED {reason}" if str(path) in reason else f"FAILED {path}: {reason}", err=True)
+            click.echo(_failure_line(path, reason), err=True)
             continue
         bar.close()
+        done.append(result)
         s = result.stats
-        flag = "  FLAGGED" if s.flagged else ""
         click.echo(
-            f"{path}: {s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts{flag}"
-            f"  [{result.mpp:.3f} um/px {result.mpp_source}, {result.seconds:.1f}s]"
+            f"{path}: {s.describe()}  [{result.mpp:.3f} um/px {result.mpp_source}, {result.seconds:.1f}s]"
         )
         if s.differential:
             parts = ", ".join(
                 f"{d['percent']:.0f}% {name}" for name, d in s.differential.items() if d["count"]
             )
             click.echo(f"  differential: {parts}; {s.review_cells} cell(s) to review")
-    if out_dir is not None and failed < len(images):
+    if sample is not None:
+        pooled = runner.sample(sample, done)
+        click.echo(pooled.describe())
+        if out_dir is not None:
+            write_sample(pooled, out_dir)
+    if out_dir is not None and failed < total:
         click.echo(f"files written under {out_dir}/")
     if failed:
-        _fail(f"{failed} of {len(images)} image(s) failed", code=1)
+        _fail(f"{failed} of {total} image(s) failed", code=1)
 
 
-def _unique(stem: str, used: set[str]) -> str:
-    # The output folder is named after the image; two images with one name must not overwrite each other.
-    name, i = stem, 2
-    while name in used:
-        name, i = f"{stem}-{i}", i + 1
-    used.add(name)
-    return name
+def _failure_line(path: Path, reason: str) -> str:
+    """`FAILED path: reason`, naming the file once: slide errors start with its path or its name."""
+    if str(path) in reason:
+        return f"FAILED {reason}"
+    prefix = f"{path.name}: "
+    return f"FAILED {path}: {reason.removeprefix(prefix)}"
 
 
 @main.command(context_settings=CONTEXT)
@@ -174,8 +242,9 @@ def _unique(stem: str, used: set[str]) -> str:
 def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fraction: float) -> None:
     """Write synthetic smear fields with exact ground truth.
 
-    Each field NAME gets NAME.png (the image), NAME.mask.png (0 background, 1 white cell, 2 blast),
-    NAME.nuclei.png (255 = nucleus) and NAME.instances.tif (one id per white cell).
+    Each field NAME gets NAME.png (the image) and, in OUT/truth/ so that the folder holds only smears,
+    NAME.mask.png (0 background, 1 white cell, 2 blast), NAME.nuclei.png (255 = nucleus) and
+    NAME.instances.tif (one id per white cell).
     """
     from tqdm import tqdm
 

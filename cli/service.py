@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime
 
 import click
@@ -23,6 +23,7 @@ RESULT_COLUMNS = (
     "blasts",
     "blast_percent",
     "flagged",
+    "verdict",
     "differential",
     "review_cells",
     "mpp",
@@ -47,8 +48,19 @@ TYPE_ABBREVIATIONS = {
 @click.option(
     "--mpp", type=float, help="Microns per pixel of the slides (default: from metadata, else estimated)."
 )
+@click.option(
+    "--sample",
+    metavar="ID",
+    help="The slides are fields of one sample (patient): their cells are pooled into one verdict "
+    "(`blastq results --sample ID`).",
+)
 def submit(
-    paths: tuple[str, ...], batch_name: str | None, wait: bool, force: bool, mpp: float | None
+    paths: tuple[str, ...],
+    batch_name: str | None,
+    wait: bool,
+    force: bool,
+    mpp: float | None,
+    sample: str | None,
 ) -> None:
     """Queue PATHS (files, folders of images, or glob patterns) for the workers.
 
@@ -59,7 +71,9 @@ def submit(
     from blastq.worker.submit import submit as submit_slides
 
     settings = load_settings()
-    outcome = submit_slides(settings, paths, batch_name=batch_name, force=force, mpp=mpp)
+    outcome = submit_slides(settings, paths, batch_name=batch_name, force=force, mpp=mpp, sample=sample)
+    if outcome.skipped:
+        click.echo(outcome.skipped, err=True)
     for job in outcome.jobs:
         if job.job_id is None:
             click.echo(f"FAILED {job.error}", err=True)
@@ -80,16 +94,32 @@ def submit(
             f"batch {outcome.batch_id}: {status.succeeded} succeeded, {status.failed} failed"
             + (f" (see `blastq status --batch {outcome.batch_id}`)" if status.failed else "")
         )
+        if sample is not None:
+            click.echo(_sample(settings, sample).describe())
         if status.failed:
             sys.exit(1)
     if outcome.errors:
         sys.exit(1)
 
 
+def _sample(settings, name: str):
+    from blastq.core.db import connect, get_sample
+    from blastq.core.errors import InvalidConfig
+
+    db = connect(settings.database_url)
+    try:
+        found = get_sample(db, name)
+    finally:
+        db.dispose()
+    if found is None:
+        raise InvalidConfig(f"no sample {name!r}")
+    return found
+
+
 def _wait(settings, batch_id: str, total: int):
     from tqdm import tqdm
 
-    from blastq.worker.submit import wait_for_batch
+    from blastq.worker import submit as service
 
     with tqdm(total=total, desc="slides", unit="slide", disable=None) as bar:
 
@@ -99,7 +129,10 @@ def _wait(settings, batch_id: str, total: int):
             bar.set_postfix(failed=status.failed, refresh=False)
             bar.refresh()
 
-        return wait_for_batch(settings, batch_id, progress=tick)
+        # Not forever when no worker runs: NoWorker (exit 2) says so, and how to start one.
+        return service.wait_for_batch(
+            settings, batch_id, progress=tick, no_worker_after_s=service.NO_WORKER_AFTER_S
+        )
 
 
 @click.command(context_settings=CONTEXT)
@@ -139,7 +172,12 @@ def worker(queues: str, concurrency: int | None, device: str | None, pool: str, 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("job_id", required=False)
-@click.option("--batch", "batch_id", help="Show a batch and each of its jobs.")
+@click.option(
+    "--batch",
+    "batch_id",
+    metavar="ID|NAME",
+    help="Show a batch (by id, or the name given at submit) and its jobs.",
+)
 def status(job_id: str | None, batch_id: str | None) -> None:
     """Show a job, a batch (--batch), or without arguments the job counts and the latest batches."""
     from blastq.core.db import batch_jobs, batch_status, connect, job_counts, job_status, recent_batches
@@ -155,13 +193,14 @@ def status(job_id: str | None, batch_id: str | None) -> None:
             for name, value in asdict(job).items():
                 click.echo(f"{name:14} {'' if value is None else value}")
         elif batch_id:
-            batch = batch_status(db, batch_id)
-            if batch is None:
-                raise InvalidConfig(f"no batch {batch_id}")
-            click.echo(_batch_line(batch))
-            for job in batch_jobs(db, batch_id):
-                error = f"  {job.error}" if job.error else ""
-                click.echo(f"  {job.id}  {job.state:9}  attempts {job.attempts}  {job.filename}{error}")
+            found = _batch_ids(db, batch_id)
+            if not found:
+                raise InvalidConfig(f"no batch with the id or name {batch_id!r}")
+            for one in found:  # a name given to several batches shows each
+                click.echo(_batch_line(batch_status(db, one)))
+                for job in batch_jobs(db, one):
+                    error = f"  {job.error}" if job.error else ""
+                    click.echo(f"  {job.id}  {job.state:9}  attempts {job.attempts}  {job.filename}{error}")
         else:
             counts = job_counts(db)
             click.echo(
@@ -174,6 +213,13 @@ def status(job_id: str | None, batch_id: str | None) -> None:
         db.dispose()
 
 
+def _batch_ids(db, ref: str) -> list[str]:
+    """The batch with this id, else every batch given this name at submit, oldest first."""
+    from blastq.core.db import batch_status, batches_named
+
+    return [ref] if batch_status(db, ref) is not None else batches_named(db, ref)
+
+
 def _batch_line(batch) -> str:
     state = "finished" if batch.finished else "in progress"
     return (
@@ -184,7 +230,12 @@ def _batch_line(batch) -> str:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--batch", "batch_id", help="Only the results of this batch's jobs.")
+@click.option(
+    "--batch",
+    "batch_id",
+    metavar="ID|NAME",
+    help="Only the results of this batch's jobs (id, or name given at submit).",
+)
 @click.option("--flagged", is_flag=True, help="Only slides flagged at the blast threshold.")
 @click.option(
     "--since",
@@ -195,39 +246,112 @@ def _batch_line(batch) -> str:
     "--min-blast-percent", type=click.FloatRange(0, 100), help="Only slides at or above this blast %."
 )
 @click.option(
+    "--sample", metavar="ID", help="Only the images of this sample; the table ends with its pooled verdict."
+)
+@click.option(
+    "--samples", "list_samples", is_flag=True, help="List the samples (pooled figures) instead of images."
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
 )
 def results(
-    batch_id: str | None, flagged: bool, since: datetime | None, min_blast_percent: float | None, fmt: str
+    batch_id: str | None,
+    flagged: bool,
+    since: datetime | None,
+    min_blast_percent: float | None,
+    sample: str | None,
+    list_samples: bool,
+    fmt: str,
 ) -> None:
-    """List recorded results (one per slide content, model and parameters), oldest first."""
-    from blastq.core.db import connect, list_results
+    """List recorded results (one per slide content, model, parameters and scale), oldest first.
+
+    Each has a verdict: flagged, not flagged, or insufficient cells (fewer white cells than
+    BLASTQ_MIN_WHITE_CELLS, default 100). With --samples, one row per sample: its images' cells pooled.
+    """
+    from blastq.core.db import ResultInfo, connect, get_sample, list_results
+    from blastq.core.db import list_samples as all_samples
+    from blastq.core.errors import InvalidConfig
     from blastq.core.settings import load_settings
 
     db = connect(load_settings().database_url)
     try:
-        rows = list_results(
-            db,
-            batch_id=batch_id,
-            flagged=True if flagged else None,
-            since=since.astimezone() if since else None,  # naive: local time
-            min_blast_percent=min_blast_percent,
-        )
+        if list_samples:
+            _print_samples(all_samples(db), fmt)
+            return
+        pooled = None
+        if sample is not None:
+            pooled = get_sample(db, sample)
+            if pooled is None:
+                raise InvalidConfig(f"no sample {sample!r}")
+        rows = [
+            row
+            for batch in (_batch_ids(db, batch_id) if batch_id else [None])
+            for row in list_results(
+                db,
+                batch_id=batch,
+                flagged=True if flagged else None,
+                since=since.astimezone() if since else None,  # naive: local time
+                min_blast_percent=min_blast_percent,
+                sample=sample,
+            )
+        ]
+        if batch_id:  # several batches of one name: one list, oldest first, each result once
+            rows = sorted({r.id: r for r in rows}.values(), key=lambda r: (r.created_at, r.id))
     finally:
         db.dispose()
     records = [{**asdict(r), "created_at": r.created_at.isoformat()} for r in rows]
     if fmt == "json":
         click.echo(json.dumps(records, indent=2))
     elif fmt == "csv":
-        records = [_flat(r) for r in records]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else [], lineterminator="\n")
-        if records:
-            writer.writeheader()
-            writer.writerows(records)
-        click.echo(buf.getvalue(), nl=False)
+        names = [f.name for f in fields(ResultInfo)]
+        click.echo(_csv([_flat(r) for r in records], _flat_names(names)), nl=False)
     else:
-        click.echo(_table(records))
+        click.echo(_table(records, RESULT_COLUMNS, "no results"))
+        if pooled is not None:
+            click.echo(pooled.describe())
+
+
+SAMPLE_COLUMNS = (
+    "sample",
+    "images",
+    "pending",
+    "failed",
+    "white_cells",
+    "blasts",
+    "blast_percent",
+    "flagged",
+    "verdict",
+    "differential",
+    "review_cells",
+)
+
+
+def _print_samples(samples: list, fmt: str) -> None:
+    from blastq.core.artifacts import sample_summary_dict
+
+    records = [sample_summary_dict(s) for s in samples]
+    if fmt == "json":
+        click.echo(json.dumps(records, indent=2))
+    elif fmt == "csv":
+        flat = [{k: r[k] for k in SAMPLE_COLUMNS} for r in records]
+        click.echo(_csv([_flat(r) for r in flat], _flat_names(SAMPLE_COLUMNS)), nl=False)
+    else:
+        click.echo(_table(records, SAMPLE_COLUMNS, "no samples"))
+
+
+def _csv(records: list[dict], names: list[str]) -> str:
+    """CSV with its header even when there are no rows (a script reads the columns either way)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+def _flat_names(names) -> list[str]:
+    """The CSV columns of records with a differential: the type columns in its place, at the end."""
+    types = [f"{t}_{part}" for t in TYPE_ABBREVIATIONS for part in ("count", "percent")]
+    return [n for n in names if n != "differential"] + types
 
 
 def _flat(record: dict) -> dict:
@@ -250,14 +374,12 @@ def _differential(differential: dict) -> str:
     )
 
 
-def _table(records: list[dict]) -> str:
+def _table(records: list[dict], columns: tuple[str, ...], empty: str) -> str:
     if not records:
-        return "no results"
-    cells = [
-        [_differential(r[c]) if c == "differential" else _show(r[c]) for c in RESULT_COLUMNS] for r in records
-    ]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(RESULT_COLUMNS)]
-    lines = [RESULT_COLUMNS, *cells]
+        return empty
+    cells = [[_differential(r[c]) if c == "differential" else _show(r[c]) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
     return "\n".join(
         "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
@@ -265,7 +387,7 @@ def _table(records: list[dict]) -> str:
 
 def _show(value) -> str:
     if isinstance(value, bool):
-        return "FLAGGED" if value else ""
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.2f}"
     if isinstance(value, str) and "T" in value and value[:4].isdigit():
@@ -331,6 +453,11 @@ def upgrade() -> None:
 )
 @click.option("--once", is_flag=True, help="Scan, wait for files still settling (at most --settle), exit.")
 @click.option("--recursive", is_flag=True, help="Watch subfolders too (symlinked folders are not entered).")
+@click.option(
+    "--samples",
+    is_flag=True,
+    help="Each sub-folder is a sample: the images in FOLDER/ID/ are pooled into one verdict for sample ID.",
+)
 def watch(
     folder: str,
     batch_name: str | None,
@@ -338,6 +465,7 @@ def watch(
     interval_s: float | None,
     once: bool,
     recursive: bool,
+    samples: bool,
 ) -> None:
     """Submit each slide written into FOLDER once it is complete, and only once (until Ctrl-C or SIGTERM).
 
@@ -352,7 +480,7 @@ def watch(
     from blastq.worker.watch import Watcher, stop_on_signals
 
     settings = load_settings(watch_settle_s=settle_s, watch_interval_s=interval_s)
-    with Watcher(settings, folder, batch_name=batch_name, recursive=recursive) as watcher:
+    with Watcher(settings, folder, batch_name=batch_name, recursive=recursive, samples=samples) as watcher:
         how = "once" if once else f"every {settings.watch_interval_s:g}s until stopped"
         click.echo(f"watching {watcher.root} ({how}, settle {settings.watch_settle_s:g}s)", err=True)
         with stop_on_signals(watcher.stop):

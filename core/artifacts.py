@@ -22,6 +22,13 @@ from skimage.segmentation import find_boundaries
 from blastq.core.cells import CELL_COLUMNS, LABEL_BLAST, CellMaps, CellRecord
 from blastq.core.errors import BlastqError
 from blastq.core.pipeline import SlideResult
+from blastq.core.stats import (
+    VERDICT_FLAGGED,
+    VERDICT_INSUFFICIENT,
+    VERDICT_NOT_FLAGGED,
+    SampleResult,
+    SlideStats,
+)
 
 ARTIFACT_NAMES = (
     "mask.png",
@@ -76,7 +83,10 @@ def summary_dict(result: SlideResult) -> dict:
         "blasts": result.stats.blasts,
         "blast_percent": result.stats.blast_percent,
         "flagged": result.stats.flagged,
+        # "flagged", "not flagged", or "insufficient cells" (fewer white cells than min_white_cells).
+        "verdict": result.stats.verdict,
         "threshold_percent": result.stats.threshold_percent,
+        "min_white_cells": result.stats.min_white_cells,
         # Per type: count and percent of white cells; empty when no classifier ran.
         "differential": result.stats.differential,
         "review_cells": result.stats.review_cells,
@@ -211,14 +221,10 @@ def report_html(
     if len(cells) > REPORT_MAX_ROWS:
         rows += f"<tr><td colspan={len(CELL_COLUMNS)}>... the first {REPORT_MAX_ROWS} of {len(cells)} cells; all in cells.csv</td></tr>"
     s = result.stats
-    verdict = "FLAGGED" if s.flagged else "not flagged"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: {esc(result.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#f3f3f3}}
-.flag{{color:{"#b00" if s.flagged else "#080"};font-weight:bold}}img{{max-width:100%}}</style></head><body>
+<style>{_REPORT_STYLE}{_verdict_style(s)}</style></head><body>
 <h1>{esc(result.name)}</h1>
-<p class="flag">{s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts: {verdict}
-(threshold {s.threshold_percent:g}%)</p>
+{_verdict_html(s)}
 <p>Outlines: green white cells, red blasts. Research software, not a medical device: review every slide.</p>
 <img alt="overlay" src="data:image/jpeg;base64,{picture}">
 {diff_table}
@@ -226,6 +232,108 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#f
 <h2>Cells</h2><table><tr>{head}</tr>{rows}</table>
 </body></html>"""
     return page.encode()
+
+
+_REPORT_STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"""
+# Red for flagged, green for clear; grey for no verdict (too few cells), never green.
+_VERDICT_COLOURS = {VERDICT_FLAGGED: "#b00", VERDICT_NOT_FLAGGED: "#080", VERDICT_INSUFFICIENT: "#555"}
+
+
+def _verdict_style(s: SlideStats) -> str:
+    return f".flag{{color:{_VERDICT_COLOURS.get(s.verdict, '#555')};font-weight:bold}}"
+
+
+def _verdict_html(s: SlideStats) -> str:
+    """The verdict paragraph: figures and verdict, or why there is none."""
+    if s.verdict == VERDICT_INSUFFICIENT:
+        return (
+            f'<p class="flag">{s.white_cells} white cells, {s.blasts} blasts: insufficient cells '
+            f"({s.white_cells} &lt; {s.min_white_cells}): no verdict on so few cells</p>"
+        )
+    verdict = "FLAGGED" if s.flagged else "not flagged"
+    return (
+        f'<p class="flag">{s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts: '
+        f"{verdict} (threshold {s.threshold_percent:g}%, at least {s.min_white_cells} white cells)</p>"
+    )
+
+
+def sample_summary_dict(sample: SampleResult) -> dict:
+    """A sample's summary.json: the pooled figures and verdict, then each image's own."""
+    s = sample.stats
+    return {
+        "sample": sample.name,
+        "images": len(sample.images),
+        "pending": sample.pending,
+        "failed": sample.failed,
+        "white_cells": s.white_cells,
+        "blasts": s.blasts,
+        "blast_percent": s.blast_percent,
+        "flagged": s.flagged,
+        "verdict": s.verdict,
+        "threshold_percent": s.threshold_percent,
+        "min_white_cells": s.min_white_cells,
+        "differential": s.differential,
+        "review_cells": s.review_cells,
+        "members": [
+            {
+                "image": i.image,
+                "sha256": i.sha256,
+                "result_id": i.result_id,
+                "white_cells": i.stats.white_cells,
+                "blasts": i.stats.blasts,
+                "blast_percent": i.stats.blast_percent,
+                "verdict": i.stats.verdict,
+            }
+            for i in sample.images
+        ],
+        "blastq_version": blastq_version(),
+    }
+
+
+def sample_report_html(sample: SampleResult) -> bytes:
+    """A page for a person: the sample's pooled verdict and differential, and each image's figures."""
+    esc = html.escape
+    s = sample.stats
+    missing = ""
+    if sample.pending or sample.failed:
+        missing = (
+            f"<p>Not in these figures: {sample.pending} image(s) still pending, {sample.failed} failed.</p>"
+        )
+    diff_table = ""
+    if s.differential:
+        diff_rows = "".join(
+            f"<tr><th>{esc(name)}</th><td>{d['count']}</td><td>{d['percent']:.1f}%</td></tr>"
+            for name, d in s.differential.items()
+        )
+        diff_table = (
+            "<h2>Pooled differential</h2><table><tr><th>type</th><th>cells</th><th>%</th></tr>"
+            f"{diff_rows}</table><p>{s.review_cells} cell(s) marked for review.</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{esc(i.image)}</td><td>{i.stats.white_cells}</td><td>{i.stats.blasts}</td>"
+        f"<td>{i.stats.blast_percent:.1f}%</td><td>{esc(i.stats.verdict)}</td></tr>"
+        for i in sample.images
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: sample {esc(sample.name)}</title>
+<style>{_REPORT_STYLE}{_verdict_style(s)}</style></head><body>
+<h1>Sample {esc(sample.name)}</h1>
+{_verdict_html(s)}
+<p>The cells of {len(sample.images)} image(s), pooled. Research software, not a medical device: review every slide.</p>
+{missing}{diff_table}
+<h2>Images</h2><table><tr><th>image</th><th>white cells</th><th>blasts</th><th>blast %</th><th>verdict</th></tr>{rows}</table>
+</body></html>"""
+    return page.encode()
+
+
+def sample_artifacts(sample: SampleResult) -> list[Artifact]:
+    """A sample's files: summary.json and report.html."""
+    return [
+        Artifact(
+            "summary.json", json.dumps(sample_summary_dict(sample), indent=2).encode(), "application/json"
+        ),
+        Artifact("report.html", sample_report_html(sample), "text/html"),
+    ]
 
 
 def render_artifacts(result: SlideResult, rgb: np.ndarray) -> list[Artifact]:

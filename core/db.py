@@ -1,7 +1,8 @@
 """The database adapter: batches, jobs, results, cells and the watcher's ledger (SQLAlchemy 2, Alembic).
 
-A result is keyed by (slide sha256, model version, pipeline parameters key): recording the same
-slide again replaces its row and its cells, never duplicates them. A job is a row before it is a
+A result is keyed by (slide sha256, model version, result key; core.resultkey): recording the same
+slide again replaces its row and its cells, never duplicates them. A sample (one patient's images)
+holds its images' results and their pooled figures, recomputed from those rows whenever one is added. A job is a row before it is a
 message: workers claim it here, so a redelivered message never redoes finished work and a slide that
 kills its worker fails after `max_attempts` instead of killing every worker in turn.
 
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import unquote
 from uuid import uuid4
 
 from alembic import command
@@ -56,6 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from blastq.core.errors import DatabaseUnavailable, InvalidConfig
+from blastq.core.settings import hide_secrets, mask_secret
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 MODEL_STATES = ("candidate", "promoted", "retired")
@@ -108,6 +111,9 @@ class ResultRow(Base):
     blast_percent: Mapped[float] = mapped_column(Float, index=True)
     flagged: Mapped[bool] = mapped_column(Boolean, index=True)
     threshold_percent: Mapped[float] = mapped_column(Float)
+    # "flagged", "not flagged" or "insufficient cells" (fewer than min_white_cells; migration 0005).
+    verdict: Mapped[str] = mapped_column(String(24))
+    min_white_cells: Mapped[int] = mapped_column(Integer)
     # {type: {"count", "percent"}} in CELL_TYPES order; {} when no classifier ran (migration 0004).
     differential: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")
     review_cells: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -150,6 +156,45 @@ class CellRow(Base):
     p_eosinophil: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     p_basophil: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     p_blast: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # Why the cell is marked for review when measuring or typing it failed (migration 0005).
+    review_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class SampleRow(Base):
+    """A sample: several images or fields of one patient, their cells pooled into one verdict.
+
+    The pooled figures are recomputed from the member results' rows each time one is added
+    (`add_to_sample`), so workers finishing its images in any order leave the same figures."""
+
+    __tablename__ = "samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # The rule the pool is judged by: set by whoever last submitted or ran images into the sample.
+    threshold_percent: Mapped[float] = mapped_column(Float)
+    min_white_cells: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer)
+    white_cells: Mapped[int] = mapped_column(Integer)
+    blasts: Mapped[int] = mapped_column(Integer)
+    blast_percent: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    verdict: Mapped[str] = mapped_column(String(24))
+    differential: Mapped[dict] = mapped_column(JSON)
+    review_cells: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SampleResultRow(Base):
+    """One image of a sample: its content and its result. The same content counts once per sample: a
+    newer result of it (other scale, model...) takes the place of the older one."""
+
+    __tablename__ = "sample_results"
+
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class JobRow(Base):
@@ -174,6 +219,8 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))  # hostname/pid of the last claim
     result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), index=True)
+    # The sample its image belongs to (migration 0005); the worker adds the result to it.
+    sample_id: Mapped[int | None] = mapped_column(ForeignKey("samples.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -321,7 +368,14 @@ def _parse(url: str) -> URL:
 
 
 def _masked(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    # Rendered with its password, decoded, then masked: SQLAlchemy ends the password at the first "@"
+    # (the rest would show as host and database), and it does not hide ?password= at all.
+    return mask_secret(unquote(url.render_as_string(hide_password=False)))
+
+
+def _without_secrets(text: str, url: URL) -> str:
+    """A driver's message with the URL's passwords masked (core.settings.hide_secrets)."""
+    return hide_secrets(text, unquote(url.render_as_string(hide_password=False)))
 
 
 def _in_memory(url: URL) -> bool:
@@ -374,7 +428,9 @@ def _migrate(engine: Engine, action: Callable[[Config], None]) -> str | None:
         try:
             action(config)
         except CommandError as exc:
-            raise InvalidConfig(f"database {_masked(engine.url)}: {exc}") from exc
+            raise InvalidConfig(
+                f"database {_masked(engine.url)}: {_without_secrets(str(exc), engine.url)}"
+            ) from exc
         return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -384,9 +440,7 @@ def _reachable(engine: Engine) -> Iterator[None]:
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
-        reason = " ".join(str(exc.orig).split())
-        if engine.url.password:
-            reason = reason.replace(str(engine.url.password), "***")
+        reason = _without_secrets(" ".join(str(exc.orig).split()), engine.url)
         raise DatabaseUnavailable(f"database {_masked(engine.url)} not reachable: {reason}") from exc
 
 
@@ -431,9 +485,16 @@ def _upsert_result(engine: Engine, values: dict, cells: list, store_prefix: str)
             for k, v in values.items():
                 setattr(row, k, v)
             row.store_prefix = store_prefix
+            row.created_at = _now()  # when these figures were computed, not when the key first was
             session.execute(delete(CellRow).where(CellRow.result_id == row.id))
-        session.add_all(CellRow(result_id=row.id, **asdict(c)) for c in cells)
+        session.add_all(CellRow(result_id=row.id, **_cell_values(c)) for c in cells)
         return row.id
+
+
+def _cell_values(cell) -> dict:
+    # getattr: cells recorded before CellRecord had a review reason (and tests' plain records) have none.
+    reason = getattr(cell, "review_reason", "")
+    return {**asdict(cell), "review_reason": str(reason) if reason else None}
 
 
 def find_result(engine: Engine, sha256: str, model_version: str, params_key: str) -> int | None:
@@ -446,6 +507,135 @@ def find_result(engine: Engine, sha256: str, model_version: str, params_key: str
                 ResultRow.params_key == params_key,
             )
         )
+
+
+# --- samples --------------------------------------------------------------------------------------
+
+_samples = SampleRow.__table__
+_members = SampleResultRow.__table__
+
+
+def ensure_sample(engine: Engine, name: str, threshold_percent: float, min_white_cells: int) -> int:
+    """The id of the sample `name`, made if new; its pool is judged by this threshold and minimum
+    from now on (and judged again at once if they changed)."""
+    from blastq.core.stats import check_sample_name
+
+    name = check_sample_name(name)
+    rule = {"threshold_percent": threshold_percent, "min_white_cells": min_white_cells}
+    for attempt in range(2):
+        now = _now()
+        try:
+            with _reachable(engine), engine.begin() as conn:
+                row = conn.execute(select(_samples).where(_samples.c.name == name)).first()
+                if row is None:
+                    empty = {
+                        "images": 0, "white_cells": 0, "blasts": 0, "blast_percent": 0.0, "flagged": False,
+                        "verdict": "insufficient cells", "differential": {}, "review_cells": 0,
+                    }  # fmt: skip
+                    values = {"name": name, **rule, **empty, "created_at": now, "updated_at": now}
+                    (sample_id,) = conn.execute(insert(_samples).values(**values)).inserted_primary_key
+                    return sample_id
+                if (row.threshold_percent, row.min_white_cells) != tuple(rule.values()):
+                    conn.execute(
+                        update(_samples).where(_samples.c.id == row.id).values(**rule, updated_at=now)
+                    )
+                    _refresh_sample(conn, row.id)
+                return row.id
+        except IntegrityError:  # made by another submitter at the same moment: read theirs
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def add_to_sample(engine: Engine, sample_id: int, result_id: int):
+    """Count a recorded result in its sample, then pool the sample again from its results' rows.
+
+    The sample row is locked first (an UPDATE), so two workers adding images at once pool in turn and
+    the second sees the first's image: the figures are right whatever order the images finish in. The
+    same content counts once: a newer result of it replaces the older one. Returns the SampleResult.
+    """
+    with _reachable(engine), engine.begin() as conn:
+        locked = conn.execute(update(_samples).where(_samples.c.id == sample_id).values(updated_at=_now()))
+        if locked.rowcount != 1:
+            raise LookupError(f"no sample {sample_id}")
+        sha256 = conn.scalar(select(ResultRow.sha256).where(ResultRow.id == result_id))
+        if sha256 is None:
+            raise LookupError(f"no result {result_id}")
+        member = (_members.c.sample_id == sample_id, _members.c.sha256 == sha256)
+        if conn.execute(select(_members.c.result_id).where(*member)).first() is None:
+            conn.execute(
+                insert(_members).values(
+                    sample_id=sample_id, sha256=sha256, result_id=result_id, added_at=_now()
+                )
+            )
+        else:
+            conn.execute(update(_members).where(*member).values(result_id=result_id, added_at=_now()))
+        return _refresh_sample(conn, sample_id)
+
+
+def _refresh_sample(conn: Connection, sample_id: int):
+    """Pool the sample from its member results (never incrementally) and store the figures."""
+    result = _sample_result(conn, conn.execute(select(_samples).where(_samples.c.id == sample_id)).one())
+    s = result.stats
+    conn.execute(
+        update(_samples)
+        .where(_samples.c.id == sample_id)
+        .values(
+            images=len(result.images),
+            white_cells=s.white_cells,
+            blasts=s.blasts,
+            blast_percent=s.blast_percent,
+            flagged=s.flagged,
+            verdict=s.verdict,
+            differential=s.differential,
+            review_cells=s.review_cells,
+        )
+    )
+    return result
+
+
+def _sample_result(conn: Connection, sample):
+    from blastq.core.stats import SampleImage, sample_result  # torch (through core.cells): only here
+
+    names = [f.name for f in fields(ResultInfo)]
+    rows = conn.execute(
+        select(ResultRow.__table__)
+        .join(_members, _members.c.result_id == ResultRow.__table__.c.id)
+        .where(_members.c.sample_id == sample.id)
+        .order_by(_members.c.added_at, ResultRow.__table__.c.id)
+    )
+    infos = [ResultInfo(**{n: _utc(getattr(r, n)) for n in names}) for r in rows]
+    images = [SampleImage(i.image, i.sha256, i.stats(), i.id) for i in infos]
+    counts = dict(
+        conn.execute(
+            select(_jobs.c.state, func.count())
+            .where(_jobs.c.sample_id == sample.id, _jobs.c.sha256.not_in([i.sha256 for i in infos]))
+            .group_by(_jobs.c.state)
+        ).all()
+    )
+    pending = counts.get("queued", 0) + counts.get("running", 0)
+    return sample_result(
+        sample.name,
+        images,
+        sample.threshold_percent,
+        sample.min_white_cells,
+        pending,
+        counts.get("failed", 0),
+    )
+
+
+def get_sample(engine: Engine, name: str):
+    """The sample `name` (a core.stats.SampleResult: its images and pooled figures); None if unknown."""
+    with _reachable(engine), engine.connect() as conn:
+        row = conn.execute(select(_samples).where(_samples.c.name == name)).first()
+        return None if row is None else _sample_result(conn, row)
+
+
+def list_samples(engine: Engine) -> list:
+    """Every sample (core.stats.SampleResult), oldest first."""
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(select(_samples).order_by(_samples.c.created_at, _samples.c.id)).all()
+        return [_sample_result(conn, r) for r in rows]
 
 
 # --- batches and jobs -----------------------------------------------------------------------------
@@ -472,6 +662,7 @@ class JobInfo:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    sample_id: int | None = None
 
     @classmethod
     def _from_row(cls, row) -> JobInfo:
@@ -520,6 +711,7 @@ def create_job(
     sha256: str,
     mpp: float | None,
     params_key: str,
+    sample_id: int | None = None,
 ) -> JobInfo:
     """A new queued job: the row exists before any message about it is sent."""
     now = _now()
@@ -541,6 +733,7 @@ def create_job(
         "started_at": None,
         "finished_at": None,
         "updated_at": now,
+        "sample_id": sample_id,
     }
     with _reachable(engine), engine.begin() as conn:
         conn.execute(insert(_jobs).values(**values))
@@ -659,6 +852,13 @@ def batch_status(engine: Engine, batch_id: str) -> BatchStatus | None:
         )
 
 
+def batches_named(engine: Engine, name: str) -> list[str]:
+    """Ids of the batches given `name` at submit, oldest first (a name may be given more than once)."""
+    with _reachable(engine), engine.connect() as conn:
+        rows = conn.execute(select(BatchRow.id).where(BatchRow.name == name).order_by(BatchRow.created_at))
+        return [row[0] for row in rows]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -690,13 +890,31 @@ class ResultInfo:
     blasts: int
     blast_percent: float
     flagged: bool
+    verdict: str
     threshold_percent: float
+    min_white_cells: int
     differential: dict
     review_cells: int
     classifier_version: str
     seconds: float
     store_prefix: str
     created_at: datetime
+
+    def stats(self):
+        """The figures as core.stats.SlideStats (what samples pool)."""
+        from blastq.core.stats import SlideStats  # imports torch (through core.cells): only when needed
+
+        return SlideStats(
+            white_cells=self.white_cells,
+            blasts=self.blasts,
+            blast_percent=self.blast_percent,
+            flagged=self.flagged,
+            threshold_percent=self.threshold_percent,
+            differential=self.differential,
+            review_cells=self.review_cells,
+            min_white_cells=self.min_white_cells,
+            verdict=self.verdict,
+        )
 
 
 def touch_job(engine: Engine, job: JobInfo) -> bool:
@@ -746,9 +964,19 @@ def list_results(
     flagged: bool | None = None,
     since: datetime | None = None,
     min_blast_percent: float | None = None,
+    sample: str | None = None,
 ) -> list[ResultInfo]:
-    """Results, oldest first; with `batch_id`, those of the batch's succeeded jobs (each once)."""
+    """Results, oldest first; with `batch_id`, those of the batch's succeeded jobs (each once); with
+    `sample`, the images of that sample (by name)."""
     query = select(ResultRow.__table__)
+    if sample is not None:
+        query = query.where(
+            ResultRow.__table__.c.id.in_(
+                select(_members.c.result_id)
+                .join(_samples, _samples.c.id == _members.c.sample_id)
+                .where(_samples.c.name == sample)
+            )
+        )
     if batch_id is not None:
         query = query.where(
             ResultRow.__table__.c.id.in_(

@@ -43,3 +43,7 @@ class StoreUnavailable(TransientError):
 
 class DatabaseUnavailable(TransientError):
     """The database did not answer."""
+
+
+class NoWorker(BlastqError):
+    """Jobs wait in a queue that no running worker takes jobs from."""

@@ -20,10 +20,16 @@ import numpy as np
 from blastq.core.cells import CellMaps, extract_cells
 from blastq.core.classify import CellClassifier, type_cells
 from blastq.core.engines import Engine
-from blastq.core.errors import InvalidConfig
-from blastq.core.preprocess import PreprocessConfig, preprocess, resample
+from blastq.core.errors import InvalidConfig, SlideTooLarge
+from blastq.core.preprocess import PreprocessConfig, preprocess, resample, resampled_shape
+from blastq.core.resultkey import ModelIdentity, result_key, scale_key
 from blastq.core.slide import Slide
-from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT, SlideStats, slide_stats
+from blastq.core.stats import (
+    DEFAULT_BLAST_THRESHOLD_PERCENT,
+    DEFAULT_MIN_WHITE_CELLS,
+    SlideStats,
+    slide_stats,
+)
 from blastq.core.stitch import Stitcher, logits_to_probabilities
 from blastq.core.tiling import Tile, is_empty_tile, iter_batches, pad_to_tiles, tile_grid
 from blastq.core.unet import N_OUTPUTS, ModelInfo, to_model_input
@@ -40,7 +46,10 @@ class PipelineConfig:
     batch_size: int = 8
     skip_empty_tiles: bool = True
     blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
-    # The cell classifier setting ("default", "none" or a file): the differential depends on it.
+    # Below this many white cells the verdict is "insufficient cells" (core.stats).
+    min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
+    # The cell classifier setting ("default", "none" or a file): which file it is enters the result key
+    # by its sha256 (core.resultkey), not by this name, which differs between machines.
     classifier: str = "default"
 
     def __post_init__(self) -> None:
@@ -51,8 +60,10 @@ class PipelineConfig:
             )
 
     def key(self) -> str:
-        """Short stable hash of the parameters that affect the mask (batch size does not)."""
-        params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        """Short stable hash of the parameters that change a result (batch size does not).
+
+        One part of a result's key: `core.resultkey.result_key` adds the model, classifier and scale."""
+        params = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "classifier")}
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -72,6 +83,21 @@ class SlideResult:
     tiles_total: int
     tiles_run: int
     classifier_version: str = ""  # "" when no classifier typed the cells
+
+
+def check_slide(slide: Slide, info: ModelInfo) -> None:
+    """Refuse, before any model work, a slide whose image at the model's scale exceeds its pixel limit.
+
+    A 2000 x 2000 photo said to be at 5 um/px is 50000 x 50000 at 0.2 um/px: 7 GB before preprocessing.
+    The limit the slide was read under (BLASTQ_MAX_PIXELS) holds for what the model sees as well."""
+    height, width = slide.rgb.shape[:2]
+    work_h, work_w = resampled_shape(height, width, slide.mpp, info.mpp)
+    if work_h * work_w > slide.max_pixels:
+        raise SlideTooLarge(
+            f"{slide.name}: {width}x{height} pixels at {slide.mpp:.4g} um/px ({slide.mpp_source}) are "
+            f"{work_w}x{work_h} at the model's {info.mpp:g} um/px, over the maximum of {slide.max_pixels} "
+            "pixels (BLASTQ_MAX_PIXELS)"
+        )
 
 
 def prepare_image(rgb: np.ndarray, mpp: float, info: ModelInfo) -> np.ndarray:
@@ -196,6 +222,7 @@ def process_slide(
 ) -> SlideResult:
     """Segment one slide, measure its cells and, with a classifier, type them (the differential)."""
     start = time.perf_counter()
+    check_slide(slide, info)
     work = prepare_image(slide.rgb, slide.mpp, info)
     probs, n_tiles, n_run = segment_prepared(work, slide.rgb.shape[:2], engine, config, progress)
     maps = extract_cells(probs, slide.rgb, slide.mpp)
@@ -203,8 +230,9 @@ def process_slide(
     if classifier is not None:
         # Crops come from the model's view of the slide: the classifiers were trained on that.
         maps = type_cells(maps, work, info.mpp, classifier)
-    stats = slide_stats(maps.cells, config.blast_threshold_percent)
+    stats = slide_stats(maps.cells, config.blast_threshold_percent, config.min_white_cells)
     height, width = slide.rgb.shape[:2]
+    model = ModelIdentity.of(info, classifier.info.sha256 if classifier is not None else "")
     return SlideResult(
         name=slide.name,
         sha256=slide.sha256,
@@ -213,7 +241,7 @@ def process_slide(
         mpp=slide.mpp,
         mpp_source=slide.mpp_source,
         model_version=info.version,
-        params_key=config.key(),
+        params_key=result_key(config, model, scale_key(slide.mpp, slide.mpp_source)),
         maps=maps,
         stats=stats,
         seconds=round(time.perf_counter() - start, 3),

@@ -299,14 +299,21 @@ def clahe_lightness(rgb: np.ndarray, mpp: float, clip: float = 1.5, tile_um: flo
 # --- resampling ---------------------------------------------------------------------------------------
 
 
+def resampled_shape(height: int, width: int, src_mpp: float, dst_mpp: float) -> tuple[int, int]:
+    """(height, width) that `resample` gives, known before any pixel is resized (to bound the work)."""
+    scale = _scale(src_mpp, dst_mpp)
+    if abs(scale - 1.0) <= 0.01:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resample(rgb: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:
     """Resize an image from src_mpp to dst_mpp (area when shrinking, linear when enlarging)."""
     scale = _scale(src_mpp, dst_mpp)
     if abs(scale - 1.0) <= 0.01:
         return rgb  # within 1%: resampling would only blur
-    height, width = rgb.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    height, width = resampled_shape(*rgb.shape[:2], src_mpp, dst_mpp)
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def resample_labels(labels: np.ndarray, src_mpp: float, dst_mpp: float) -> np.ndarray:

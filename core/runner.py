@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from blastq.core.artifacts import render_artifacts, summary_dict
+from blastq.core.artifacts import render_artifacts, sample_artifacts, summary_dict
 from blastq.core.classify import CellClassifier, load_cell_classifier
-from blastq.core.db import connect, record_result
+from blastq.core.db import add_to_sample, connect, ensure_sample, get_sample, record_result
 from blastq.core.engines import Engine, load_engine
 from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
 from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config, whole_slide_config
 from blastq.core.slide import read_slide
+from blastq.core.stats import SampleImage, SampleResult, check_sample_name, sample_result
 from blastq.core.store import ObjectStore, slide_prefix, store_from_settings
 from blastq.core.unet import ModelInfo
 from blastq.core.wholeslide import WholeSlideResult, process_whole_slide
@@ -34,6 +35,7 @@ class LocalRunner:
     db: object
     config: PipelineConfig
     classifier: CellClassifier | None = None
+    _sample_ids: dict[str, int] = field(default_factory=dict)  # sample name -> its row, once per run
 
     @classmethod
     def from_settings(cls, settings: Settings, record: bool = True) -> LocalRunner:
@@ -56,16 +58,22 @@ class LocalRunner:
         mpp: float | None = None,
         out_folder: Path | None = None,
         progress: Callable[[int, int], None] | None = None,
+        sample: str | None = None,
     ) -> SlideResult | WholeSlideResult:
         """Process one image; artifacts go to the store (and into out_folder when given).
 
         Whole-slide files (tiled TIFF/OME-TIFF, SVS, NDPI, MRXS...) go chunk by chunk through
         `core.wholeslide` and give a WholeSlideResult, with the maps as pyramidal TIFFs.
+        `sample`: the recorded result is counted in this sample (pooled again at once).
         """
         from blastq.core.wsi import is_whole_slide
 
+        if sample is not None:
+            check_sample_name(sample)
         if is_whole_slide(path):
-            return self.run_whole_slide(path, mpp=mpp, out_folder=out_folder, progress=progress)
+            return self.run_whole_slide(
+                path, mpp=mpp, out_folder=out_folder, progress=progress, sample=sample
+            )
         slide = read_slide(path, mpp=mpp, max_pixels=self.settings.max_pixels)
         result = process_slide(slide, self.engine, self.info, self.config, progress, self.classifier)
         artifacts = render_artifacts(result, slide.rgb)
@@ -74,7 +82,7 @@ class LocalRunner:
             for a in artifacts:
                 self.store.put(f"{prefix}/{a.name}", a.data, a.content_type)
         if self.db is not None:
-            record_result(self.db, summary_dict(result), result.maps.cells, prefix)
+            self._record(result, result.maps.cells, prefix, sample)
         if out_folder is not None:
             Path(out_folder).mkdir(parents=True, exist_ok=True)
             for a in artifacts:
@@ -88,6 +96,7 @@ class LocalRunner:
         mpp: float | None = None,
         out_folder: Path | None = None,
         progress: Callable[[int, int], None] | None = None,
+        sample: str | None = None,
     ) -> WholeSlideResult:
         """A whole slide, read region by region; its files are written to a folder, then stored."""
         from blastq.core.wsi import file_sha256, open_slide_reader
@@ -111,8 +120,24 @@ class LocalRunner:
             if self.store is not None:
                 store_files(self.store, prefix, result.files)
             if self.db is not None:
-                record_result(self.db, summary_dict(result), result.cells, prefix)
+                self._record(result, result.cells, prefix, sample)
         return result
+
+    def _record(self, result: SlideResult | WholeSlideResult, cells, prefix: str, sample: str | None) -> None:
+        result_id = record_result(self.db, summary_dict(result), cells, prefix)
+        if sample is not None:
+            if sample not in self._sample_ids:
+                threshold, least = self.config.blast_threshold_percent, self.config.min_white_cells
+                self._sample_ids[sample] = ensure_sample(self.db, sample, threshold, least)
+            add_to_sample(self.db, self._sample_ids[sample], result_id)
+
+    def sample(self, name: str, results: list[SlideResult | WholeSlideResult]) -> SampleResult:
+        """The sample's pooled figures: from the database (every image recorded in it, this run's and
+        earlier ones), or without one, of `results` alone."""
+        if self.db is not None and (recorded := get_sample(self.db, name)) is not None:
+            return recorded
+        images = [SampleImage(r.name, r.sha256, r.stats) for r in results]
+        return sample_result(name, images, self.config.blast_threshold_percent, self.config.min_white_cells)
 
 
 CONTENT_TYPES = {
@@ -123,6 +148,19 @@ CONTENT_TYPES = {
     ".json": "application/json",
     ".html": "text/html",
 }
+
+
+SAMPLE_FILE_PREFIX = "sample-"  # beside the images' folders: OUT/sample-summary.json, OUT/sample-report.html
+
+
+def write_sample(sample: SampleResult, out_dir: Path) -> list[Path]:
+    """A sample's summary.json and report.html into out_dir, as sample-summary.json, sample-report.html."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for a in sample_artifacts(sample):
+        (path := out_dir / f"{SAMPLE_FILE_PREFIX}{a.name}").write_bytes(a.data)
+        written.append(path)
+    return written
 
 
 def store_files(store: ObjectStore, prefix: str, files: dict[str, Path]) -> None:

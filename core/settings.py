@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blastq.core.errors import InvalidConfig
-from blastq.core.slide import DEFAULT_MAX_PIXELS
-from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT
+from blastq.core.slide import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
+from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT, DEFAULT_MIN_WHITE_CELLS
 
 if TYPE_CHECKING:
     from blastq.core.pipeline import PipelineConfig
@@ -51,12 +51,16 @@ class Settings:
     device: str = "cpu"
     max_pixels: int = DEFAULT_MAX_PIXELS
     blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+    # Fewer white cells than this (in an image, or pooled in a sample) give no verdict: "insufficient cells".
+    min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
     tile_px: int = 256
     overlap_px: int = 64
     batch_size: int = 8
     # Whole slides: chunk side at the model's scale. Peak memory grows with its square (3072: 1.7 GiB on
     # a 20k slide, benchmarks/bench_wsi_memory.py); smaller chunks repeat more margin tiles.
     wsi_chunk_px: int = 3072
+    # Whole slides: the most pixels at the model's scale (a header claiming more is refused up front).
+    max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
     max_attempts: int = 3  # deliveries of one job before it is failed (a slide that kills its worker)
     visibility_timeout_s: int = 3600  # Redis redelivers an unacknowledged job after this: > longest slide
     task_retry_max: int = 5  # retries, with backoff, of a job hit by a transient fault (database, store)
@@ -82,6 +86,8 @@ class Settings:
             object.__setattr__(self, "engine_cache_dir", str(self.data_dir / "engines"))
         if self.max_pixels < 1:
             raise InvalidConfig(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_slide_pixels < 1:
+            raise InvalidConfig(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
         if not 0 < self.blast_threshold_percent <= 100:
             raise InvalidConfig(
                 f"blast_threshold_percent must be in (0, 100], got {self.blast_threshold_percent}"
@@ -91,6 +97,7 @@ class Settings:
             ("visibility_timeout_s", 1),
             ("task_retry_max", 0),
             ("worker_concurrency", 1),
+            ("min_white_cells", 0),
         ):
             if getattr(self, name) < least:
                 raise InvalidConfig(f"{name} must be at least {least}, got {getattr(self, name)}")
@@ -103,9 +110,49 @@ class Settings:
         return {f.name: mask_secret(str(getattr(self, f.name))) for f in fields(self)}
 
 
+# scheme://user:PASSWORD@host...: the password runs to the LAST "@" that a host follows, as people
+# type passwords with "/", "@" or ":" unencoded. A query holding an "@" makes this mask more than the
+# password (the host too): shown too little beats a password shown.
+_USERINFO_SECRET = re.compile(
+    r"^([a-z][a-z0-9+.\-]*://[^:/@?#;]*:)(.+)@(?=[^@/?#;]*(?:[/?#]|$))", re.I | re.S
+)
+# ?password=..., &pwd=..., ;sslpassword=..., ?token=...: any parameter naming a secret.
+_QUERY_SECRET = re.compile(
+    r"([?&;](?:[^=&#;]*(?:password|passwd|pwd|secret|token)[^=&#;]*|pass)=)([^&#;]*)", re.I
+)
+_NEXT_URL = re.compile(r";(?=[a-z][a-z0-9+.\-]*://)", re.I)  # sentinel://...;sentinel://...
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords and secret query values in a URL (or in several, joined by ";"), as written."""
+    found = []
+    for part in _NEXT_URL.split(url):
+        if (m := _USERINFO_SECRET.match(part)) and m.group(2):
+            found.append(m.group(2))
+        found.extend(m.group(2) for m in _QUERY_SECRET.finditer(part) if m.group(2))
+    return found
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """`text` (an error message) with the secrets of `url` masked, whole and in the pieces a parser that
+    ends a password at its first "@", "/" or ":" splits off (shown as host, port or database)."""
+    secrets = set(url_secrets(url))
+    pieces = {piece for s in secrets for piece in re.split(r"[@/:]", s) if piece}
+    for secret in sorted(secrets | {p for p in pieces if len(p) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    for piece in pieces:  # short pieces only where quoted (host 'ss'): elsewhere they are ordinary text
+        text = text.replace(f"'{piece}'", "'***'").replace(f'"{piece}"', '"***"')
+    return text
+
+
 def mask_secret(url: str) -> str:
-    """Hide the password in a URL such as postgresql://user:pw@host/db or redis://:pw@host:6379/0."""
-    return re.sub(r"(//[^:/@]*:)[^@/]+@", r"\1***@", url)
+    """The URL with every password shown as ***: user:pw@host (any characters in pw), redis://:pw@host,
+    ?password= (or pass, pwd, secret, token) in the query; each URL of a ";"-joined list."""
+    parts = []
+    for part in _NEXT_URL.split(url):
+        part = _USERINFO_SECRET.sub(r"\1***@", part, count=1)
+        parts.append(_QUERY_SECRET.sub(lambda m: f"{m.group(1)}***" if m.group(2) else m.group(0), part))
+    return ";".join(parts)
 
 
 def pipeline_config(settings: Settings) -> PipelineConfig:
@@ -117,6 +164,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         overlap_px=settings.overlap_px,
         batch_size=settings.batch_size,
         blast_threshold_percent=settings.blast_threshold_percent,
+        min_white_cells=settings.min_white_cells,
         classifier=settings.classifier,
     )
 
@@ -125,7 +173,7 @@ def whole_slide_config(settings: Settings) -> WholeSlideConfig:
     """How whole slides are cut into chunks; the chunking is part of a whole slide's result key."""
     from blastq.core.wholeslide import WholeSlideConfig
 
-    return WholeSlideConfig(chunk_px=settings.wsi_chunk_px)
+    return WholeSlideConfig(chunk_px=settings.wsi_chunk_px, max_pixels=settings.max_slide_pixels)
 
 
 def _coerce(name: str, raw: Any, kind: type) -> Any:
@@ -145,10 +193,12 @@ _TYPES = {
     "data_dir": Path,
     "max_pixels": int,
     "blast_threshold_percent": float,
+    "min_white_cells": int,
     "tile_px": int,
     "overlap_px": int,
     "batch_size": int,
     "wsi_chunk_px": int,
+    "max_slide_pixels": int,
     "max_attempts": int,
     "visibility_timeout_s": int,
     "task_retry_max": int,

@@ -3,6 +3,8 @@
 PNG, JPEG and BMP are decoded with OpenCV, TIFF with tifffile. The format is taken from the magic
 bytes, never the extension. Every check that can be done from the header (size, truncation) is done
 before decoding, so a decompression bomb or a cut-off upload is refused without allocating pixels.
+Only regular files are read, and never more bytes than their size (a link to /dev/zero, a named pipe).
+`check_smear` refuses what is no smear photo at all (blank images, label masks) before any model work.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -29,13 +33,27 @@ MppSource = Literal["metadata", "user", "estimated"]
 ImageFormat = Literal["png", "jpeg", "bmp", "tiff"]
 
 DEFAULT_MAX_PIXELS = 200_000_000
+# Whole slides (core.wholeslide), pixels at the model's scale: 10 gigapixels is 20 x 20 mm at 0.2 um/px,
+# more than the monolayer of any smear and hours of a GPU. A header claiming more (a sparse TIFF of a
+# few hundred KB can claim 100000 x 100000 px) is refused before any work.
+DEFAULT_MAX_SLIDE_PIXELS = 10_000_000_000
 RED_CELL_DIAMETER_UM = 7.5
 
-# A user-given mpp outside this range is a typo (nm or mm instead of microns), not a microscope.
-USER_MPP_RANGE = (0.01, 10.0)
-# Metadata outside this range is a screen default (72/96/300 dpi = 353/265/85 um/px), not a calibration.
-METADATA_MPP_RANGE = (0.02, 5.0)
+# A smear is photographed through a 10x..100x objective onto camera pixels of about 2..6.5 um, behind
+# couplers of 0.5x..1x: from 0.02 um/px (100x, small pixels) to about 1.3 um/px (10x, 0.5x coupler,
+# large pixels). Coarser than 2 um/px a red cell (7.5 um) is under 4 pixels and no cell can be
+# measured; finer than 0.02 is beyond any optical microscope. Metadata outside it is refused.
+METADATA_MPP_RANGE = (0.02, 2.0)
+# A user-given mpp outside this range is a typo (nm or mm instead of microns) or too coarse to show
+# cells; the lower end allows phone cameras behind a 100x objective, which reach about 0.01.
+USER_MPP_RANGE = (0.01, METADATA_MPP_RANGE[1])
+# Resolution metadata coarser than this is a screen or print default written without any calibration
+# (72/96/150/300/600/1200 dpi = 353/265/169/85/42/21 um/px): ignored as if absent, not refused.
+SCREEN_DEFAULT_MPP = 20.0
 MIN_RED_CELLS = 5
+# No image format stores a pixel in more than 32 bytes (4 samples of float64): a bigger file cannot be
+# an image within the pixel limit, and is refused before its bytes are read.
+_MAX_BYTES_PER_PIXEL = 32
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -54,21 +72,85 @@ class Slide:
     mpp_source: MppSource
     name: str  # file name (or the given name for bytes)
     sha256: str  # hex sha256 of the file bytes
+    # The pixel limit it was read under (BLASTQ_MAX_PIXELS): the pipeline holds the image at the model's
+    # scale to it too, before resampling (core.pipeline.check_slide).
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def read_slide(path: str | Path, *, mpp: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Slide:
     """Read an image file into a Slide (user mpp > metadata mpp > estimate from red cells)."""
     path = Path(path)
     _check_user_mpp(mpp, str(path))
-    if not path.exists():
-        raise InvalidSlide(f"{path}: no such file")
-    if path.is_dir():
-        raise InvalidSlide(f"{path}: is a directory, not an image file")
+    if max_pixels <= 0:
+        raise InvalidConfig(f"{path}: max_pixels={max_pixels!r} must be positive")
+    data = read_file(path, max_bytes=_MAX_BYTES_PER_PIXEL * max_pixels + (1 << 20))
+    return _decode(data, path.name, str(path), mpp=mpp, max_pixels=max_pixels)
+
+
+def check_regular_file(path: str | Path) -> os.stat_result:
+    """The file's stat if it is a regular file (a symlink counts only if it leads to one), else InvalidSlide.
+
+    Devices, named pipes and sockets never end or block when read: /dev/zero would be read until memory
+    runs out, a pipe without a writer hangs the reader."""
+    path = Path(path)
     try:
-        data = path.read_bytes()
+        info = path.stat()  # follows symlinks: what a read would get
+    except FileNotFoundError as exc:
+        raise InvalidSlide(f"{path}: no such file") from exc
     except OSError as exc:
         raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return _decode(data, path.name, str(path), mpp=mpp, max_pixels=max_pixels)
+    if stat.S_ISDIR(info.st_mode):
+        raise InvalidSlide(f"{path}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise InvalidSlide(f"{path}: is a {_file_kind(info.st_mode)}{via}, not a regular image file")
+    return info
+
+
+def read_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
+    """All bytes of a regular file, never more than its size: one that grows or shrinks meanwhile is refused."""
+    path = Path(path)
+    size = check_regular_file(path).st_size
+    if max_bytes is not None and size > max_bytes:
+        raise SlideTooLarge(f"{path}: file of {size} bytes is larger than any image within the pixel limit")
+    try:
+        # O_NONBLOCK: should the path have become a pipe since the check, opening it must not hang.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise InvalidSlide(f"{path}: is a {_file_kind(opened.st_mode)}, not a regular image file")
+        size = opened.st_size
+        chunks, left = [], size
+        while left > 0:
+            block = os.read(fd, min(left, 1 << 24))
+            if not block:
+                raise InvalidSlide(f"{path}: file shrank while being read ({size - left} of {size} bytes)")
+            chunks.append(block)
+            left -= len(block)
+        if os.read(fd, 1):
+            raise InvalidSlide(
+                f"{path}: file grew while being read (past its {size} bytes); is it still being written?"
+            )
+    except OSError as exc:
+        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
 
 
 def decode_slide(
@@ -85,27 +167,40 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
 
 
 def metadata_mpp(data: bytes, name: str) -> float | None:
-    """The pixel size stored in the file (TIFF resolution, PNG pHYs, JPEG JFIF), or None if absent/implausible."""
+    """The pixel size stored in the file (TIFF resolution, PNG pHYs, JPEG JFIF), None if absent or a
+    screen default; InvalidSlide if it names a scale no smear photo has (`plausible_metadata_mpp`)."""
     fmt = _detect_format(data, name)
     try:
         if fmt == "png":
-            value = _png_mpp(data, name)
+            value, where = _png_mpp(data, name), "PNG pHYs chunk"
         elif fmt == "jpeg":
-            value = _jpeg_mpp(data, name)
+            value, where = _jpeg_mpp(data, name), "JPEG JFIF density"
         elif fmt == "tiff":
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                value = _tiff_mpp(tif)
+                value, where = _tiff_mpp(tif), "TIFF resolution tags"
         else:
             # BMP's pels-per-metre fields are almost always 0 or a screen default; not trusted.
-            value = None
+            value, where = None, ""
     except InvalidSlide:
         raise
     except Exception as exc:
         raise InvalidSlide(f"{name}: cannot read resolution metadata ({exc})") from exc
-    if value is None or not math.isfinite(value):
+    return plausible_metadata_mpp(value, name, where)
+
+
+def plausible_metadata_mpp(value: float | None, label: str, where: str) -> float | None:
+    """A metadata pixel size checked for a smear: the value, None (absent or a screen default), or
+    InvalidSlide naming it when it is outside METADATA_MPP_RANGE (e.g. a PNG whose pHYs says 5 um/px,
+    which would be enlarged 25 times to the model's scale)."""
+    if value is None or not math.isfinite(value) or value <= 0 or value > SCREEN_DEFAULT_MPP:
         return None
     lo, hi = METADATA_MPP_RANGE
-    return value if lo <= value <= hi else None
+    if not lo <= value <= hi:
+        raise InvalidSlide(
+            f"{label}: the pixel size in the {where} is {value:.4g} um/px, outside the {lo}..{hi} um/px of a "
+            "smear photographed through a microscope; pass --mpp with the real pixel size"
+        )
+    return float(value)
 
 
 def estimate_mpp_from_red_cells(rgb: np.ndarray, *, min_cells: int = MIN_RED_CELLS) -> float:
@@ -118,6 +213,73 @@ def estimate_mpp_from_red_cells(rgb: np.ndarray, *, min_cells: int = MIN_RED_CEL
             f"found {diameters.size} plausible red cells, need {min_cells} to estimate the pixel size"
         )
     return float(RED_CELL_DIAMETER_UM / np.median(diameters))
+
+
+def check_smear(rgb: np.ndarray, label: str) -> None:
+    """Refuse, naming the reason, an image that is no photo of a stained smear: blank (black, white or
+    uniform), a label mask or drawing (few distinct values, flat regions), or one without stained cells.
+
+    Measured on a strided sample of at most about a million pixels, so a large slide costs no more than a
+    small one. Loose on purpose: a real smear photo (any stain, any scale, a greyscale one with its many
+    grey levels) must pass; what is refused would only give a meaningless verdict.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InvalidSlide(f"{label}: expected HWC uint8 RGB, got shape {rgb.shape} dtype {rgb.dtype}")
+    height, width = rgb.shape[:2]
+    step = max(1, math.isqrt(height * width // _SMEAR_SAMPLE_PX))
+    sample = rgb[::step, ::step].reshape(-1, 3)
+    grey = bool((sample[:, 0] == sample[:, 1]).all() and (sample[:, 1] == sample[:, 2]).all())
+    kind = "grey levels" if grey else "colours"
+    packed = (sample[:, 0].astype(np.uint32) << 16) | (sample[:, 1].astype(np.uint32) << 8) | sample[:, 2]
+    distinct = int(np.unique(packed).size)
+    green = sample[:, 1]
+    low, high = np.percentile(green, [0.5, 99.5])
+    if distinct == 1 or high - low < _MIN_CONTRAST and distinct > _SMEAR_MIN_VALUES:
+        r, g, b = (int(v) for v in np.median(sample, axis=0))
+        what = f"uniform (RGB {r}, {g}, {b})"
+        if max(r, g, b) < 32 or min(r, g, b) > 223:
+            what = "black" if max(r, g, b) < 32 else "white"
+        raise InvalidSlide(f"{label}: not a smear photo: the image is {what}, with no stained cells")
+    if sample.shape[0] >= _SMEAR_MIN_JUDGED_PX:
+        if distinct <= _SMEAR_MIN_VALUES:
+            raise InvalidSlide(
+                f"{label}: not a smear photo: only {distinct} distinct {kind} (a label mask or drawing?); "
+                "a photo of a smear has thousands"
+            )
+        # Photos have noise and smooth edges; masks and drawings are flat regions with sharp steps.
+        rows = rgb[::step]
+        flat = float((rows[:, 1:width:step] == rows[:, 0 : width - 1 : step]).all(axis=-1).mean())
+        if width > 1 and flat >= _SMEAR_MAX_FLAT:
+            raise InvalidSlide(
+                f"{label}: not a smear photo: {flat:.0%} of neighbouring pixels are identical {kind} "
+                "(a label mask or drawing?)"
+            )
+    if high - low < _MIN_CONTRAST:
+        raise InvalidSlide(
+            f"{label}: not a smear photo: no contrast (green levels {low:.0f}..{high:.0f}), so no stained cells"
+        )
+    # Stained cells (red cells, nuclei) absorb green: some pixels must be clearly darker than the plasma.
+    plasma = float(np.percentile(green, 99))
+    stained = float(np.count_nonzero(green < _STAINED_FRACTION_OF_PLASMA * plasma)) / green.size
+    if stained < _MIN_STAINED_SHARE:
+        raise InvalidSlide(
+            f"{label}: not a smear photo: no stained cells (only {stained:.2%} of pixels are darker than "
+            f"{_STAINED_FRACTION_OF_PLASMA:.0%} of the background)"
+        )
+
+
+# Pixels sampled by check_smear, and how few make an image too small to judge its colours by.
+_SMEAR_SAMPLE_PX = 1 << 20
+_SMEAR_MIN_JUDGED_PX = 256
+# Label masks have a handful of values (blastq's 0/1/2, segmentation_wbc's 0/128/255); a 40x40 crop of a
+# real smear already has hundreds of colours, its 120 x 120 crops thousands.
+_SMEAR_MIN_VALUES = 64
+# Masks have 97..99.8% identical neighbours; real smear photos 2..56% (segmentation_wbc dataset1/2).
+_SMEAR_MAX_FLAT = 0.95
+# A stained pixel has less than 80% of the plasma's green (optical density above 0.1); at least 0.1% of
+# them: one red cell in a field of 100 x 100 um is 0.4%.
+_STAINED_FRACTION_OF_PLASMA = 0.8
+_MIN_STAINED_SHARE = 0.001
 
 
 # --- decoding ---------------------------------------------------------------------------------------
@@ -144,29 +306,46 @@ def _decode(data: bytes, name: str, label: str, *, mpp: float | None, max_pixels
         raise InvalidSlide(f"{label}: zero-size image ({width}x{height})")
     if width * height > max_pixels:
         raise SlideTooLarge(f"{label}: {width}x{height} pixels exceeds the maximum of {max_pixels}")
-    _check_complete(data, fmt, label)
+    end = _check_complete(data, fmt, label)
+    # The metadata scale is read (and an implausible one refused) from the header, before any pixel.
+    found = metadata_mpp(data, label) if mpp is None else None
     try:
-        rgb = _decode_tiff(data, label) if fmt == "tiff" else _decode_cv2(data, label)
-    except InvalidSlide:
-        raise
+        rgb = _decode_tiff(data, label) if fmt == "tiff" else _decode_cv2(data[:end], label)
+    except InvalidSlide as exc:
+        if str(exc).startswith(f"{label}:"):
+            raise
+        raise InvalidSlide(f"{label}: {exc}") from exc
     except Exception as exc:
         raise InvalidSlide(f"{label}: cannot decode {fmt.upper()} ({exc})") from exc
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise InvalidSlide(f"{label}: zero-size image")
 
+    # Before any scale is estimated or model run: a mask or a blank image gets its own reason.
+    check_smear(rgb, label)
     source: MppSource
     if mpp is not None:
         value, source = float(mpp), "user"
+    elif found is not None:
+        value, source = found, "metadata"
     else:
-        found = metadata_mpp(data, label)
-        if found is not None:
-            value, source = found, "metadata"
-        else:
-            try:
-                value, source = estimate_mpp_from_red_cells(rgb), "estimated"
-            except InvalidSlide as exc:
-                raise InvalidSlide(f"{label}: no pixel size in the metadata and {exc}; pass mpp") from exc
-    return Slide(rgb=rgb, mpp=value, mpp_source=source, name=name, sha256=hashlib.sha256(data).hexdigest())
+        try:
+            value, source = estimate_mpp_from_red_cells(rgb), "estimated"
+        except InvalidSlide as exc:
+            raise InvalidSlide(f"{label}: no pixel size in the metadata and {exc}; pass --mpp") from exc
+        lo, hi = METADATA_MPP_RANGE
+        if not lo <= value <= hi:
+            raise InvalidSlide(
+                f"{label}: no pixel size in the metadata, and the red cells give an implausible "
+                f"{value:.4g} um/px (expected {lo}..{hi}); pass --mpp"
+            )
+    return Slide(
+        rgb=rgb,
+        mpp=value,
+        mpp_source=source,
+        name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        max_pixels=max_pixels,
+    )
 
 
 def _detect_format(data: bytes, label: str) -> ImageFormat:
@@ -247,18 +426,60 @@ def _jpeg_size(data: bytes, label: str) -> tuple[int, int]:
     raise InvalidSlide(f"{label}: JPEG without a frame header")
 
 
-def _check_complete(data: bytes, fmt: ImageFormat, label: str) -> None:
-    """Refuse truncated or corrupted files that a decoder might half-decode without complaint."""
+def _check_complete(data: bytes, fmt: ImageFormat, label: str) -> int:
+    """Refuse truncated or corrupted files that a decoder might half-decode without complaint; return
+    where the image's data ends (bytes after a JPEG's end-of-image marker are not part of it)."""
     if fmt == "png":
         _png_chunks(data, label, verify=True)
     elif fmt == "jpeg":
-        # Some writers pad after EOI with zeros; anything else missing the marker was cut off.
-        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise InvalidSlide(f"{label}: truncated JPEG (no end-of-image marker)")
+        return _jpeg_end(data, label)
     elif fmt == "bmp":
         _check_bmp_length(data, label)
     else:
         _check_tiff_extent(data, label)
+    return len(data)
+
+
+def _jpeg_end(data: bytes, label: str) -> int:
+    """The offset just past the JPEG's end-of-image marker, found by walking its segments and scans.
+
+    Cameras and apps append data after EOI (thumbnails, padding, a whole video in "motion photos"), so
+    the marker is looked for where it must be, not at the end of the file. Inside a scan 0xFF is
+    followed by 0x00 (a stuffed byte) or a restart marker; any other byte after 0xFF is the next marker.
+    """
+    n = len(data)
+    i = 2
+    while i < n:
+        if data[i] != 0xFF:
+            raise InvalidSlide(f"{label}: corrupt JPEG (no marker at byte {i})")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:
+            return i
+        if marker in _JPEG_STANDALONE:
+            continue
+        if i + 2 > n:
+            break
+        (length,) = struct.unpack(">H", data[i : i + 2])
+        if length < 2 or i + length > n:
+            break
+        i += length
+        if marker == 0xDA:  # entropy-coded data up to the next marker
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    i = n
+                    break
+                follower = data[i + 1]
+                if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                    i += 2
+                    continue
+                break
+    raise InvalidSlide(f"{label}: truncated JPEG (no end-of-image marker)")
 
 
 def _png_chunks(data: bytes, label: str, *, verify: bool) -> dict[bytes, bytes]:
@@ -375,6 +596,8 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint16:
         return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and not np.isfinite(arr).any():
+            raise InvalidSlide("no pixel has a value: every sample is NaN or infinite")
         arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
         # Floats in [0, 1] are normalised intensities; anything larger is taken as 0..255 already.
         scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
@@ -515,6 +738,9 @@ def _round_cell_diameters(rgb: np.ndarray, foreground: np.ndarray) -> np.ndarray
     # The pale central pallor falls on the plasma side of the threshold: fill it back in.
     opened = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, _DISC3)
     foreground = ndi.binary_fill_holes(opened)
+    if foreground.all():
+        # No plasma left to measure from: the distance map would have no zero, its peaks no size.
+        return np.empty(0)
     components, n = ndi.label(foreground)
     if n == 0:
         return np.empty(0)

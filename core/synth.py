@@ -206,36 +206,64 @@ def generate_field(
     return SynthField(image, classes, nuclei, instances, cells, float(mpp), int(seed))
 
 
+# Generated truth goes to a sub-folder, never beside the image: a folder or glob given to `blastq run` or
+# `blastq submit` must find only smears (core.inputs also skips these names in folders from older
+# versions, which wrote them beside the image).
+TRUTH_FOLDER = "truth"
+TRUTH_SUFFIXES = (".mask.png", ".nuclei.png", ".instances.tif")
+
+
+def truth_paths(image_path: Path) -> tuple[Path, Path, Path]:
+    """Where write_field puts the (mask, nuclei, instances) truth of `image_path`: <folder>/truth/<stem>.*"""
+    image_path = Path(image_path)
+    folder = image_path.parent / TRUTH_FOLDER
+    return tuple(folder / f"{image_path.stem}{suffix}" for suffix in TRUTH_SUFFIXES)  # type: ignore[return-value]
+
+
+def find_truth(image_path: Path) -> tuple[Path, Path, Path] | None:
+    """The truth files of `image_path`, in truth/ or (older `blastq synth`) beside it; None when absent."""
+    image_path = Path(image_path)
+    beside = tuple(image_path.with_name(f"{image_path.stem}{suffix}") for suffix in TRUTH_SUFFIXES)
+    for paths in (truth_paths(image_path), beside):
+        if paths[0].is_file():
+            return paths  # type: ignore[return-value]
+    return None
+
+
 def write_field(field: SynthField, out_dir: Path, stem: str) -> Path:
-    """Write a field as <stem>.png plus .mask.png, .nuclei.png and .instances.tif; return the image path."""
+    """Write a field as <stem>.png, and its truth as truth/<stem>.mask.png, .nuclei.png and .instances.tif.
+
+    Returns the image path.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image_path = out_dir / f"{stem}.png"
+    mask_path, nuclei_path, instances_path = truth_paths(image_path)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
     for path, array in (
         (image_path, cv2.cvtColor(field.image, cv2.COLOR_RGB2BGR)),
-        (out_dir / f"{stem}.mask.png", field.classes.astype(np.uint8)),
-        (out_dir / f"{stem}.nuclei.png", np.where(field.nuclei, 255, 0).astype(np.uint8)),
+        (mask_path, field.classes.astype(np.uint8)),
+        (nuclei_path, np.where(field.nuclei, 255, 0).astype(np.uint8)),
     ):
         if not cv2.imwrite(str(path), array):
             raise OSError(f"could not write {path}")
-    tifffile.imwrite(out_dir / f"{stem}.instances.tif", field.instances.astype(np.uint32), compression="zlib")
+    tifffile.imwrite(instances_path, field.instances.astype(np.uint32), compression="zlib")
     return image_path
 
 
 def read_field_masks(image_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read the (classes uint8, nuclei bool, instances int32) written next to `image_path` by write_field."""
+    """Read the (classes uint8, nuclei bool, instances int32) that write_field wrote for `image_path`.
+
+    Looks in truth/ first, then beside the image (the layout of older versions).
+    """
     image_path = Path(image_path)
-    stem = image_path.stem
-    mask_path = image_path.with_name(f"{stem}.mask.png")
-    nuclei_path = image_path.with_name(f"{stem}.nuclei.png")
-    instances_path = image_path.with_name(f"{stem}.instances.tif")
+    mask_path, nuclei_path, instances_path = find_truth(image_path) or truth_paths(image_path)
     for path in (mask_path, nuclei_path, instances_path):
         if not path.is_file():
             raise FileNotFoundError(f"missing synthetic ground truth {path}")
     classes = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
     nuclei = cv2.imread(str(nuclei_path), cv2.IMREAD_UNCHANGED)
     if classes is None or nuclei is None:
-        raise FileNotFoundError(f"unreadable synthetic ground truth next to {image_path}")
+        raise FileNotFoundError(f"unreadable synthetic ground truth for {image_path} in {mask_path.parent}")
     instances = tifffile.imread(instances_path).astype(np.int32)
     return classes.astype(np.uint8), nuclei > 0, instances
 
@@ -251,7 +279,10 @@ def write_dataset(
     blast_fraction: float = 0.3,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Write `count` fields named synth_<seed+i:05d> (field i uses seed + i); return the image paths."""
+    """Write `count` fields named synth_<seed+i:05d> (field i uses seed + i), their truth in truth/.
+
+    Returns the image paths.
+    """
     if count < 0:
         raise InvalidConfig(f"count must be >= 0, got {count}")
     paths = []

@@ -1,8 +1,9 @@
 """Big 2-D maps (labels, masks, instance ids) written as tiled, compressed, pyramidal TIFF in bounded memory.
 
 The whole-slide pipeline makes its maps band by band and never holds a whole one. PyramidTiffSink takes
-rows top to bottom and spools every pyramid level to its own raw temporary file as the rows arrive (level
-k is arr[::2**k, ::2**k], nearest neighbour, because labels must never be interpolated). close() then
+rows top to bottom and spools every pyramid level to its own raw temporary file (beside the output, or in
+a given scratch folder) as the rows arrive (level k is arr[::2**k, ::2**k], nearest neighbour, because
+labels must never be interpolated). close() then
 streams each level back one stripe of tile rows at a time into tifffile, so peak memory is about one
 stripe (tile x width x itemsize), not the map. Sub-resolutions are SubIFDs of the level-0 page with
 NewSubfileType 1, the layout QuPath, OME and tifffile read as a pyramid.
@@ -54,6 +55,7 @@ class PyramidTiffSink:
         compression: str = "zlib",
         min_level_px: int = 1024,
         description: str | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.height = int(height)
@@ -73,6 +75,11 @@ class PyramidTiffSink:
             raise ValueError(f"mpp must be positive, got {mpp}")
         if not self.path.parent.is_dir():
             raise ValueError(f"output folder does not exist: {self.path.parent}")
+        # Where the levels are spooled (default beside the output); core.scratch folders are removed
+        # even when the run is killed, at the next run's start.
+        spool = Path(scratch_dir) if scratch_dir is not None else self.path.parent
+        if not spool.is_dir():
+            raise ValueError(f"scratch folder does not exist: {spool}")
         self.mpp = mpp
         self.tile = tile
         self.compression = compression
@@ -85,9 +92,7 @@ class PyramidTiffSink:
         self._raw_files: list[IO[bytes]] = []
         try:
             for level in range(len(self.level_shapes)):
-                fd, name = tempfile.mkstemp(
-                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=f".l{level}.raw"
-                )
+                fd, name = tempfile.mkstemp(dir=spool, prefix=f".{self.path.name}.", suffix=f".l{level}.raw")
                 self._raw_paths.append(Path(name))
                 self._raw_files.append(os.fdopen(fd, "w+b"))
         except BaseException:

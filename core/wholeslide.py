@@ -24,11 +24,10 @@ so that cells.geojson lands on the slide in a viewer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +40,17 @@ import numpy as np
 from blastq.core.cells import LABEL_BLAST, CellMaps, CellRecord, extract_cells
 from blastq.core.classify import CellClassifier, type_cells
 from blastq.core.engines import Engine
-from blastq.core.errors import InvalidConfig, InvalidSlide
+from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.pipeline import PipelineConfig, segment_prepared
 from blastq.core.preprocess import PreprocessConfig, preprocess
-from blastq.core.slide import MppSource, _check_user_mpp, estimate_mpp_from_red_cells
+from blastq.core.resultkey import ModelIdentity, result_key, scale_key, whole_slide_result_key
+from blastq.core.scratch import new_scratch_folder
+from blastq.core.slide import (
+    DEFAULT_MAX_SLIDE_PIXELS,
+    MppSource,
+    _check_user_mpp,
+    estimate_mpp_from_red_cells,
+)
 from blastq.core.stats import SlideStats, slide_stats
 from blastq.core.tiling import tile_grid
 from blastq.core.unet import ModelInfo
@@ -69,12 +75,17 @@ class WholeSlideConfig:
     chunk_px: int = 3072  # core side at the model's scale; the window adds the margin on each side
     margin_px: int | None = None  # default: CELL_RADIUS_UM at the model's scale + the tile overlap
     # Both are rounded up to whole tile steps (tile_px - overlap_px): see grid().
+    # The most pixels a slide may have at the model's scale (BLASTQ_MAX_SLIDE_PIXELS), refused before
+    # any chunk is read. Not part of the result key: it decides whether a slide runs, not what it gives.
+    max_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
 
     def __post_init__(self) -> None:
         if self.chunk_px < 256 or (self.margin_px is not None and self.margin_px < 0):
             raise InvalidConfig(
                 f"bad whole-slide chunking: chunk_px={self.chunk_px} (>= 256), margin_px={self.margin_px} (>= 0)"
             )
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise InvalidConfig(f"max_slide_pixels must be a positive integer, got {self.max_pixels!r}")
 
     def grid(self, model_mpp: float, pipeline: PipelineConfig) -> tuple[int, int]:
         """(chunk side, margin) in model pixels, both whole multiples of the tile step.
@@ -199,14 +210,24 @@ def _core_index(chunk_px: int, n_cols: int, y: float, x: float) -> int:
 # --- reading windows ------------------------------------------------------------------------------------
 
 
+def source_region(window: tuple[int, int, int, int], scale: float) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of the level-0 region that `read_window` reads for a model-scale window."""
+    wy0, wy1, wx0, wx1 = window
+    if scale == 1.0:
+        return wx0, wy0, wx1 - wx0, wy1 - wy0
+    sy0, sx0 = math.floor(wy0 / scale), math.floor(wx0 / scale)
+    sy1, sx1 = math.ceil(wy1 / scale) + 1, math.ceil(wx1 / scale) + 1
+    return sx0, sy0, sx1 - sx0, sy1 - sy0
+
+
 def read_window(reader, window: tuple[int, int, int, int], scale: float) -> np.ndarray:
     """The slide under a model-scale window, resampled to the model's scale (HWC uint8 RGB)."""
     wy0, wy1, wx0, wx1 = window
     if scale == 1.0:
-        return reader.read_region(wx0, wy0, wx1 - wx0, wy1 - wy0)
-    sy0, sx0 = math.floor(wy0 / scale), math.floor(wx0 / scale)
-    sy1, sx1 = math.ceil(wy1 / scale) + 1, math.ceil(wx1 / scale) + 1
-    region = reader.read_region(sx0, sy0, sx1 - sx0, sy1 - sy0)
+        return reader.read_region(*source_region(window, scale))
+    sx0, sy0, sw, sh = source_region(window, scale)
+    sx1, sy1 = sx0 + sw, sy0 + sh
+    region = reader.read_region(sx0, sy0, sw, sh)
     size = (round((sx1 - sx0) * scale), round((sy1 - sy0) * scale))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     big = cv2.resize(region, size, interpolation=interp)
@@ -224,6 +245,9 @@ def resolve_mpp(reader, mpp: float | None) -> tuple[float, MppSource]:
         return float(mpp), "user"
     if reader.mpp is not None:
         return float(reader.mpp), "metadata"
+    refused = getattr(reader, "mpp_refused", None)  # the metadata's scale, implausible for a smear
+    if refused:
+        raise InvalidSlide(refused)
     side_h, side_w = min(MPP_ESTIMATE_PX, reader.height), min(MPP_ESTIMATE_PX, reader.width)
     centre = reader.read_region((reader.width - side_w) // 2, (reader.height - side_h) // 2, side_w, side_h)
     try:
@@ -256,10 +280,16 @@ def process_whole_slide(
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     slide_mpp, mpp_source = resolve_mpp(reader, mpp)
     scale = slide_mpp / info.mpp  # model pixels per slide pixel
     height, width = max(1, round(reader.height * scale)), max(1, round(reader.width * scale))
+    if height * width > wsi.max_pixels:
+        raise SlideTooLarge(
+            f"{reader.name}: {reader.width}x{reader.height} pixels at {slide_mpp:.4g} um/px ({mpp_source}) "
+            f"are {width}x{height} at the model's {info.mpp:g} um/px, over the maximum of "
+            f"{wsi.max_pixels} pixels (BLASTQ_MAX_SLIDE_PIXELS)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     chunk_px, margin = wsi.grid(info.mpp, config)
     chunks = chunk_grid(height, width, chunk_px, margin)
     n_cols = math.ceil(width / chunk_px)
@@ -274,26 +304,38 @@ def process_whole_slide(
         (max(1, round(height * thumb_scale)), max(1, round(width * thumb_scale)), 3), PLASMA, np.uint8
     )
 
-    scratch = Path(tempfile.mkdtemp(prefix=".blastq-wsi-", dir=out_dir))
-    instances = DiskRaster(scratch / "instances.raw", height, width, np.uint32)
-    nuclei = DiskRaster(scratch / "nuclei.raw", height, width, np.uint8)
+    # Rasters and TIFF spools (tens of GB, sparse, for a large slide) live in a scratch folder of the
+    # system's temporary folder: removed when this ends, or at the next run's start if this one is killed.
+    scratch = new_scratch_folder()
+    instances = nuclei = None
     cells: list[CellRecord] = []
     rings: list[list[list[float]]] = []
     is_blast = [False]  # by global cell id (0: background)
+    has_data = getattr(reader, "has_data", None)
 
-    def load(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    def load(chunk: Chunk) -> tuple[np.ndarray, np.ndarray] | None:
+        if has_data is not None and not has_data(*source_region(chunk.window, scale)):
+            return None  # no scanned tile under the window (a sparse TIFF): plasma, nothing to decode
         raw = read_window(reader, chunk.window, scale)
         return raw, preprocess(raw, info.mpp, pre)
 
     try:
+        instances = DiskRaster(scratch / "instances.raw", height, width, np.uint32)
+        nuclei = DiskRaster(scratch / "nuclei.raw", height, width, np.uint8)
         # The next chunk is read and preprocessed while this one is segmented (decoding and
         # preprocessing release the GIL for most of their time).
         with ThreadPoolExecutor(1, thread_name_prefix="blastq-read") as pool:
             pending = pool.submit(load, chunks[0])
             for k, chunk in enumerate(chunks):
-                raw, work = pending.result()
+                loaded = pending.result()
                 if k + 1 < len(chunks):
                     pending = pool.submit(load, chunks[k + 1])
+                if loaded is None:  # background: its tiles count as done, none is run
+                    tiles_before += tiles_per_chunk[k]
+                    if progress:
+                        progress(tiles_before, tiles_total)
+                    continue
+                raw, work = loaded
 
                 def tick(done: int, total: int, before=tiles_before) -> None:
                     if progress:
@@ -325,24 +367,25 @@ def process_whole_slide(
             "nuclei.tif": out_dir / "nuclei.tif",
             "instances.tif": out_dir / "instances.tif",
         }
+        spool = {"mpp": info.mpp, "scratch_dir": scratch}
         with (
-            PyramidTiffSink(files["mask.tif"], height, width, np.uint8, mpp=info.mpp) as mask_sink,
-            PyramidTiffSink(files["instances.tif"], height, width, np.uint32, mpp=info.mpp) as inst_sink,
+            PyramidTiffSink(files["mask.tif"], height, width, np.uint8, **spool) as mask_sink,
+            PyramidTiffSink(files["instances.tif"], height, width, np.uint32, **spool) as inst_sink,
         ):
             for rows in instances.row_stripes(512):
                 inst_sink.write_rows(rows)
                 mask_sink.write_rows(label_of[rows])
-        with PyramidTiffSink(files["nuclei.tif"], height, width, np.uint8, mpp=info.mpp) as nuc_sink:
+        with PyramidTiffSink(files["nuclei.tif"], height, width, np.uint8, **spool) as nuc_sink:
             for rows in nuclei.row_stripes(512):
                 nuc_sink.write_rows(rows)
     finally:
-        instances.close()
-        nuclei.close()
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
+        for raster in (instances, nuclei):
+            if raster is not None:
+                raster.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
-    stats = slide_stats(cells, config.blast_threshold_percent)
+    stats = slide_stats(cells, config.blast_threshold_percent, config.min_white_cells)
+    model = ModelIdentity.of(info, classifier.info.sha256 if classifier is not None else "")
     result = WholeSlideResult(
         name=reader.name,
         sha256=sha256,
@@ -351,7 +394,7 @@ def process_whole_slide(
         mpp=slide_mpp,
         mpp_source=mpp_source,
         model_version=info.version,
-        params_key=whole_slide_key(config.key(), wsi),
+        params_key=whole_slide_key(result_key(config, model, scale_key(slide_mpp, mpp_source)), wsi),
         cells=tuple(cells),
         stats=stats,
         seconds=round(time.perf_counter() - start, 3),  # the cell files below take a moment more
@@ -366,10 +409,9 @@ def process_whole_slide(
     return result
 
 
-def whole_slide_key(params_key: str, wsi: WholeSlideConfig = WholeSlideConfig()) -> str:
-    """The result key of a whole slide: the pipeline's parameters key (PipelineConfig.key) and the chunking."""
-    text = json.dumps([params_key, wsi.chunk_px, wsi.margin_px])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def whole_slide_key(image_key: str, wsi: WholeSlideConfig = WholeSlideConfig()) -> str:
+    """The result key of a whole slide: its image key (core.resultkey.result_key) and the chunking."""
+    return whole_slide_result_key(image_key, wsi)
 
 
 def _take_cells(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import re
 import threading
 import xml.etree.ElementTree as ET
@@ -66,8 +65,15 @@ class SlideReader(ABC):
     path: Path
     width: int  # level-0 pixels
     height: int
-    mpp: float | None  # level-0 microns per pixel from the metadata; None if absent or implausible
+    mpp: float | None  # level-0 microns per pixel from the metadata; None if absent or refused
     format: str  # "tiff", "ome-tiff", "openslide:<vendor>", "image"
+    # Why the metadata's pixel size was refused (outside slide.METADATA_MPP_RANGE), or None. Refused only
+    # when it would be used: a user-given mpp makes the slide usable (core.wholeslide.resolve_mpp).
+    mpp_refused: str | None = None
+
+    def has_data(self, x: int, y: int, width: int, height: int) -> bool:
+        """False only when the level-0 window is known to hold no scanned pixels (sparse TIFF tiles)."""
+        return True
 
     def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """The level-0 window at (x, y) as HWC uint8 RGB (height, width, 3); outside the slide is 245."""
@@ -121,7 +127,13 @@ class ArrayReader(SlideReader):
     """An in-memory HWC uint8 RGB image behind the reader interface (PNG/JPEG/BMP, small TIFFs, tests)."""
 
     def __init__(
-        self, rgb: np.ndarray, name: str, mpp: float | None = None, *, path: str | Path | None = None
+        self,
+        rgb: np.ndarray,
+        name: str,
+        mpp: float | None = None,
+        *,
+        path: str | Path | None = None,
+        mpp_refused: str | None = None,
     ) -> None:
         try:
             check_rgb(rgb)
@@ -133,6 +145,7 @@ class ArrayReader(SlideReader):
         self.path = Path(path) if path is not None else Path(name)
         self.height, self.width = int(rgb.shape[0]), int(rgb.shape[1])
         self.mpp = None if mpp is None else float(mpp)
+        self.mpp_refused = mpp_refused
         self.format = "image"
 
     def _fill(self, dest: np.ndarray, x: int, y: int) -> None:
@@ -199,13 +212,17 @@ class TiffRegionReader(SlideReader):
             size = self.path.stat().st_size
             if offsets.size and int((offsets + counts)[counts > 0].max(initial=0)) > size:
                 raise InvalidSlide(f"{label}: truncated TIFF (image data runs past the end of the file)")
-            self.mpp = _plausible(_tiff_level0_mpp(tif, page))
+            self.mpp, self.mpp_refused = _checked_mpp(*_tiff_level0_mpp(tif, page), label)
         except InvalidSlide:
             raise
         except Exception as exc:
             raise InvalidSlide(f"{label}: unreadable TIFF ({_reason(exc)})") from exc
         self._page = page
         self._offsets, self._counts = offsets, counts
+        # Per tile/strip of a plane: whether the file holds its data (offset and byte count not 0); with
+        # separate planes a pixel needs every plane's.
+        has = (offsets > 0) & (counts > 0)
+        self._present = np.logical_and.reduce(has.reshape(-1, self._per_plane), axis=0)
         self._decode = page.decode
         self._jpeg = page.compression in _JPEG_COMPRESSIONS
         self.format = "ome-tiff" if tif.is_ome else "tiff"
@@ -262,6 +279,16 @@ class TiffRegionReader(SlideReader):
                 f"{label}: {what} cannot be read region by region; save it tiled (e.g. tile 512)"
             )
 
+    def has_data(self, x: int, y: int, width: int, height: int) -> bool:
+        """Whether any tile/strip under the window holds data (offset and byte count not 0), header only."""
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, self.width), min(y + height, self.height)
+        if x0 >= x1 or y0 >= y1:
+            return False
+        rows = slice(y0 // self._seg_h, (y1 - 1) // self._seg_h + 1)
+        cols = slice(x0 // self._seg_w, (x1 - 1) // self._seg_w + 1)
+        return bool(self._present.reshape(self._ny, self._nx)[rows, cols].any())
+
     def _fill(self, dest: np.ndarray, x: int, y: int) -> None:
         h, w = dest.shape[:2]
         sw, sh = self._seg_w, self._seg_h
@@ -270,8 +297,14 @@ class TiffRegionReader(SlideReader):
                 raise InvalidSlide(f"{self.name}: reader is closed")
             for ty in range(y // sh, (y + h - 1) // sh + 1):
                 for tx in range(x // sw, (x + w - 1) // sw + 1):
-                    seg = self._segment(ty * self._nx + tx)
                     sx0, sy0 = tx * sw, ty * sh
+                    if not self._present[ty * self._nx + tx]:
+                        # Never scanned (no data in the file): blank slide, nothing to read or decode.
+                        ax0, ay0 = max(x, sx0), max(y, sy0)
+                        ax1, ay1 = min(x + w, sx0 + sw), min(y + h, sy0 + sh)
+                        dest[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = OUTSIDE_FILL
+                        continue
+                    seg = self._segment(ty * self._nx + tx)
                     ax0, ay0 = max(x, sx0), max(y, sy0)
                     ax1, ay1 = min(x + w, sx0 + seg.shape[1]), min(y + h, sy0 + seg.shape[0])
                     dest[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = seg[
@@ -364,21 +397,22 @@ def _level0_page(tif: tifffile.TiffFile, label: str) -> tifffile.TiffPage:
     return page
 
 
-def _tiff_level0_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
-    """Microns per pixel from OME-XML, an Aperio description, or the resolution tags, in that order."""
+def _tiff_level0_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[float | None, str]:
+    """Microns per pixel from OME-XML, an Aperio description, or the resolution tags, in that order;
+    with where it was found (for messages)."""
     if tif.is_ome:
         value = _ome_mpp(tif.ome_metadata or "")
         if value is not None:
-            return value
+            return value, "OME-XML PhysicalSizeX"
     description = tif.pages.first.description or ""
     if description.startswith("Aperio"):
         match = _APERIO_MPP.search(description)
         if match:
             with contextlib.suppress(ValueError):  # e.g. "1.2.3": fall through to the resolution tags
-                return float(match.group(1))
+                return float(match.group(1)), "Aperio description's MPP"
     if page is tif.pages.first or page.offset == tif.pages.first.offset:
-        return slide_io._tiff_mpp(tif)
-    return None
+        return slide_io._tiff_mpp(tif), "TIFF resolution tags"
+    return None, ""
 
 
 def _ome_mpp(xml: str) -> float | None:
@@ -399,11 +433,13 @@ def _ome_mpp(xml: str) -> float | None:
     return None
 
 
-def _plausible(mpp: float | None) -> float | None:
-    if mpp is None or not math.isfinite(mpp):
-        return None
-    lo, hi = slide_io.METADATA_MPP_RANGE
-    return float(mpp) if lo <= mpp <= hi else None
+def _checked_mpp(mpp: float | None, where: str, label: str) -> tuple[float | None, str | None]:
+    """(mpp, None) for a plausible metadata pixel size, (None, None) for none or a screen default,
+    (None, why) for one no smear has (slide.plausible_metadata_mpp)."""
+    try:
+        return slide_io.plausible_metadata_mpp(mpp, label, where), None
+    except InvalidSlide as exc:
+        return None, str(exc)
 
 
 # --- OpenSlide --------------------------------------------------------------------------------------
@@ -444,7 +480,7 @@ class OpenSlideReader(SlideReader):
         except BaseException:
             self._slide.close()
             raise
-        self.mpp = _plausible(mpp)
+        self.mpp, self.mpp_refused = _checked_mpp(mpp, "OpenSlide property openslide.mpp-x", label)
         self.format = f"openslide:{vendor}"
         self._lock = threading.Lock()
         self._closed = False
@@ -516,32 +552,34 @@ def is_whole_slide(path: str | Path) -> bool:
     """True for OpenSlide vendor formats and tiled, pyramidal or very large TIFFs (header only)."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            head = fh.read(16)
-    except OSError:
-        return False
+        head = _check_file(path)
+    except InvalidSlide:
+        return False  # not a regular, readable file: core.slide gives the reason
     return _classify(path, head) in ("openslide", "tiff-regions")
 
 
 def file_sha256(path: str | Path, chunk: int = 8 * 1024 * 1024) -> str:
-    """Hex sha256 of a file, read in chunks so memory stays bounded."""
+    """Hex sha256 of a regular file, read in chunks so memory stays bounded, never past its size."""
     path = Path(path)
+    size = slide_io.check_regular_file(path).st_size
     digest = hashlib.sha256()
     try:
         with path.open("rb") as fh:
-            while block := fh.read(chunk):
+            left = size
+            while left > 0 and (block := fh.read(min(chunk, left))):
                 digest.update(block)
+                left -= len(block)
+            if left or fh.read(1):
+                raise InvalidSlide(f"{path}: file changed size while being read (was {size} bytes)")
     except OSError as exc:
         raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
     return digest.hexdigest()
 
 
 def _check_file(path: Path) -> bytes:
-    """Refuse a missing, directory, unreadable or empty path; return the leading bytes."""
-    if not path.exists():
-        raise InvalidSlide(f"{path}: no such file")
-    if path.is_dir():
-        raise InvalidSlide(f"{path}: is a directory, not an image file")
+    """Refuse a missing, directory, non-regular (device, pipe, socket), unreadable or empty path; return
+    the leading bytes."""
+    slide_io.check_regular_file(path)
     try:
         with path.open("rb") as fh:
             head = fh.read(16)
@@ -592,15 +630,13 @@ def _read_whole(path: Path, max_pixels: int) -> ArrayReader:
     label = str(path)
     limit = min(max_pixels, slide_io.DEFAULT_MAX_PIXELS)
     # No image format stores pixels in much more than their raw size: refuse before reading the bytes.
-    if path.stat().st_size > 4 * limit + (1 << 20):
+    size = slide_io.check_regular_file(path).st_size
+    if size > 4 * limit + (1 << 20):
         raise SlideTooLarge(
-            f"{label}: file of {path.stat().st_size} bytes is too large to decode whole "
+            f"{label}: file of {size} bytes is too large to decode whole "
             f"(over {limit} pixels); convert it to a tiled TIFF"
         )
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidSlide(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+    data = slide_io.read_file(path)
     width, height = slide_io.image_size(data, label)
     if width * height > limit:
         raise SlideTooLarge(
@@ -609,8 +645,11 @@ def _read_whole(path: Path, max_pixels: int) -> ArrayReader:
         )
     # A placeholder mpp skips the red-cell estimate: here the caller decides what to do without one.
     decoded = slide_io.decode_slide(data, label, mpp=1.0, max_pixels=limit)
-    mpp = slide_io.metadata_mpp(data, label)
-    return ArrayReader(decoded.rgb, path.name, mpp=mpp, path=path)
+    try:
+        mpp, refused = slide_io.metadata_mpp(data, label), None
+    except InvalidSlide as exc:  # refused only if it is needed: a user mpp makes the image usable
+        mpp, refused = None, str(exc)
+    return ArrayReader(decoded.rgb, path.name, mpp=mpp, path=path, mpp_refused=refused)
 
 
 def _reason(exc: BaseException) -> str:

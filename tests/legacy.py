@@ -10,3 +10,6 @@ COLUMNS_OF_0004 = (
     + [("cells", c) for c in ("cell_type", "cell_type_probability", "review")]
     + [("cells", f"p_{t}") for t in CELL_TYPES]
 )
+
+# (table, column) pairs revision 0005 added to the tables that existed before it.
+COLUMNS_OF_0005 = [("results", "verdict"), ("results", "min_white_cells"), ("cells", "review_reason")]

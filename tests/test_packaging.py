@@ -40,6 +40,7 @@ def test_wheel_maps_the_folders_under_blastq_and_ships_the_model(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for pkg in ("core", "worker", "trainer", "cli"):
         assert f"blastq/{pkg}/__init__.py" in names
+    assert "blastq/__init__.py" in names and "blastq/__main__.py" in names  # `python -m blastq`
     assert "blastq/core/weights/blastq-unet-default.pt" in names
     assert "blastq/core/weights/MODEL_CARD.md" in names
     assert "blastq/migrations/env.py" in names and "blastq/migrations/versions/0001_initial.py" in names
@@ -67,3 +68,30 @@ def test_wheel_imports_and_runs_in_a_fresh_venv(wheel, tmp_path):
         [str(py), "-c", code], check=True, capture_output=True, text=True
     ).stdout.splitlines()
     assert out[0].startswith(str(venv)) and out[1]
+    # `python -m blastq`, the dependencies on PYTHONPATH (after the venv's blastq: it has no `blastq`).
+    env = {"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"}
+    for args in (["--version"], ["run", "--help"]):
+        shown = subprocess.run(
+            [str(py), "-m", "blastq", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        ).stdout
+        assert shown.startswith("blastq, version ") if args == ["--version"] else "Usage: blastq run" in shown
+
+
+def test_the_main_install_has_the_embedded_queue_and_bounded_ranges():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {
+        d.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip(): d for d in project["dependencies"]
+    }
+    assert "celery" in names and names["kombu"].startswith(
+        "kombu[sqlalchemy]"
+    )  # `blastq worker` after `pip install .`
+    # Calendar-versioned packages aside, each dependency states the major versions it is tested with.
+    unbounded = [d for n, d in names.items() if "<" not in d and n not in ("tifffile", "imagecodecs")]
+    assert not unbounded

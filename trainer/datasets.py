@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 from blastq.core.errors import BlastqError, InvalidDataset
 from blastq.core.preprocess import PreprocessConfig, preprocess, resample, resample_labels
 from blastq.core.slide import image_size
-from blastq.core.synth import generate_field, read_field_masks
+from blastq.core.synth import TRUTH_FOLDER, TRUTH_SUFFIXES, find_truth, generate_field, read_field_masks
 from blastq.core.unet import CLASS_NAMES
 
 IGNORE = 255
@@ -175,13 +175,13 @@ def synth_sample(seed: int, size_px: int, model_mpp: float, config: PreprocessCo
 
 
 def synth_folder_items(folder: Path) -> list[Path]:
-    """Images written by `blastq synth` (each with its .mask.png beside it)."""
-    images = sorted(
-        p for p in Path(folder).glob("*.png") if not p.name.endswith((".mask.png", ".nuclei.png"))
-    )
-    images = [p for p in images if p.with_name(p.stem + ".mask.png").is_file()]
+    """Images written by `blastq synth`: NAME.png with its truth in truth/ (or beside it, older layout)."""
+    images = sorted(p for p in Path(folder).glob("*.png") if not p.name.endswith(TRUTH_SUFFIXES))
+    images = [p for p in images if find_truth(p) is not None]
     if not images:
-        raise InvalidDataset(f"no synthetic image/mask pairs (NAME.png + NAME.mask.png) in {folder}")
+        raise InvalidDataset(
+            f"no synthetic image/mask pairs (NAME.png + {TRUTH_FOLDER}/NAME.mask.png) in {folder}"
+        )
     return images
 
 

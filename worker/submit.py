@@ -7,7 +7,6 @@ processed with the same model and parameters is not sent at all: its job points 
 
 from __future__ import annotations
 
-import glob
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,27 +15,35 @@ from pathlib import Path
 
 from blastq.core.db import (
     BatchStatus,
+    add_to_sample,
     batch_status,
     connect,
     create_batch,
     create_job,
+    ensure_sample,
     find_result,
     finish_job,
     stale_jobs,
     touch_job,
 )
-from blastq.core.errors import InvalidConfig, InvalidSlide
-from blastq.core.registry import promoted
-from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config, whole_slide_config
-from blastq.core.slide import USER_MPP_RANGE
+from blastq.core.errors import InvalidConfig, InvalidSlide, NoWorker
+from blastq.core.inputs import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # worker.watch takes it from here
+from blastq.core.inputs import (
+    Refused,
+    check_image_header,
+    check_local_folders,
+    check_user_mpp,
+    expand_inputs,
+)
+from blastq.core.resultkey import ModelIdentity, classifier_file_sha256, file_result_key
+from blastq.core.settings import Settings, hide_secrets, pipeline_config, whole_slide_config
+from blastq.core.stats import check_sample_name
 from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
-from blastq.core.wholeslide import whole_slide_key
-from blastq.core.wsi import file_sha256, is_whole_slide
-from blastq.worker.celery_app import SLIDES_QUEUE, BlastqCelery, make_app
+from blastq.core.wsi import file_sha256
+from blastq.worker.celery_app import SLIDES_QUEUE, BlastqCelery, make_app, workers_on_queue
 from blastq.worker.tasks import PROCESS_SLIDE
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 CONTENT_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -45,7 +52,10 @@ CONTENT_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
-POLL_S = 0.5
+POLL_S = 0.2
+# `--wait` asks the broker for workers once the batch has sat this long with jobs queued and none
+# running: a worker just started is still loading its model for the first seconds.
+NO_WORKER_AFTER_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class SubmittedFile:
 class SubmitOutcome:
     batch_id: str | None  # None when no file could be submitted (no batch is made)
     jobs: tuple[SubmittedFile, ...]
+    skipped: str | None = None  # one line: what folders and globs held besides smears (core.inputs)
 
     @property
     def errors(self) -> tuple[SubmittedFile, ...]:
@@ -70,51 +81,30 @@ class SubmitOutcome:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[SubmittedFile]]:
-    """Files named, the images directly inside folders named, and the files glob patterns match.
-
-    Returns (files in order, each once; one error entry per argument that names nothing).
-    """
-    files: list[Path] = []
-    errors: list[SubmittedFile] = []
-    for arg in map(str, paths):
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                errors.append(SubmittedFile(arg, None, "error", error=f"{arg}: no images in this folder"))
-        elif path.exists():
-            found = [path]
-        elif glob.has_magic(arg):
-            found = sorted(Path(p) for p in glob.glob(arg) if Path(p).is_file())
-            if not found:
-                errors.append(SubmittedFile(arg, None, "error", error=f"{arg}: no files match"))
-        else:
-            found = []
-            errors.append(SubmittedFile(arg, None, "error", error=f"{arg}: no such file"))
-        files.extend(found)
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        if (key := f.resolve()) not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique, errors
+    """core.inputs.expand_inputs in submit()'s terms: (files, one error entry per refused argument or file)."""
+    inputs = expand_inputs(paths)
+    return list(inputs.files), [_refused(r) for r in inputs.refused]
 
 
-def model_identity(settings: Settings) -> tuple[str, str]:
-    """(model version, pipeline parameters key) that a worker with these settings gives its results."""
-    if settings.model == REGISTRY_MODEL:  # the promoted version now; the shipped model when none is
-        db = connect(settings.database_url)
-        try:
-            model = promoted(db)
-        finally:
-            db.dispose()
-        if model is not None:
-            return model.version, pipeline_config(settings).key()
-    _, info = load_checkpoint(
-        Path(settings.model) if settings.model not in ("", REGISTRY_MODEL) else default_model_path()
-    )
-    return info.version, pipeline_config(settings).key()
+def _refused(refused: Refused) -> SubmittedFile:
+    return SubmittedFile(refused.path, None, "error", error=str(refused))
+
+
+def model_identity(settings: Settings) -> ModelIdentity:
+    """The model and classifier a worker with these settings runs, as its results' keys name them.
+
+    A checkpoint file, a registered version, or "registry" (the promoted version now, fetched and
+    verified; the shipped model when none is). The classifier file is hashed, not loaded."""
+    from blastq.core.runner import model_checkpoint
+
+    path = model_checkpoint(settings, settings.model) if settings.model else None
+    _, info = load_checkpoint(path or default_model_path())
+    return ModelIdentity.of(info, classifier_file_sha256(settings.classifier))
+
+
+def result_key_of(settings: Settings, model: ModelIdentity, path: str | Path, mpp: float | None) -> str:
+    """The key a worker with these settings gives the file's result (core.resultkey: the same function)."""
+    return file_result_key(path, mpp, pipeline_config(settings), model, whole_slide_config(settings))
 
 
 def send_job(app: BlastqCelery, job_id: str) -> None:
@@ -130,6 +120,7 @@ def submit(
     force: bool = False,
     mpp: float | None = None,
     app: BlastqCelery | None = None,
+    sample: str | None = None,
 ) -> SubmitOutcome:
     """Upload each file, write its job row, then queue it; a file with a result already is not queued.
 
@@ -137,40 +128,45 @@ def submit(
     cannot be read is an error entry in the outcome, and the others go on. A job whose message the
     broker did not take stays queued, with the error in the outcome: `requeue` sends it later.
     `batch_id`: add the jobs to this existing batch (the watcher keeps one batch per run).
+    `sample`: the files are images of this sample; each result joins its pool as its job succeeds.
     """
-    if mpp is not None and not USER_MPP_RANGE[0] <= mpp <= USER_MPP_RANGE[1]:
-        lo, hi = USER_MPP_RANGE
-        raise InvalidConfig(f"mpp={mpp} is not a plausible pixel size (expected {lo}..{hi} um/px)")
-    files, entries = expand_paths(paths)
-    if not files:
-        return SubmitOutcome(None, tuple(entries))
-    model_version, params_key = model_identity(settings)
+    check_user_mpp(mpp)
+    if sample is not None:
+        check_sample_name(sample)
+    inputs = expand_inputs(paths)
+    entries = [_refused(r) for r in inputs.refused]
+    skipped = inputs.skipped_line()
+    if not inputs.files:
+        return SubmitOutcome(None, tuple(entries), skipped)
+    check_local_folders(settings, engine=False, queue=True)  # a read-only data dir, named as such
+    model = model_identity(settings)
     store = store_from_settings(settings)
     own_app = app is None
     app = make_app(settings) if own_app else app
     db = connect(settings.database_url)
     try:
-        if batch_id is None:
-            batch_id = create_batch(db, batch_name or f"submit {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
-        elif batch_status(db, batch_id) is None:
+        if batch_id is not None and batch_status(db, batch_id) is None:
             raise InvalidConfig(f"no batch {batch_id}")
-        for path in files:
+        sample_id = None
+        if sample is not None:
+            rule = (settings.blast_threshold_percent, settings.min_white_cells)
+            sample_id = ensure_sample(db, sample, *rule)
+        for path in inputs.files:
             try:
+                # The worker's own header checks, here: a file it would refuse is never queued.
+                check_image_header(path, max_pixels=settings.max_pixels)
                 sha256 = file_sha256(path)  # streamed: a whole-slide scan is gigabytes
+                # Read from the header (the scale from metadata): the worker's key for the same inputs.
+                key = result_key_of(settings, model, path, mpp)
             except InvalidSlide as exc:
                 entries.append(SubmittedFile(str(path), None, "error", error=str(exc)))
                 continue
             suffix = path.suffix.lower()
             input_key = f"inputs/{sha256}{suffix if suffix[1:].isalnum() else '.bin'}"
             store.put_file(input_key, path, CONTENT_TYPES.get(suffix, "application/octet-stream"))
-            # A whole slide's result is keyed by the chunking too (core.wholeslide); the worker decides
-            # the same way, from the file.
-            key = (
-                whole_slide_key(params_key, whole_slide_config(settings))
-                if is_whole_slide(path)
-                else params_key
-            )
-            existing = None if force else find_result(db, sha256, model_version, key)
+            existing = None if force else find_result(db, sha256, model.version, key)
+            if batch_id is None:  # made with its first job: a submit that takes no file leaves no batch
+                batch_id = create_batch(db, batch_name or f"submit {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
             job = create_job(
                 db,
                 batch_id=batch_id,
@@ -179,15 +175,21 @@ def submit(
                 sha256=sha256,
                 mpp=mpp,
                 params_key=key,
+                sample_id=sample_id,
             )
             if existing is not None:
+                if sample_id is not None:
+                    add_to_sample(db, sample_id, existing)
                 finish_job(db, job.id, existing)
                 entries.append(SubmittedFile(str(path), job.id, "succeeded", reused_result_id=existing))
                 continue
             try:
                 send_job(app, job.id)
             except Exception as exc:  # noqa: BLE001 - the row is there; `blastq requeue` sends it later
-                error = f"{path}: queued, but the broker did not take it ({type(exc).__name__}: {exc})"
+                error = hide_secrets(
+                    f"{path}: queued, but the broker did not take it ({type(exc).__name__}: {exc})",
+                    settings.broker_url,
+                )
                 entries.append(SubmittedFile(str(path), job.id, "queued", error=" ".join(error.split())))
                 continue
             entries.append(SubmittedFile(str(path), job.id, "queued"))
@@ -195,7 +197,7 @@ def submit(
         db.dispose()
         if own_app:
             app.close()
-    return SubmitOutcome(batch_id, tuple(entries))
+    return SubmitOutcome(batch_id, tuple(entries), skipped)
 
 
 def wait_for_batch(
@@ -203,10 +205,20 @@ def wait_for_batch(
     batch_id: str,
     timeout_s: float | None = None,
     progress: Callable[[BatchStatus], None] | None = None,
+    *,
+    no_worker_after_s: float | None = None,
+    workers: Callable[[], list[str] | None] | None = None,
 ) -> BatchStatus:
-    """Poll the batch until none of its jobs is queued or running; TimeoutError after `timeout_s`."""
+    """Poll the batch until none of its jobs is queued or running; TimeoutError after `timeout_s`.
+
+    `no_worker_after_s`: each time the batch has sat that long with jobs queued, none running and no
+    count changing, ask which workers take jobs from the slides queue (`workers`; by default the
+    broker, worker.celery_app.workers_on_queue) and raise NoWorker when none does. The jobs stay queued.
+    """
     db = connect(settings.database_url)
+    app = None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    counts, still_since = None, time.monotonic()
     try:
         while True:
             status = batch_status(db, batch_id)
@@ -216,14 +228,36 @@ def wait_for_batch(
                 progress(status)
             if status.finished:
                 return status
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise TimeoutError(
                     f"batch {batch_id} not finished after {timeout_s}s: "
                     f"{status.queued} queued, {status.running} running"
                 )
+            if (status.queued, status.running, status.succeeded, status.failed) != counts:
+                counts, still_since = (status.queued, status.running, status.succeeded, status.failed), now
+            elif (
+                no_worker_after_s is not None
+                and not status.running
+                and now - still_since >= no_worker_after_s
+            ):
+                still_since = now  # asked again after as long, should the worker found be busy elsewhere
+                if workers is None:
+                    app = app or make_app(settings)
+                    names = workers_on_queue(app, SLIDES_QUEUE)
+                else:
+                    names = workers()
+                if names == []:
+                    raise NoWorker(
+                        f"batch {batch_id}: {status.queued} job(s) queued for {no_worker_after_s:g}s and no "
+                        f"worker takes jobs from the {SLIDES_QUEUE!r} queue: start one with `blastq worker` "
+                        f"(the jobs stay queued; follow them with `blastq status --batch {batch_id}`)"
+                    )
             time.sleep(POLL_S)
     finally:
         db.dispose()
+        if app is not None:
+            app.close()
 
 
 def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None = None) -> list[str]:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePath
 
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
 from blastq.core.artifacts import render_artifacts, summary_dict
-from blastq.core.db import claim_job, fail_job, finish_job, record_result
+from blastq.core.db import add_to_sample, claim_job, fail_job, finish_job, record_result
 from blastq.core.errors import BlastqError, TransientError
 from blastq.core.pipeline import process_slide
 from blastq.core.runner import store_files
@@ -63,8 +65,12 @@ def run_job(task: Task, job_id: str) -> str | None:
             return None
         store = resources.store()
         # The input is streamed to a file (a whole-slide scan is gigabytes), never held as bytes first.
-        with tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp:
-            path = Path(tmp) / (PurePath(job.filename).name or "slide")
+        copy = PurePath(job.filename).name or "slide"
+        with (
+            tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp,
+            _naming(job.filename, Path(tmp) / copy),
+        ):
+            path = Path(tmp) / copy
             try:
                 store.get_file(job.input_key, path)
             except FileNotFoundError:
@@ -73,7 +79,7 @@ def run_job(task: Task, job_id: str) -> str | None:
             loaded = resources.engine()
             if is_whole_slide(path):
                 result_id = _run_whole_slide(db, store, loaded, job, path, whole_slide_config(settings))
-                finish_job(db, job_id, result_id)
+                _finish(db, job, result_id)
                 log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
                 return "succeeded"
             data = path.read_bytes()
@@ -83,7 +89,7 @@ def run_job(task: Task, job_id: str) -> str | None:
         for artifact in render_artifacts(result, slide.rgb):
             store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)
         result_id = record_result(db, summary_dict(result), result.maps.cells, prefix)
-        finish_job(db, job_id, result_id)
+        _finish(db, job, result_id)
         log.info("job %s: %s succeeded (result %s)", job_id, job.filename, result_id)
         return "succeeded"
     except TransientError as exc:
@@ -121,6 +127,32 @@ def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) 
     prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
     store_files(store, prefix, result.files)
     return record_result(db, summary_dict(result), result.cells, prefix)
+
+
+def _finish(db, job, result_id: int) -> None:
+    """The job succeeded: its result joins its sample first (pooled again from the recorded results,
+    so the pool is right whichever of the sample's images finishes last), then the job is marked."""
+    if job.sample_id is not None:
+        add_to_sample(db, job.sample_id, result_id)
+    finish_job(db, job.id, result_id)
+
+
+@contextmanager
+def _naming(filename: str, copy: Path) -> Iterator[None]:
+    """An error raised about the worker's temporary copy names the submitted file instead."""
+    try:
+        yield
+    except Exception as exc:
+
+        def renamed(value):
+            if not isinstance(value, str):
+                return value
+            return value.replace(str(copy), filename).replace(str(copy.parent), "(worker scratch folder)")
+
+        exc.args = tuple(renamed(a) for a in exc.args)
+        if isinstance(exc, OSError):
+            exc.filename, exc.filename2 = renamed(exc.filename), renamed(exc.filename2)
+        raise
 
 
 def _fail(resources, job_id: str, reason: str) -> None:

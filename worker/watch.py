@@ -7,6 +7,9 @@ version (root, relpath, size, mtime_ns) is claimed by inserting its row in the d
 unique key is the claim, so two watchers on one folder, or a watcher and its restarted self, submit it
 once. A file rewritten later is a new version and is submitted again. Submission is `blastq submit`'s
 own function, so uploads, job rows and reuse of existing results are the same.
+
+With `samples`, each sub-folder is a sample (one patient): the images in WATCHED/<name>/ are submitted
+as images of sample <name>, whose cells are pooled into one verdict as their jobs succeed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from blastq.core.db import (
 )
 from blastq.core.errors import BlastqError, InvalidConfig, ModelNotFound, TransientError
 from blastq.core.settings import Settings
+from blastq.core.stats import check_sample_name
 from blastq.worker.celery_app import BlastqCelery, make_app
 from blastq.worker.submit import IMAGE_SUFFIXES, SubmitOutcome, SubmittedFile, send_job, submit
 
@@ -165,6 +169,8 @@ class Watcher:
     `clock` (monotonic seconds) times the settling; `sleep` waits between scans in `run()` (by
     default it wakes at once when `stop` is set); `submit_files` is `blastq submit`'s function and
     `app` the Celery app it sends with (by default one made from `settings`, closed by `close()`).
+    `samples`: the first-level sub-folders are entered, and their images submitted as one sample each
+    (named after the sub-folder; deeper folders too with `recursive`, in their top folder's sample).
     """
 
     def __init__(
@@ -179,6 +185,7 @@ class Watcher:
         stop: threading.Event | None = None,
         submit_files: SubmitFiles = submit,
         app: BlastqCelery | None = None,
+        samples: bool = False,
     ):
         folder = Path(root).expanduser()
         if not folder.is_dir():
@@ -190,6 +197,7 @@ class Watcher:
         self.batch_name = batch_name
         self._batch_id: str | None = None
         self.recursive = recursive
+        self.samples = samples
         self.clock = clock
         self.stop = stop or threading.Event()
         self._sleep = sleep or self.stop.wait
@@ -311,7 +319,8 @@ class Watcher:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if self.recursive and not entry.name.startswith("."):
+                    enter = self.recursive or (self.samples and folder == self.root)
+                    if enter and not entry.name.startswith(".") and self._sample_folder_ok(folder, relpath):
                         self._list_folder(Path(entry.path), relpath + "/", found)
                     continue
                 if not is_candidate(entry.name):
@@ -416,14 +425,29 @@ class Watcher:
         except TransientError:
             self._orphans.extend(claims)
             raise
-        if claims:
-            self._submit_claims(db, claims, events)
+        groups: dict[str | None, list[_Claim]] = {}  # one submit() per sample
+        for claim in claims:
+            groups.setdefault(self._sample_of(claim.relpath), []).append(claim)
+        for i, group in enumerate(groups.values()):
+            try:
+                self._submit_claims(db, group, events)
+            except Exception:  # what _submit_claims lets out: the other groups' claims stay to settle
+                self._orphans.extend(c for later in list(groups.values())[i + 1 :] for c in later)
+                raise
 
     def _submit_claims(self, db, claims: list[_Claim], events: list[WatchEvent]) -> None:
         paths = [self._path(c.relpath) for c in claims]
+        sample = self._sample_of(claims[0].relpath)
+        # Passed only when set: submit_files may be a wrapper with submit()'s older signature.
+        extra = {"sample": sample} if sample is not None else {}
         try:
             outcome = self._submit_files(
-                self.settings, paths, batch_name=self._batch_name(), batch_id=self._batch_id, app=self._app()
+                self.settings,
+                paths,
+                batch_name=self._batch_name(),
+                batch_id=self._batch_id,
+                app=self._app(),
+                **extra,
             )
         except (ModelNotFound, InvalidConfig):  # no file can be submitted: stop, and say why
             self._orphans.extend(claims)
@@ -549,6 +573,21 @@ class Watcher:
 
     def _path(self, relpath: str) -> str:
         return str(self.root / relpath)
+
+    def _sample_of(self, relpath: str) -> str | None:
+        """The sample of a file: its top sub-folder's name (with `samples`), else none."""
+        return relpath.split("/", 1)[0] if self.samples and "/" in relpath else None
+
+    def _sample_folder_ok(self, folder: Path, relpath: str) -> bool:
+        """A top sub-folder entered as a sample needs a name a sample can have."""
+        if not self.samples or folder != self.root:
+            return True
+        try:
+            check_sample_name(relpath)
+        except InvalidConfig as exc:
+            self._skip_once(relpath, str(exc))
+            return False
+        return True
 
     def _batch_name(self) -> str:
         if self.batch_name:

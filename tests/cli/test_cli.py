@@ -37,15 +37,106 @@ def smears(tmp_path_factory) -> Path:
     return out
 
 
-def test_synth_writes_image_and_truth_files(smears):
-    names = sorted(p.name for p in smears.iterdir())
-    assert names[:4] == [
+def test_synth_writes_images_and_keeps_their_truth_in_a_sub_folder(smears):
+    assert sorted(p.name for p in smears.iterdir()) == ["synth_00040.png", "synth_00041.png", "truth"]
+    assert sorted(p.name for p in (smears / "truth").iterdir())[:3] == [
         "synth_00040.instances.tif",
         "synth_00040.mask.png",
         "synth_00040.nuclei.png",
-        "synth_00040.png",
     ]
-    assert len(names) == 8
+    assert len(list((smears / "truth").iterdir())) == 6
+
+
+def test_run_takes_folders_and_globs_as_submit_does_smears_only(cli, smears, tmp_path):
+    old = tmp_path / "old"  # a folder of an older `blastq synth`: truth beside the image
+    old.mkdir()
+    shutil.copy(smears / "synth_00040.png", old / "field.png")
+    for suffix in (".mask.png", ".nuclei.png"):
+        shutil.copy(smears / "truth" / f"synth_00040{suffix}", old / f"field{suffix}")
+    result = cli("run", smears, str(old / "*.png"), "--mpp", "0.2", "--no-record")
+    assert result.exit_code == 0, result.output
+    scored = [line.split(":")[0] for line in result.output.splitlines() if "white cells" in line]
+    assert scored == [
+        str(smears / "synth_00040.png"),
+        str(smears / "synth_00041.png"),
+        str(old / "field.png"),
+    ]
+    assert "skipped 2 synthetic truth file(s) (field.mask.png, field.nuclei.png): not smears" in result.output
+
+
+def test_a_result_folder_given_back_to_run_is_skipped_and_said(cli, smears, tmp_path):
+    out = tmp_path / "r"
+    assert cli("run", smears / "synth_00040.png", "--out", out, "--mpp", "0.2", "--no-record").exit_code == 0
+    result = cli("run", out / "synth_00040", "--mpp", "0.2", "--no-record")
+    assert result.exit_code == 1
+    assert "blastq output file(s)" in result.output and "no images in this folder" in result.output
+    assert "white cells" not in result.output
+
+
+def test_output_folders_stay_inside_out_whatever_the_image_name(cli, smears, tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(smears / "synth_00040.png", images / "...png")
+    out = tmp_path / "nested" / "out"
+    result = cli("run", images / "...png", "--out", out, "--mpp", "0.2", "--no-record")
+    assert result.exit_code == 0, result.output
+    assert (out / "image" / "summary.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # nothing written beside OUT
+
+
+def test_a_folder_with_a_pipe_and_a_device_link_fails_those_lines_and_runs_the_rest(cli, smears, tmp_path):
+    import os
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(smears / "synth_00040.png", folder / "a.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    result = cli("run", folder, "--mpp", "0.2", "--no-record")
+    assert result.exit_code == 1
+    failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2 and any("named pipe" in f for f in failed) and any("outside" in f for f in failed)
+    assert "a.png: " in result.output and "2 of 3 image(s) failed" in result.output
+
+
+def test_what_can_be_checked_fails_before_the_model_loads(cli, smears, tmp_path, monkeypatch):
+    from blastq.core.runner import LocalRunner
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(LocalRunner, "from_settings", no_model)
+    image = smears / "synth_00040.png"
+    result = cli("run", image, "--mpp", "-1")
+    assert result.exit_code == 2 and "mpp=-1.0 is not a plausible pixel size" in result.output
+    (tmp_path / "file").write_text("not a folder")
+    result = cli("run", image, "--out", tmp_path / "file" / "out")
+    assert result.exit_code == 2
+    assert f"the output folder (--out) {tmp_path}/file/out is not writable" in result.output
+    monkeypatch.setenv("BLASTQ_DATA_DIR", str(tmp_path / "file" / "data"))
+    result = cli("run", image, "--mpp", "0.2")
+    assert result.exit_code == 2 and "the database folder" in result.output
+    assert "file/data is not writable" in result.output and "not reachable" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_config_never_shows_a_password_whatever_its_characters(cli, monkeypatch):
+    monkeypatch.setenv("BLASTQ_DATABASE_URL", "postgresql://lab:se/cr@t@db/blastq?sslpassword=k3y")
+    monkeypatch.setenv("BLASTQ_BROKER_URL", "redis://:hu/nt@er2@q:6379/0")
+    shown = cli("config").output
+    for secret in ("se/cr@t", "cr@t", "k3y", "hu/nt@er2", "er2"):
+        assert secret not in shown
+    assert "postgresql://lab:***@db/blastq?sslpassword=***" in shown and "redis://:***@q:6379/0" in shown
+
+
+def test_a_module_of_a_missing_extra_is_one_line_naming_the_extra(cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if `blastq[service]` were not installed
+    monkeypatch.setenv("BLASTQ_DATABASE_URL", "postgresql+psycopg://lab@127.0.0.1/blastq")
+    result = cli("status")
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "blastq: error: this needs psycopg, which is not installed: pip install 'blastq[service]'"
+    )
 
 
 def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_path):
@@ -195,6 +286,19 @@ def test_the_console_script_is_installed_and_teaches():
     exe = Path(sys.executable).with_name("blastq")
     out = subprocess.run([str(exe), "run", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--mpp" in out and "--out" in out
+
+
+def test_python_m_blastq_and_version_work():
+    for command in (
+        [sys.executable, "-m", "blastq", "--version"],
+        [str(Path(sys.executable).with_name("blastq")), "--version"],
+    ):
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd="/").stdout
+        assert out.startswith("blastq, version ")
+    out = subprocess.run(
+        [sys.executable, "-m", "blastq", "run", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--mpp" in out and "Usage: blastq run" in out
 
 
 def test_png_overlay_is_a_viewable_image(cli, smears, tmp_path):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from blastq.core.artifacts import ARTIFACT_NAMES, render_artifacts
+from blastq.core.artifacts import ARTIFACT_NAMES, render_artifacts, report_html, sample_artifacts
 from blastq.core.cells import CELL_COLUMNS
 from blastq.core.pipeline import process_slide
 from blastq.core.slide import Slide
+from blastq.core.stats import SampleImage, sample_result, slide_stats
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +106,43 @@ def test_report_page_states_the_verdict_and_lists_every_cell(rendered):
     differential = summary.pop("differential")  # its own table, one row per type plus a header
     expected = len(result.maps.cells) + 1 + len(summary) + (len(differential) + 1 if differential else 0)
     assert page.count("<tr>") == expected
+
+
+def test_summary_and_report_give_the_verdict_and_no_verdict_on_too_few_cells(rendered, smear):
+    result, files = rendered
+    summary = json.loads(files["summary.json"])
+    assert summary["verdict"] == result.stats.verdict and summary["min_white_cells"] == 100
+    few = dataclasses.replace(
+        result, stats=slide_stats(result.maps.cells[:3], min_white_cells=100)
+    )  # a crop of three cells: "100% blasts FLAGGED" before
+    page = report_html(few, smear.image).decode()
+    assert "insufficient cells (3 &lt; 100)" in page and "% blasts" not in page
+    assert "#080" not in page  # not the green of a clear slide
+    assert (
+        json.loads(dict((a.name, a.data) for a in render_artifacts(few, smear.image))["summary.json"])[
+            "verdict"
+        ]
+        == "insufficient cells"
+    )
+
+
+def test_a_samples_summary_and_report_pool_its_images():
+    from blastq.core.cells import CellRecord
+
+    cell = CellRecord(1, "white_cell", 0, 0, 0, 0, 1, 1, 1, 0.04, 0.8, 1.0, 1, 0.04, 1.0, 0, 0, 0, 0.1)
+    blast = dataclasses.replace(cell, label="blast")
+    images = [
+        SampleImage("a.png", "a" * 64, slide_stats([cell] * 45 + [blast] * 15), 1),
+        SampleImage("b <1>.png", "b" * 64, slide_stats([cell] * 30 + [blast] * 10), 2),
+    ]
+    sample = sample_result("P<7>", images, pending=1)
+    files = {a.name: a.data for a in sample_artifacts(sample)}
+    summary = json.loads(files["summary.json"])
+    assert (summary["sample"], summary["images"], summary["pending"]) == ("P<7>", 2, 1)
+    assert (summary["white_cells"], summary["blasts"], summary["blast_percent"]) == (100, 25, 25.0)
+    assert (
+        summary["verdict"] == "flagged"
+        and [m["verdict"] for m in summary["members"]] == ["insufficient cells"] * 2
+    )
+    page = files["report.html"].decode()
+    assert "Sample P&lt;7&gt;" in page and "b &lt;1&gt;.png" in page and "1 image(s) still pending" in page

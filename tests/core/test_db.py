@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from legacy import COLUMNS_OF_0004
+from legacy import COLUMNS_OF_0004, COLUMNS_OF_0005
 from services import PG_URL, pg_schema
 from sqlalchemy import create_engine, event, func, make_url, select, text, update
 from sqlalchemy.orm import Session
@@ -24,18 +24,22 @@ from blastq.core.db import (
     CellRow,
     JobRow,
     ResultRow,
+    add_to_sample,
     batch_status,
     claim_job,
     connect,
     create_batch,
     create_job,
     current_revision,
+    ensure_sample,
     fail_job,
     find_result,
     finish_job,
+    get_sample,
     head_revision,
     job_status,
     list_results,
+    list_samples,
     record_result,
     stale_jobs,
     upgrade,
@@ -65,7 +69,7 @@ def summary(sha: str, blasts: int = 1) -> dict:
         "sha256": sha, "model_version": "v1", "params_key": "k1", "image": "a.png", "width": 64, "height": 64,
         "mpp": 0.2, "mpp_source": "user", "white_cells": 2, "blasts": blasts, "blast_percent": 50.0 * blasts,
         "flagged": True, "threshold_percent": 20.0, "seconds": 0.5, "review_cells": 0,
-        "differential": {}, "classifier_version": "",
+        "differential": {}, "classifier_version": "", "verdict": "flagged", "min_white_cells": 1,
     }  # fmt: skip
 
 
@@ -179,9 +183,10 @@ def test_a_sqlite_database_from_before_migrations_keeps_its_results(tmp_path):
     old = create_engine(url)
     Base.metadata.create_all(old, tables=[ResultRow.__table__, CellRow.__table__])
     with old.begin() as c:
-        for table, column in COLUMNS_OF_0004:
+        older = [*COLUMNS_OF_0004, *COLUMNS_OF_0005]
+        for table, column in older:
             c.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-        columns = [k for k in summary("a" * 64) if ("results", k) not in COLUMNS_OF_0004]
+        columns = [k for k in summary("a" * 64) if ("results", k) not in older]
         c.execute(
             text(f"INSERT INTO results ({', '.join(columns)}, store_prefix, created_at) "
                  f"VALUES ({', '.join(':' + k for k in columns)}, 'slides/a', '2026-01-01 00:00:00')"),
@@ -193,6 +198,8 @@ def test_a_sqlite_database_from_before_migrations_keeps_its_results(tmp_path):
     assert find_result(engine, "a" * 64, "v1", "k1") == rid
     [kept] = list_results(engine)
     assert (kept.differential, kept.review_cells, kept.classifier_version) == ({}, 0, "")
+    # Judged again by the default minimum: 2 white cells give no verdict, and no flag.
+    assert (kept.verdict, kept.min_white_cells, kept.flagged) == ("insufficient cells", 100, False)
     assert new_job(engine).state == "queued"
     engine.dispose()
 
@@ -337,3 +344,139 @@ def test_stale_jobs_finds_a_running_job_not_updated_for_a_while(engine):
     assert stuck.id in found and fresh.id not in found and finished.id not in found
     assert found[stuck.id].state == "running"
     assert abs(found[stuck.id].updated_at - long_ago) < timedelta(seconds=1)
+
+
+# --- verdicts, replaced results, review reasons --------------------------------------------------
+
+
+def test_the_verdict_and_its_minimum_are_stored_and_listed(engine):
+    sha = uuid.uuid4().hex
+    values = {**summary(sha), "verdict": "insufficient cells", "flagged": False, "min_white_cells": 100}
+    record_result(engine, values, [CELL], "slides/v")
+    [row] = [r for r in list_results(engine) if r.sha256 == sha]
+    assert (row.verdict, row.min_white_cells, row.flagged) == ("insufficient cells", 100, False)
+
+
+def test_a_replaced_result_shows_when_it_was_computed_again(engine):
+    sha = uuid.uuid4().hex
+    rid = record_result(engine, summary(sha), [CELL], "slides/r")
+    [first] = [r for r in list_results(engine) if r.id == rid]
+    assert record_result(engine, summary(sha, blasts=2), [CELL], "slides/r") == rid
+    [again] = [r for r in list_results(engine) if r.id == rid]
+    assert again.created_at > first.created_at and again.blasts == 2
+
+
+def test_a_cells_review_reason_is_stored_and_plain_records_have_none(engine):
+    reviewed = dataclasses.replace(CELL, review=True, review_reason="measuring failed: ValueError")
+    plain = dataclasses.replace(CELL, cell_id=2)
+    rid = record_result(engine, summary(uuid.uuid4().hex), [reviewed, plain], "slides/c")
+    with Session(engine) as s:
+        reasons = dict(
+            s.execute(select(CellRow.cell_id, CellRow.review_reason).where(CellRow.result_id == rid)).all()
+        )
+    assert reasons == {1: "measuring failed: ValueError", 2: None}
+
+
+# --- samples -------------------------------------------------------------------------------------
+
+
+def recorded(engine, white: int, blasts: int, sha=None, key="k1", typed=True) -> int:
+    sha = sha or uuid.uuid4().hex
+    differential = {}
+    if typed:
+        differential = {
+            "neutrophil": {"count": white - blasts, "percent": 0.0},
+            "blast": {"count": blasts, "percent": 0.0},
+        }
+    values = {
+        **summary(sha), "params_key": key, "image": f"{sha[:6]}.png", "white_cells": white, "blasts": blasts,
+        "blast_percent": round(100 * blasts / white, 2), "verdict": "insufficient cells", "flagged": False,
+        "min_white_cells": 100, "differential": differential,
+    }  # fmt: skip
+    return record_result(engine, values, [], "slides/s")
+
+
+def test_a_sample_pools_its_images_from_their_rows_whatever_the_order(engine):
+    ids = [recorded(engine, 40, 4), recorded(engine, 40, 16), recorded(engine, 40, 10)]
+    figures = []
+    for order in (ids, ids[::-1]):
+        sample = ensure_sample(engine, f"P-{uuid.uuid4().hex[:8]}", 20.0, 100)
+        for rid in order:
+            pooled = add_to_sample(engine, sample, rid)
+        figures.append(pooled.stats)
+    assert figures[0] == figures[1]
+    s = figures[0]
+    assert (s.white_cells, s.blasts, s.blast_percent, s.verdict) == (120, 30, 25.0, "flagged")
+    assert s.differential["blast"] == {"count": 30, "percent": 25.0}
+
+
+def test_a_sample_below_the_minimum_has_no_verdict_until_enough_images_arrive(engine):
+    name = f"P-{uuid.uuid4().hex[:8]}"
+    sample = ensure_sample(engine, name, 20.0, 100)
+    assert add_to_sample(engine, sample, recorded(engine, 60, 0)).stats.verdict == "insufficient cells"
+    assert add_to_sample(engine, sample, recorded(engine, 60, 6)).stats.verdict == "not flagged"
+    stored = get_sample(engine, name)
+    assert (len(stored.images), stored.stats.white_cells, stored.stats.verdict) == (2, 120, "not flagged")
+    assert {r.id for r in list_results(engine, sample=name)} == {i.result_id for i in stored.images}
+    assert name in {s.name for s in list_samples(engine)}
+
+
+def test_one_content_counts_once_in_a_sample_with_its_newest_result(engine):
+    name, sha = f"P-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    sample = ensure_sample(engine, name, 20.0, 100)
+    add_to_sample(engine, sample, recorded(engine, 100, 10, sha=sha, key="mpp-0.08"))
+    pooled = add_to_sample(engine, sample, recorded(engine, 120, 60, sha=sha, key="mpp-0.1"))
+    assert (len(pooled.images), pooled.stats.white_cells, pooled.stats.verdict) == (1, 120, "flagged")
+
+
+def test_a_changed_rule_judges_the_sample_again(engine):
+    name = f"P-{uuid.uuid4().hex[:8]}"
+    sample = ensure_sample(engine, name, 20.0, 100)
+    add_to_sample(engine, sample, recorded(engine, 50, 5))
+    assert get_sample(engine, name).stats.verdict == "insufficient cells"
+    assert ensure_sample(engine, name, 20.0, 50) == sample
+    assert get_sample(engine, name).stats.verdict == "not flagged"
+
+
+def test_a_samples_pending_and_failed_images_are_counted_apart_from_the_pool(engine):
+    name = f"P-{uuid.uuid4().hex[:8]}"
+    sample = ensure_sample(engine, name, 20.0, 100)
+    jobs = [
+        create_job(
+            engine, batch_id=None, filename=f"f{i}.png", input_key=f"inputs/{i}", sha256=uuid.uuid4().hex,
+            mpp=None, params_key="k1", sample_id=sample,
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    fail_job(engine, jobs[0].id, "bad")
+    rid = recorded(engine, 120, 0, sha=jobs[1].sha256)
+    add_to_sample(engine, sample, rid)
+    finish_job(engine, jobs[1].id, rid)
+    found = get_sample(engine, name)
+    assert (len(found.images), found.pending, found.failed) == (1, 1, 1)
+    assert job_status(engine, jobs[2].id).sample_id == sample
+
+
+def test_workers_adding_a_samples_images_at_once_leave_every_image_in_the_pool(engine):
+    # Each worker records its image and adds it; without the sample row's lock a worker pools
+    # without the other's image and the last write wins.
+    name = f"P-{uuid.uuid4().hex[:8]}"
+    sample = ensure_sample(engine, name, 20.0, 100)
+    n = 8
+    ids = [recorded(engine, 20, 5) for _ in range(n)]
+    start = threading.Barrier(n)
+
+    def add(rid: int):
+        start.wait()
+        return add_to_sample(engine, sample, rid)
+
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(add, ids))
+    found = get_sample(engine, name)
+    assert (len(found.images), found.stats.white_cells, found.stats.blasts) == (n, 20 * n, 5 * n)
+    assert found.stats.verdict == "flagged"
+    with Session(engine) as s:
+        row = s.execute(
+            text("SELECT images, white_cells, verdict FROM samples WHERE id = :i"), {"i": sample}
+        ).one()
+    assert tuple(row) == (n, 20 * n, "flagged")

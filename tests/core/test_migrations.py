@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from legacy import COLUMNS_OF_0004
+from legacy import COLUMNS_OF_0004, COLUMNS_OF_0005
 from services import pg_schema
 from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
@@ -21,7 +21,7 @@ from blastq.core.db import (
     upgrade,
 )
 
-TABLES = {"batches", "jobs", "results", "cells", "watch_ledger"}
+TABLES = {"batches", "jobs", "results", "cells", "watch_ledger", "samples", "sample_results"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -76,7 +76,7 @@ def test_a_database_from_before_migrations_is_adopted_as_it_is(empty_url):
     engine = create_engine(empty_url, poolclass=NullPool)
     legacy.create_all(engine)
     with engine.begin() as c:
-        for table, column in COLUMNS_OF_0004:  # added later, by revision 0004
+        for table, column in [*COLUMNS_OF_0004, *COLUMNS_OF_0005]:  # added later, by 0004 and 0005
             c.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
         c.execute(
             text(
@@ -98,4 +98,4 @@ def test_a_database_from_before_migrations_is_adopted_as_it_is(empty_url):
 def test_the_migrations_folder_ships_its_environment_and_one_initial_revision():
     folder = migrations_dir()
     assert (folder / "env.py").is_file() and (folder / "script.py.mako").is_file()
-    assert head_revision() == "0004"
+    assert head_revision() == "0005"

@@ -291,3 +291,13 @@ def test_resample_to_shape_restores_the_input_size() -> None:
 def test_resample_refuses_nonpositive_mpp() -> None:
     with pytest.raises(InvalidConfig):
         resample(np.zeros((4, 4, 3), np.uint8), 0.0, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [(0.2, 0.2), (0.201, 0.2), (0.5, 0.2), (0.1, 0.2), (5.0, 0.2), (0.07, 0.33)]
+)
+def test_resampled_shape_is_what_resample_gives_without_resizing(src: float, dst: float) -> None:
+    from blastq.core.preprocess import resampled_shape
+
+    rgb = np.zeros((37, 53, 3), np.uint8)
+    assert resampled_shape(37, 53, src, dst) == resample(rgb, src, dst).shape[:2]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from blastq.core.errors import InvalidConfig
-from blastq.core.settings import load_settings, mask_secret
+from blastq.core.settings import hide_secrets, load_settings, mask_secret
 
 
 def test_embedded_defaults_live_under_the_data_dir(tmp_path):
@@ -70,3 +70,51 @@ def test_whole_slide_chunking_comes_from_the_settings(tmp_path):
         whole_slide_config(load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "10"}))
     with pytest.raises(InvalidConfig, match="BLASTQ_WSI_CHUNK_PX|wsi_chunk_px"):
         load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "big"})
+
+
+@pytest.mark.parametrize(
+    "url,secret,shown",
+    [
+        ("postgresql://lab:s3cret@db:5432/blastq", "s3cret", "postgresql://lab:***@db:5432/blastq"),
+        ("postgresql://lab:se/cr/et@db/blastq", "se/cr/et", "postgresql://lab:***@db/blastq"),
+        (
+            "postgresql+psycopg://lab:p@ss:w@rd@db/blastq",
+            "p@ss:w@rd",
+            "postgresql+psycopg://lab:***@db/blastq",
+        ),
+        ("postgresql://lab@db/blastq?password=s3cret&sslmode=require", "s3cret", "?password=***&sslmode"),
+        ("postgresql://db/blastq?sslmode=require&pwd=s3cret", "s3cret", "&pwd=***"),
+        ("postgresql://db/blastq?pass=s3cret", "s3cret", "?pass=***"),
+        ("redis://q:6379/0?token=t0ken&secret=s3cret", "t0ken", "?token=***&secret=***"),
+        ("redis://:hunt/er@2@q:6379/0", "hunt/er@2", "redis://:***@q:6379/0"),
+        (
+            "rediss://user:hunter2@q:6380/0?ssl_cert_reqs=required",
+            "hunter2",
+            "rediss://user:***@q:6380/0?ssl",
+        ),
+        ("sentinel://:pw-one@h1:26379;sentinel://:pw-two@h2:26379", "pw-", "@h1:26379;sentinel://:***@h2"),
+    ],
+)
+def test_every_form_of_password_is_masked(url, secret, shown):
+    masked = mask_secret(url)
+    assert secret not in masked and shown in masked
+    settings = load_settings(
+        {"BLASTQ_DATA_DIR": "/tmp/x", "BLASTQ_DATABASE_URL": url, "BLASTQ_BROKER_URL": url}
+    )
+    described = settings.describe()
+    assert secret not in described["database_url"] and secret not in described["broker_url"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379/0", "sqla+sqlite:////data/broker.db", "file:///data/store", "s3://bucket/p"],
+)
+def test_urls_without_a_password_are_shown_whole(url):
+    assert mask_secret(url) == url
+
+
+def test_an_error_message_hides_the_pieces_a_parser_splits_off_a_password():
+    url = "postgresql://lab:p@ss/word@db/blastq"  # a driver reads password "p", host "ss"
+    text = "failed to resolve host 'ss': ... database 'word@db/blastq' ... p@ss/word"
+    hidden = hide_secrets(text, url)
+    assert "'ss'" not in hidden and "word" not in hidden and "p@ss" not in hidden

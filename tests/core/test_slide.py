@@ -195,7 +195,9 @@ def test_grey_alpha_png_is_composited_over_white(tmp_path: Path) -> None:
     ],
 )
 def test_greyscale_becomes_three_equal_channels(tmp_path: Path, name: str, encode) -> None:
-    grey = _gradient_rgb()[:, :, 0]
+    # The many grey levels of a photo: a gradient of 64 levels would be refused as a label mask.
+    y, x = np.mgrid[0:48, 0:64]
+    grey = ((x * 3 + y * 2) % 256).astype(np.uint8)
     slide = read_slide(_write(tmp_path, name, encode(grey)), mpp=0.25)
     assert slide.rgb.shape == (*grey.shape, 3)
     for channel in range(3):
@@ -468,3 +470,185 @@ def test_max_pixels_is_configurable(tmp_path: Path) -> None:
     with pytest.raises(SlideTooLarge, match="small.png"):
         read_slide(path, mpp=0.25, max_pixels=48 * 64 - 1)
     assert read_slide(path, mpp=0.25, max_pixels=48 * 64).rgb.shape == (48, 64, 3)
+
+
+# --- what is no smear photo: refused with its reason, before any model work -------------------------------
+
+
+@pytest.fixture(scope="module")
+def field():
+    from blastq.core.synth import generate_field
+
+    return generate_field(7, 256, 256, mpp=0.2, blast_fraction=0.5)
+
+
+def _label_masks(field) -> dict[str, np.ndarray]:
+    classes = field.classes  # 0/1/2, as `blastq synth` writes NAME.mask.png
+    return {
+        "synth.mask.png": classes,
+        "wbc-style.png": np.choose(classes, [0, 128, 255]).astype(np.uint8),  # segmentation_wbc's encoding
+        "nuclei.png": field.nuclei.astype(np.uint8) * 255,
+        "instances.png": (field.instances * 7 % 256).astype(np.uint8),  # many ids, flat regions
+    }
+
+
+@pytest.mark.parametrize("mpp", [None, 0.2])
+@pytest.mark.parametrize("name", ["synth.mask.png", "wbc-style.png", "nuclei.png", "instances.png"])
+def test_label_masks_are_refused_as_no_smear_with_or_without_mpp(tmp_path, field, name, mpp) -> None:
+    mask = _label_masks(field)[name]
+    path = _write(tmp_path, name, _png_bytes(mask, 0))
+    with pytest.raises(InvalidSlide, match=rf"{name}: not a smear photo: .*(label mask|grey levels)"):
+        read_slide(path, mpp=mpp)
+
+
+def test_real_segmentation_wbc_masks_are_refused(wbc_root: Path) -> None:
+    masks = (
+        sorted((wbc_root / "dataset1").glob("*.png"))[:20]
+        + sorted((wbc_root / "dataset2").glob("*.png"))[:20]
+    )
+    assert len(masks) == 40
+    for path in masks:
+        with pytest.raises(InvalidSlide, match="not a smear photo: only 3 distinct grey levels"):
+            read_slide(path)
+
+
+def test_real_smear_crops_and_synthetic_fields_pass_the_smear_check(wbc_root: Path) -> None:
+    from blastq.core.slide import check_smear
+    from blastq.core.synth import generate_field
+
+    crops = sorted((wbc_root / "dataset1").glob("*.bmp")) + sorted((wbc_root / "dataset2").glob("*.bmp"))
+    assert len(crops) == 400
+    for path in crops:
+        assert read_slide(path, mpp=0.2).mpp_source == "user"
+    for seed, mpp in enumerate((0.05, 0.1, 0.2, 0.5, 1.0, 2.0)):
+        image = generate_field(seed, 256, 256, mpp=mpp).image
+        check_smear(image, f"synth at {mpp}")
+        check_smear(np.ascontiguousarray(image[100:140, 100:140]), f"40 px crop at {mpp}")
+    # A greyscale photo of a smear, with its many grey levels, is a smear too.
+    grey = cv2.cvtColor(generate_field(9, 256, 256, mpp=0.2).image, cv2.COLOR_RGB2GRAY)
+    check_smear(np.repeat(grey[:, :, None], 3, axis=2), "grey photo")
+
+
+@pytest.mark.parametrize(
+    ("name", "rgb", "reason"),
+    [
+        ("black.png", np.zeros((300, 300, 3), np.uint8), "the image is black"),
+        ("white.png", np.full((300, 300, 3), 250, np.uint8), "the image is white"),
+        (
+            "grey-noise.png",
+            np.random.default_rng(1).normal(128, 2, (300, 300, 3)).clip(0, 255).astype(np.uint8),
+            "the image is uniform",
+        ),
+        (
+            "bright-noise.png",
+            np.random.default_rng(2).normal(235, 8, (300, 300, 3)).clip(0, 255).astype(np.uint8),
+            "no stained cells",
+        ),
+    ],
+)
+def test_blank_and_unstained_images_are_refused_naming_the_reason(tmp_path, name, rgb, reason) -> None:
+    path = _write(tmp_path, name, _encode(rgb, ".png"))
+    with pytest.raises(InvalidSlide, match=rf"{name}: not a smear photo: .*{reason}"):
+        read_slide(path, mpp=0.5)
+
+
+def test_all_nan_float_tiff_is_refused_as_having_no_pixel_values(tmp_path) -> None:
+    path = _write(
+        tmp_path, "nan.tif", _tiff_bytes(np.full((64, 64, 3), np.nan, np.float32), photometric="rgb")
+    )
+    with pytest.raises(InvalidSlide, match="nan.tif: no pixel has a value: every sample is NaN"):
+        read_slide(path, mpp=0.25)
+
+
+def _phys(mpp: float) -> bytes:
+    ppm = round(1e6 / mpp)
+    return _png_chunk(b"pHYs", struct.pack(">IIB", ppm, ppm, 1))
+
+
+def test_metadata_scale_no_smear_has_is_refused_naming_it_before_decoding(tmp_path, field) -> None:
+    # 5 um/px would enlarge the image 25 times to the model's 0.2 um/px (6.7 GB for a 2 MP photo).
+    path = _write(tmp_path, "coarse.png", _png_bytes(field.image, 2, _phys(5.0)))
+    with pytest.raises(
+        InvalidSlide, match=r"coarse.png: the pixel size in the PNG pHYs chunk is 5 um/px.*--mpp"
+    ):
+        read_slide(path)
+    fine = _write(
+        tmp_path, "fine.tif", _tiff_bytes(field.image, resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+    )
+    with pytest.raises(InvalidSlide, match=r"fine.tif: .*TIFF resolution tags is 0.01 um/px"):
+        read_slide(fine)
+    # The user's scale makes the same files usable.
+    assert read_slide(path, mpp=0.2).mpp_source == "user"
+    assert read_slide(fine, mpp=0.2).mpp_source == "user"
+    # Screen and print defaults, far outside, are still ignored as if absent (the scale is estimated).
+    for dpi in (72, 96, 150, 300, 600):
+        assert metadata_mpp(_png_bytes(field.image, 2, _phys(25_400 / dpi)), "screen.png") is None
+
+
+def test_jpeg_with_data_after_its_end_marker_is_read(tmp_path, field) -> None:
+    data = _encode(field.image, ".jpg")
+    trailing = data + b"\x00\x00trailer of a camera app\xff\xd8 not an image" * 20
+    slide = read_slide(_write(tmp_path, "trailing.jpg", trailing), mpp=0.2)
+    np.testing.assert_array_equal(slide.rgb, read_slide(_write(tmp_path, "plain.jpg", data), mpp=0.2).rgb)
+    assert slide.sha256 == hashlib.sha256(trailing).hexdigest()
+    # Cut inside the scan: no end-of-image marker where one must be, still truncated.
+    cut = data[: len(data) // 2]
+    with pytest.raises(InvalidSlide, match="truncated JPEG"):
+        read_slide(_write(tmp_path, "cut.jpg", cut), mpp=0.2)
+
+
+def _read_in_thread(path: Path, timeout_s: float = 10.0):
+    """read_slide(path) in a thread: a reader blocked on a pipe fails the test instead of hanging it."""
+    import threading
+
+    outcome: list[BaseException | object] = []
+    thread = threading.Thread(target=lambda: outcome.append(_catch(read_slide, path, mpp=0.2)), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert outcome, f"reading {path} did not return within {timeout_s} s"
+    return outcome[0]
+
+
+def _catch(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
+
+
+def test_named_pipe_is_refused_without_blocking(tmp_path) -> None:
+    import os
+
+    fifo = tmp_path / "slide.png"
+    os.mkfifo(fifo)
+    error = _read_in_thread(fifo)
+    assert isinstance(error, InvalidSlide) and "slide.png: is a named pipe" in str(error)
+
+
+def test_symlink_to_a_device_is_refused_and_to_a_file_is_followed(tmp_path, field) -> None:
+    device = tmp_path / "device.png"
+    device.symlink_to("/dev/null")  # /dev/zero the same, but it would be read forever before the fix
+    with pytest.raises(InvalidSlide, match=r"device.png: is a character device \(a symlink to /dev/null\)"):
+        read_slide(device, mpp=0.2)
+    real = _write(tmp_path, "real.png", _encode(field.image, ".png"))
+    link = tmp_path / "link.png"
+    link.symlink_to(real)
+    assert read_slide(link, mpp=0.2).sha256 == read_slide(real, mpp=0.2).sha256
+
+
+def test_file_that_grows_while_read_is_refused(tmp_path, field, monkeypatch) -> None:
+    import os
+
+    import blastq.core.slide as slide_module
+
+    path = _write(tmp_path, "growing.png", _encode(field.image, ".png"))
+    real_fstat = os.fstat
+
+    def fstat_before_the_append(fd: int):
+        st = real_fstat(fd)
+        # What fstat said before the writer appended the last 100 bytes.
+        return os.stat_result((*st[:6], st.st_size - 100, *st[7:]))
+
+    monkeypatch.setattr(slide_module.os, "fstat", fstat_before_the_append)
+    with pytest.raises(InvalidSlide, match="growing.png: file grew while being read"):
+        read_slide(path, mpp=0.2)

@@ -13,8 +13,10 @@ from blastq.core.errors import InvalidConfig
 from blastq.core.synth import (
     CELL_KINDS,
     SynthField,
+    find_truth,
     generate_field,
     read_field_masks,
+    truth_paths,
     write_dataset,
     write_field,
 )
@@ -201,7 +203,7 @@ def test_written_field_reads_back_exactly(tmp_path: Path) -> None:
     assert image_path == tmp_path / "out" / "case.png"
     decoded = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
     assert np.array_equal(decoded[..., ::-1], field.image)
-    assert tifffile.imread(tmp_path / "out" / "case.instances.tif").dtype == np.uint32
+    assert tifffile.imread(tmp_path / "out" / "truth" / "case.instances.tif").dtype == np.uint32
     classes, nuclei, instances = read_field_masks(image_path)
     assert classes.dtype == np.uint8 and nuclei.dtype == bool and instances.dtype == np.int32
     assert np.array_equal(classes, field.classes)
@@ -209,10 +211,29 @@ def test_written_field_reads_back_exactly(tmp_path: Path) -> None:
     assert np.array_equal(instances, field.instances)
 
 
+def test_truth_goes_to_a_sub_folder_so_the_folder_holds_only_smears(tmp_path: Path) -> None:
+    paths = write_dataset(tmp_path, 2, seed=3, height_px=64, width_px=64)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [p.name for p in paths]
+    assert sorted(p.name for p in (tmp_path / "truth").iterdir()) == [
+        f"synth_0000{i}{suffix}" for i in (3, 4) for suffix in (".instances.tif", ".mask.png", ".nuclei.png")
+    ]
+    assert truth_paths(paths[0]) == find_truth(paths[0])
+
+
+def test_truth_written_beside_the_image_by_older_versions_still_reads(tmp_path: Path) -> None:
+    field = generate_field(8, 64, 64)
+    image_path = write_field(field, tmp_path, "case")
+    for path in truth_paths(image_path):  # the layout before truth/
+        path.rename(tmp_path / path.name)
+    (tmp_path / "truth").rmdir()
+    assert find_truth(image_path) == tuple(tmp_path / p.name for p in truth_paths(image_path))
+    assert np.array_equal(read_field_masks(image_path)[2], field.instances)
+
+
 def test_reading_masks_of_an_unknown_image_raises(tmp_path: Path) -> None:
     field = generate_field(8, 64, 64)
     image_path = write_field(field, tmp_path, "case")
-    (tmp_path / "case.instances.tif").unlink()
+    (tmp_path / "truth" / "case.instances.tif").unlink()
     with pytest.raises(FileNotFoundError, match="case.instances.tif"):
         read_field_masks(image_path)
     with pytest.raises(FileNotFoundError):

@@ -9,8 +9,9 @@ import pytest
 
 from blastq.core.cells import CellMaps, CellRecord
 from blastq.core.classify import load_cell_classifier
-from blastq.core.errors import InvalidConfig, InvalidSlide
+from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.resultkey import ModelIdentity, result_key, scale_key
 from blastq.core.slide import Slide
 from blastq.core.synth import generate_field
 from blastq.core.tiffout import read_tiff_level, tiff_levels
@@ -100,7 +101,11 @@ def test_whole_slide_files_and_typing(shipped_engine, tmp_path):
     assert sum(d["count"] for d in result.stats.differential.values()) == len(result.cells)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["white_cells"] == len(result.cells)
-    assert summary["params_key"] == whole_slide_key(PipelineConfig().key(), WholeSlideConfig(chunk_px=384))
+    # Keyed like a small image (model, classifier, the metadata scale), then by the chunking.
+    image_key = result_key(
+        PipelineConfig(), ModelIdentity.of(info, classifier.info.sha256), scale_key(0.2, "metadata")
+    )
+    assert summary["params_key"] == whole_slide_key(image_key, WholeSlideConfig(chunk_px=384))
     assert summary["analysis_mpp"] == info.mpp and summary["classifier_version"]
     geo = json.loads((out / "cells.geojson").read_text())
     assert len(geo["features"]) == len(result.cells)
@@ -234,3 +239,114 @@ def test_engine_failure_leaves_no_scratch_or_partial_files(shipped_engine, tmp_p
     with pytest.raises(RuntimeError, match="device lost"):
         process_whole_slide(ArrayReader(smear.image, "s.tif", 0.2), Broken(), info, out, sha256="x")
     assert list(out.iterdir()) == []
+
+
+# --- bounded work: sparse slides, the pixel cap, scratch folders ----------------------------------------
+
+
+class _Counting:
+    """A reader wrapper that counts region reads."""
+
+    def __init__(self, reader) -> None:
+        self._reader, self.reads = reader, 0
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+    def read_region(self, *args):
+        self.reads += 1
+        return self._reader.read_region(*args)
+
+
+def test_slide_over_the_pixel_cap_at_the_models_scale_is_refused_before_any_work(
+    shipped_engine, tmp_path, monkeypatch
+):
+    from hostile import sparse_tiff
+
+    from blastq.core.settings import load_settings, whole_slide_config
+    from blastq.core.wsi import open_slide_reader
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where scratch folders would go
+    _, info = shipped_engine
+    path = sparse_tiff(tmp_path / "claims-10-gigapixels.tif", 100_000, 100_000)
+
+    def no_progress(done, total):
+        raise AssertionError("work started on a slide over the cap")
+
+    wsi = whole_slide_config(load_settings({"BLASTQ_DATA_DIR": str(tmp_path)}))
+    with (
+        open_slide_reader(path) as reader,
+        pytest.raises(
+            SlideTooLarge,
+            match=r"100000x100000 pixels at 0.25 um/px \(user\) are 125000x125000 "
+            r"at the model's 0.2 um/px, over the maximum of 10000000000 pixels",
+        ),
+    ):
+        process_whole_slide(
+            reader, None, info, tmp_path / "out", sha256="x", mpp=0.25, wsi=wsi, progress=no_progress
+        )
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("blastq-scratch-*"))
+    # The cap is the setting BLASTQ_MAX_SLIDE_PIXELS.
+    small = whole_slide_config(
+        load_settings({"BLASTQ_DATA_DIR": str(tmp_path), "BLASTQ_MAX_SLIDE_PIXELS": "1000"})
+    )
+    assert small.max_pixels == 1000
+    with pytest.raises(InvalidConfig):
+        WholeSlideConfig(max_pixels=0)
+
+
+def test_chunks_without_scanned_tiles_are_skipped_unread(shipped_engine, tmp_path):
+    from hostile import sparse_tiff
+
+    from blastq.core.wsi import open_slide_reader
+
+    engine, info = shipped_engine
+    field = generate_field(3, 512, 512, mpp=0.2, blast_fraction=0.5)
+    # 4096 x 4096 in 1152-px chunks: 16 chunks, of which only those around tile (0, 0) hold data.
+    path = sparse_tiff(tmp_path / "sparse.tif", 4096, 4096, tiles={(0, 0): field.image})
+    wsi = WholeSlideConfig(chunk_px=1024)
+    with open_slide_reader(path) as opened:
+        reader = _Counting(opened)
+        result = process_whole_slide(reader, engine, info, tmp_path / "out", sha256="x", mpp=0.2, wsi=wsi)
+    assert result.chunks == 16
+    assert reader.reads == 1  # only the first chunk's window reaches the scanned tile
+    # Cells only at the scanned tile (a cell cut by its edge may reach a little past it).
+    assert result.cells and all(c.centroid_x < 600 and c.centroid_y < 600 for c in result.cells)
+    assert result.tiles_run < result.tiles_total
+
+
+def test_scratch_folders_are_removed_and_a_killed_runs_are_cleaned_at_the_next_start(
+    shipped_engine, tmp_path, smear, monkeypatch
+):
+    import os
+    import subprocess
+    import sys
+
+    from blastq.core import scratch
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    # What a run killed with SIGKILL leaves: its pid is gone, its folder (sparse rasters) stays.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    left = tmp_path / f"{scratch.PREFIX}{scratch._host()}-{dead_pid}-abc123"
+    left.mkdir()
+    (left / "stale.raw").write_bytes(b"\0" * 1024)
+    # A live process's folder (this one's pid, another run in it) is not touched.
+    live = tmp_path / f"{scratch.PREFIX}{scratch._host()}-{os.getppid()}-def456"
+    live.mkdir()
+    engine, info = shipped_engine
+    seen = []
+
+    def progress(done, total):
+        seen.extend(p.name for p in tmp_path.glob(f"{scratch.PREFIX}*/*"))
+
+    process_whole_slide(
+        ArrayReader(smear.image, "s.tif", 0.2), engine, info, tmp_path / "out", sha256="x", progress=progress
+    )
+    assert "instances.raw" in seen, "the rasters were not in a scratch folder"
+    assert not left.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.glob(f"{scratch.PREFIX}*")) == [live.name]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]

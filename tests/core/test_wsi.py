@@ -409,3 +409,72 @@ def test_synthetic_slide_memory_is_bounded_by_a_band_not_the_slide(tmp_path):
     # Four times the rows (and a pyramid for the tall one) must not cost four times the memory.
     assert peaks[1] < 1.5 * peaks[0]
     assert peaks[1] < 512 * 4096 * 3
+
+
+# --- hostile files: non-regular paths, sparse tiles, implausible scales ---------------------------------
+
+
+def _in_thread(fn, *args, timeout_s: float = 10.0):
+    """fn(*args) in a thread, its result or exception; a call blocked on a pipe fails instead of hanging."""
+    import threading
+
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert outcome, f"{fn.__name__}{args} did not return within {timeout_s} s"
+    return outcome[0]
+
+
+def test_named_pipes_and_devices_are_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "slide.svs"
+    os.mkfifo(fifo)
+    device = tmp_path / "scan.tif"
+    device.symlink_to("/dev/null")
+    assert _in_thread(is_whole_slide, fifo) is False
+    for path, kind in ((fifo, "named pipe"), (device, "character device")):
+        for fn in (open_slide_reader, file_sha256):
+            error = _in_thread(fn, path)
+            assert isinstance(error, InvalidSlide), error
+            assert f"{path}: is a {kind}" in str(error)
+
+
+def test_tiles_without_data_are_plasma_and_never_read(tmp_path):
+    from hostile import sparse_tiff
+
+    from blastq.core.synth import generate_field
+
+    field = generate_field(3, 512, 512, mpp=0.2).image
+    path = sparse_tiff(tmp_path / "sparse.tif", 100_000, 100_000, tiles={(10, 12): field})
+    assert path.stat().st_size < 2_000_000  # ~38k empty tiles: the header claims 10 gigapixels
+    with open_slide_reader(path) as reader:
+        assert (reader.width, reader.height) == (100_000, 100_000)
+        assert not reader.has_data(0, 0, 5120, 6144)
+        assert reader.has_data(5000, 6000, 200, 200)
+        blank = reader.read_region(20_000, 20_000, 2048, 2048)
+        assert (blank == OUTSIDE_FILL).all() and reader.segments_decoded == 0
+        np.testing.assert_array_equal(reader.read_region(5120, 6144, 512, 512), field)
+        assert reader.segments_decoded == 1
+
+
+def test_implausible_metadata_scale_is_kept_as_a_reason_not_used(tmp_path, rgb):
+    path = _write(
+        tmp_path / "coarse.tif",
+        rgb,
+        photometric="rgb",
+        tile=(128, 128),
+        resolution=(2000, 2000),
+        resolutionunit="CENTIMETER",
+    )  # 5 um/px
+    with open_slide_reader(path) as reader:
+        assert reader.mpp is None
+        assert "TIFF resolution tags is 5 um/px" in reader.mpp_refused and "--mpp" in reader.mpp_refused

@@ -111,6 +111,8 @@ def test_evaluate_points_runs_the_pipeline_on_each_image(tmp_path):
     centres = [(60, 60), (180, 70), (100, 190)]
     img = np.full((256, 256, 3), 235, np.uint8)
     img[_discs((256, 256), centres, 30) > 0] = (60, 30, 90)
+    # Camera noise: a flat two-colour drawing is refused as no smear photo.
+    img = np.clip(img + np.random.default_rng(0).normal(0, 3, img.shape), 0, 255).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "Im001_1.png"), img)
     (tmp_path / "Im001_1.xyc").write_text("60 60\n182 68\n230 230\n")  # two hits, one miss
     info = ModelInfo("stub", 0.2, asdict(PreprocessConfig(flatfield=False, clahe=False)))

@@ -40,6 +40,8 @@ from sqlalchemy import func, make_url, select
 from blastq.core.artifacts import ARTIFACT_NAMES
 from blastq.core.cells import CellRecord
 from blastq.core.db import CellRow, ResultRow, batch_jobs, connect, job_status, record_result, upgrade
+from blastq.core.resultkey import result_key, scale_key
+from blastq.core.settings import pipeline_config
 from blastq.core.store import open_store, slide_prefix
 from blastq.worker.submit import model_identity, submit, wait_for_batch
 
@@ -281,7 +283,10 @@ def objects_of(store, sha256s) -> list[str]:
 
 
 def expected_objects(settings, sha256s) -> list[str]:
-    model_version, params_key = model_identity(settings)
+    # Every slide of these tests is submitted with mpp 0.2: one key for all.
+    model = model_identity(settings)
+    model_version = model.version
+    params_key = result_key(pipeline_config(settings), model, scale_key(0.2, "user"))
     return sorted(
         [f"inputs/{sha}.png" for sha in sha256s]
         + [
@@ -370,6 +375,7 @@ def test_two_workers_recording_the_same_result_at_once_leave_one_row_with_one_se
                 "width": 512, "height": 512, "mpp": 0.2, "mpp_source": "user", "white_cells": len(cells),
                 "blasts": len(cells), "blast_percent": 100.0, "flagged": True, "threshold_percent": 20.0,
                 "seconds": 1.0, "differential": {}, "review_cells": 0, "classifier_version": "",
+                "verdict": "insufficient cells", "min_white_cells": 100,
             }  # fmt: skip
             for case in ("both insert", "both replace"):
                 barrier = threading.Barrier(2)

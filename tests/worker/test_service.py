@@ -16,7 +16,7 @@ from blastq.core.artifacts import ARTIFACT_NAMES
 from blastq.core.db import ResultRow, batch_jobs, connect, create_job, job_status
 from blastq.core.store import open_store, slide_prefix
 from blastq.worker.celery_app import make_app
-from blastq.worker.submit import model_identity, submit, wait_for_batch
+from blastq.worker.submit import model_identity, result_key_of, submit, wait_for_batch
 from blastq.worker.tasks import PROCESS_SLIDE
 
 
@@ -55,10 +55,14 @@ def test_three_slides_are_processed_with_rows_and_every_artifact_in_s3(lab, lab_
     listed = cli("results", "--batch", batch_id, "--format", "json")
     assert listed.exit_code == 0, listed.output
     results = json.loads(listed.output)
-    model_version, params_key = model_identity(settings)
-    assert sorted(r["image"] for r in results) == sorted(p.name for p in slides)
+    model = model_identity(settings)
+    by_name = {p.name: p for p in slides}
+    assert sorted(r["image"] for r in results) == sorted(by_name)
     for r in results:
-        prefix = slide_prefix(r["sha256"], model_version, params_key)
+        # The worker's key is the one submit computes for the same file and scale.
+        prefix = slide_prefix(
+            r["sha256"], model.version, result_key_of(settings, model, by_name[r["image"]], 0.2)
+        )
         assert r["store_prefix"] == prefix
         assert store.list(prefix) == sorted(f"{prefix}/{name}" for name in ARTIFACT_NAMES)
         assert json.loads(store.get(f"{prefix}/summary.json"))["white_cells"] == r["white_cells"]
@@ -73,13 +77,15 @@ def test_bad_files_fail_with_their_reason_and_the_rest_succeed(lab, lab_worker, 
     not_an_image.write_text("not an image")
     submitted = cli("submit", truncated, make_slide(112), not_an_image, "--mpp", "0.2", "--wait")
     assert submitted.exit_code == 1, submitted.output
-    assert "2 failed" in submitted.output
+    assert "1 succeeded, 1 failed" in submitted.output
+    # Not an image by its header: refused at submit with one line, never queued.
+    assert f"FAILED {not_an_image}: not a PNG, JPEG, BMP or TIFF image" in submitted.output
 
     jobs = {os.path.basename(j.filename): j for j in batch_jobs(db, batch_id_of(submitted.output))}
+    assert "notes.png" not in jobs
     assert jobs["truncated.png"].state == "failed" and "truncated PNG" in jobs["truncated.png"].error
-    assert jobs["notes.png"].state == "failed" and "not a PNG, JPEG, BMP or TIFF" in jobs["notes.png"].error
     assert jobs[make_slide(112).name].state == "succeeded"
-    assert [j.attempts for j in jobs.values()] == [1, 1, 1]  # no retry loop
+    assert [j.attempts for j in jobs.values()] == [1, 1]  # no retry loop
 
 
 def test_the_same_content_again_reuses_its_result_and_force_processes_it_once_more(
@@ -110,7 +116,6 @@ def test_a_whole_slide_goes_through_the_service_and_is_reused_when_sent_again(la
     """A tiled pyramidal TIFF: a real worker processes it by region, its TIFF masks land in S3, and the
     same file sent again finds its result (the whole-slide result key is the submitter's too)."""
     from blastq.core.synthslide import write_synthetic_slide
-    from blastq.core.wholeslide import whole_slide_key
 
     settings, db, store = lab
     slide = tmp_path / "scan.tif"
@@ -118,8 +123,8 @@ def test_a_whole_slide_goes_through_the_service_and_is_reused_when_sent_again(la
     first = submit(settings, [slide])
     assert wait_for_batch(settings, first.batch_id, timeout_s=180).succeeded == 1
     job = job_status(db, first.jobs[0].job_id)
-    model_version, params_key = model_identity(settings)
-    prefix = slide_prefix(job.sha256, model_version, whole_slide_key(params_key))
+    model = model_identity(settings)
+    prefix = slide_prefix(job.sha256, model.version, result_key_of(settings, model, slide, None))
     keys = store.list(prefix)
     assert {f"{prefix}/{n}" for n in ("mask.tif", "nuclei.tif", "instances.tif", "cells.geojson")} <= set(
         keys
@@ -138,10 +143,9 @@ def queued_without_message(settings, db, store, slide) -> str:
     data = slide.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
     store.put(f"inputs/{sha256}.png", data, "image/png")
-    _, params_key = model_identity(settings)
     job = create_job(
         db, batch_id=None, filename=str(slide), input_key=f"inputs/{sha256}.png", sha256=sha256, mpp=0.2,
-        params_key=params_key,
+        params_key=result_key_of(settings, model_identity(settings), slide, 0.2),
     )  # fmt: skip
     return job.id
 
@@ -194,6 +198,31 @@ def test_a_worker_process_killed_mid_slide_is_replaced_and_the_slide_completes_o
     assert job.attempts == 2  # redelivered once, by reject_on_worker_lost
     assert int(job.worker.rsplit("/", 1)[1]) != pid
     assert result_count(db, job.sha256) == 1
-    model_version, params_key = model_identity(settings)
-    prefix = slide_prefix(job.sha256, model_version, params_key)
+    model = model_identity(settings)
+    prefix = slide_prefix(job.sha256, model.version, result_key_of(settings, model, job.filename, 0.2))
     assert store.list(prefix) == sorted(f"{prefix}/{name}" for name in ARTIFACT_NAMES)
+
+
+def test_a_sample_processed_by_two_workers_at_once_is_pooled_from_all_its_images(
+    lab, start_worker, lab_service, cli, make_slide
+):
+    from sqlalchemy import text
+
+    from blastq.core.db import get_sample, list_results
+
+    settings, db, _ = lab
+    start_worker(lab_service, "--pool", "prefork", "--concurrency", "2")
+    slides = [make_slide(seed) for seed in (161, 162, 163, 164)]
+    submitted = cli("submit", "--sample", "lab-P1", *slides, "--mpp", "0.2", "--wait")
+    assert submitted.exit_code == 0, submitted.output
+    assert "4 succeeded, 0 failed" in submitted.output
+    sample, rows = get_sample(db, "lab-P1"), list_results(db, sample="lab-P1")
+    assert (len(sample.images), sample.pending, sample.failed, len(rows)) == (4, 0, 0, 4)
+    white, blasts = sum(r.white_cells for r in rows), sum(r.blasts for r in rows)
+    assert (sample.stats.white_cells, sample.stats.blasts) == (white, blasts) and white > 0
+    assert submitted.output.splitlines()[-1].startswith(f"sample lab-P1: 4 image(s), {white} white cells")
+    with db.connect() as c:  # the stored pool, written by whichever worker finished last
+        stored = c.execute(
+            text("SELECT images, white_cells, blasts FROM samples WHERE name = 'lab-P1'")
+        ).one()
+    assert tuple(stored) == (4, white, blasts)

@@ -8,7 +8,8 @@ import pytest
 
 from blastq.core.db import connect, create_job, job_status
 from blastq.core.errors import StoreUnavailable
-from blastq.core.settings import load_settings
+from blastq.core.resultkey import result_key, scale_key
+from blastq.core.settings import load_settings, pipeline_config
 from blastq.core.store import FileStore
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import model_identity
@@ -43,7 +44,8 @@ def local(tmp_path):
 def queued_job(settings, db, store, data: bytes, name: str = "slide.png") -> str:
     sha256 = hashlib.sha256(data).hexdigest()
     store.put(f"inputs/{sha256}.png", data)
-    _, params_key = model_identity(settings)
+    # The key the worker will give it (mpp 0.2 from the user: no file needed to know the scale).
+    params_key = result_key(pipeline_config(settings), model_identity(settings), scale_key(0.2, "user"))
     job = create_job(
         db, batch_id=None, filename=name, input_key=f"inputs/{sha256}.png", sha256=sha256, mpp=0.2,
         params_key=params_key,

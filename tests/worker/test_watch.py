@@ -315,11 +315,12 @@ def test_a_file_rewritten_after_submission_is_a_new_version_and_submitted_again(
 # --- bad files and faults ---------------------------------------------------------------------------
 
 
-def test_a_vanished_file_is_rejected_with_its_reason_and_a_corrupt_one_still_goes_to_the_workers(
+def test_a_vanished_file_and_a_non_image_are_rejected_with_their_reasons_and_the_rest_go_on(
     make_watcher, folder, db
 ):
     write_image(folder / "a.png", 1)
-    (folder / "corrupt.png").write_bytes(b"not an image at all")  # the worker judges pixels, not us
+    # Not an image by its header: refused at submit, as the worker would refuse it (pixels it judges).
+    (folder / "corrupt.png").write_bytes(b"not an image at all")
     write_image(folder / "vanishing.png", 3)
     write_image(folder / "z.png", 4)
 
@@ -328,11 +329,14 @@ def test_a_vanished_file_is_rejected_with_its_reason_and_a_corrupt_one_still_goe
         return submit(settings, paths, **kwargs)
 
     scan = scan_settled(make_watcher(submit_files=file_gone_before_reading))
-    assert names(scan.submitted) == ["a.png", "corrupt.png", "z.png"]
-    (rejected,) = scan.rejected
-    assert rejected.path.endswith("vanishing.png") and rejected.reason == "no such file"
+    assert names(scan.submitted) == ["a.png", "z.png"]
+    reasons = {Path(e.path).name: e.reason for e in scan.rejected}
+    assert reasons == {
+        "corrupt.png": "not a PNG, JPEG, BMP or TIFF image (unrecognised leading bytes)",
+        "vanishing.png": "no such file",
+    }
     assert ledger(db, folder)["vanishing.png"] == [("rejected", "no such file")]
-    assert job_files(db) == ["a.png", "corrupt.png", "z.png"]
+    assert job_files(db) == ["a.png", "z.png"]
 
 
 def test_a_file_that_makes_submit_raise_is_rejected_alone(make_watcher, folder, db):
@@ -537,3 +541,38 @@ def test_one_watcher_run_keeps_one_batch_across_scans(make_watcher, folder, db):
     with db.connect() as c:
         batches = set(c.scalars(select(JobRow.batch_id)))
     assert len(batches) == 1 and None not in batches
+
+
+# --- samples: one sub-folder per patient ------------------------------------------------------------
+
+
+def job_samples(db) -> dict[str, str | None]:
+    """file name -> the name of its job's sample (None: no sample)."""
+    from blastq.core.db import SampleRow
+
+    with db.connect() as c:
+        rows = c.execute(
+            select(JobRow.filename, SampleRow.name).outerjoin(SampleRow, SampleRow.id == JobRow.sample_id)
+        )
+        return {Path(filename).name: sample for filename, sample in rows}
+
+
+def test_with_samples_each_sub_folder_is_one_sample_and_top_level_files_are_none(make_watcher, folder, db):
+    write_image(folder / "P-17" / "field1.png", 1)
+    write_image(folder / "P-17" / "field2.png", 2)
+    write_image(folder / "P-18" / "field1b.png", 3)
+    write_image(folder / "loose.png", 4)
+    scan = scan_settled(make_watcher(samples=True))
+    assert names(scan.submitted) == ["field1.png", "field1b.png", "field2.png", "loose.png"]
+    assert job_samples(db) == {
+        "field1.png": "P-17",
+        "field2.png": "P-17",
+        "field1b.png": "P-18",
+        "loose.png": None,
+    }
+
+
+def test_without_samples_sub_folders_make_no_sample(make_watcher, folder, db):
+    write_image(folder / "2026-12-01" / "field.png", 1)
+    scan = scan_settled(make_watcher(recursive=True))
+    assert names(scan.submitted) == ["field.png"] and job_samples(db) == {"field.png": None}
