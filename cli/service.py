@@ -162,10 +162,13 @@ def worker(queues: str, concurrency: int | None, device: str | None, pool: str, 
     Point more machines at the same broker, database and store (BLASTQ_BROKER_URL,
     BLASTQ_DATABASE_URL, BLASTQ_STORE_URL) to add workers.
     """
+    from blastq.core.inputs import check_local_folders
     from blastq.core.settings import load_settings
     from blastq.worker.celery_app import make_app, run_worker
 
     settings = load_settings(device=device, worker_concurrency=concurrency)
+    # A read-only data directory, named before Celery starts (not a "database not reachable" per job).
+    check_local_folders(settings, queue=True)
     names = [q.strip() for q in queues.split(",") if q.strip()]
     sys.exit(run_worker(make_app(settings), queues=names, pool=pool, loglevel=loglevel))
 

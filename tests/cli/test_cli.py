@@ -120,6 +120,20 @@ def test_what_can_be_checked_fails_before_the_model_loads(cli, smears, tmp_path,
     assert "Traceback" not in result.output
 
 
+def test_a_worker_names_an_unwritable_data_dir_before_it_starts(cli, tmp_path, monkeypatch):
+    import blastq.worker.celery_app as celery_app
+
+    def no_worker(*_args, **_kwargs):
+        raise AssertionError("the worker started on a data directory it cannot write")
+
+    monkeypatch.setattr(celery_app, "run_worker", no_worker)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("BLASTQ_DATA_DIR", str(tmp_path / "file" / "data"))
+    result = cli("worker")
+    assert result.exit_code == 2
+    assert "file/data is not writable" in result.output and "not reachable" not in result.output
+
+
 def test_config_never_shows_a_password_whatever_its_characters(cli, monkeypatch):
     monkeypatch.setenv("BLASTQ_DATABASE_URL", "postgresql://lab:se/cr@t@db/blastq?sslpassword=k3y")
     monkeypatch.setenv("BLASTQ_BROKER_URL", "redis://:hu/nt@er2@q:6379/0")
