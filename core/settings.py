@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from blastq.core.errors import InvalidConfig
 from blastq.core.slide import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
@@ -121,6 +122,19 @@ _QUERY_SECRET = re.compile(
     r"([?&;](?:[^=&#;]*(?:password|passwd|pwd|secret|token)[^=&#;]*|pass)=)([^&#;]*)", re.I
 )
 _NEXT_URL = re.compile(r";(?=[a-z][a-z0-9+.\-]*://)", re.I)  # sentinel://...;sentinel://...
+
+
+def check_server_url(name: str, url: str) -> None:
+    """Refuse a URL whose host part does not parse (a password with an unencoded "/" or "@" moves the
+    split), before a client fails on it: Kombu's with a traceback quoting a piece of the password."""
+    for part in _NEXT_URL.split(url):
+        try:
+            _ = urlsplit(part).port  # parsing the port is what fails
+        except ValueError:
+            raise InvalidConfig(
+                f"{name} does not parse as a URL: {mask_secret(part)} (write '/', '@' and ':' in a user name "
+                "or password as %2F, %40 and %3A)"
+            ) from None
 
 
 def url_secrets(url: str) -> list[str]:

@@ -71,8 +71,10 @@ def broker_transport_options(settings: Settings) -> dict:
 
 def make_app(settings: Settings) -> BlastqCelery:
     """The Celery app for these settings, with the blastq tasks registered."""
+    from blastq.core.settings import check_server_url
     from blastq.worker.tasks import register_tasks
 
+    check_server_url("BLASTQ_BROKER_URL", settings.broker_url)
     if settings.broker_url.startswith("sqla+sqlite:///"):
         # SQLite creates the file, not its folder.
         Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,17 @@ def test_a_worker_names_an_unwritable_data_dir_before_it_starts(cli, tmp_path, m
     assert "file/data is not writable" in result.output and "not reachable" not in result.output
 
 
+@pytest.mark.parametrize("command", ["worker", "submit"])
+def test_a_broker_url_that_does_not_parse_is_one_line_without_its_password(cli, smears, command, monkeypatch):
+    monkeypatch.setenv("BLASTQ_BROKER_URL", "redis://:se/cr@t@127.0.0.1:6390/0")
+    args = ["worker"] if command == "worker" else ["submit", smears / "synth_00040.png"]
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert "BLASTQ_BROKER_URL does not parse as a URL: redis://:***@127.0.0.1:6390/0" in result.output
+    assert "%2F" in result.output and "se/" not in result.output and "Traceback" not in result.output
+    assert cli("status").output.startswith("jobs: 0 queued, 0 running")  # submit wrote no job row
+
+
 def test_config_never_shows_a_password_whatever_its_characters(cli, monkeypatch):
     monkeypatch.setenv("BLASTQ_DATABASE_URL", "postgresql://lab:se/cr@t@db/blastq?sslpassword=k3y")
     monkeypatch.setenv("BLASTQ_BROKER_URL", "redis://:hu/nt@er2@q:6379/0")
