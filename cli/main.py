@@ -185,9 +185,7 @@ def run(
         bar.close()
         done.append(result)
         s = result.stats
-        click.echo(
-            f"{path}: {s.describe()}  [{result.mpp:.3f} um/px {result.mpp_source}, {result.seconds:.1f}s]"
-        )
+        click.echo(f"{path}: {s.describe()}  [{_scale_text(result)}, {result.seconds:.1f}s]")
         if s.differential:
             parts = ", ".join(
                 f"{d['percent']:.0f}% {name}" for name, d in s.differential.items() if d["count"]
@@ -202,6 +200,14 @@ def run(
         click.echo(f"files written under {out_dir}/")
     if failed:
         _fail(f"{failed} of {total} image(s) failed", code=1)
+
+
+def _scale_text(result) -> str:
+    """ "0.200 um/px metadata", or for an estimate "0.200 um/px estimated, confidence 0.62"."""
+    text = f"{result.mpp:.3f} um/px {result.mpp_source}"
+    if result.mpp_confidence is not None:
+        text += f", confidence {result.mpp_confidence:.2f}"
+    return text
 
 
 def _failure_line(path: Path, reason: str) -> str:

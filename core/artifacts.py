@@ -77,6 +77,8 @@ def summary_dict(result: SlideResult) -> dict:
         "height": result.height,
         "mpp": result.mpp,
         "mpp_source": result.mpp_source,
+        # 0..1 for an estimated scale (red cells measured, measures agreeing); null for a given one.
+        "mpp_confidence": result.mpp_confidence,
         "model_version": result.model_version,
         "params_key": result.params_key,
         "white_cells": result.stats.white_cells,

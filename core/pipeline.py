@@ -83,6 +83,7 @@ class SlideResult:
     tiles_total: int
     tiles_run: int
     classifier_version: str = ""  # "" when no classifier typed the cells
+    mpp_confidence: float | None = None  # of an estimated scale (core.scale); None for a given one
 
 
 def check_slide(slide: Slide, info: ModelInfo) -> None:
@@ -248,4 +249,5 @@ def process_slide(
         tiles_total=n_tiles,
         tiles_run=n_run,
         classifier_version=classifier.info.version if classifier is not None else "",
+        mpp_confidence=slide.mpp_confidence,
     )

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from blastq.core.unet import ModelInfo
     from blastq.core.wholeslide import WholeSlideConfig
 
-# Names `core.slide.estimate_mpp_from_red_cells` (7.5 um red cells, median of round isolated ones).
+# Names `core.scale.estimate_scale` (7.5 um red cells: circles, granulometry and round isolated cells).
 # Change it when the estimator changes: results with estimated scales are then computed again.
-MPP_ESTIMATOR = "red-cells-7.5um-1"
+MPP_ESTIMATOR = "red-cells-7.5um-3-measures-1"
 # Significant digits of a scale in the key: 0.08 and 0.1 differ, 0.2 and 0.2000001 do not.
 MPP_DIGITS = 4
 KEY_CHARS = 16  # the params_key columns hold 32

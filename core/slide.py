@@ -23,11 +23,9 @@ from typing import Literal
 import cv2
 import numpy as np
 import tifffile
-from scipy import ndimage as ndi
-from skimage import filters, measure, segmentation
-from skimage.feature import peak_local_max
 
 from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.scale import ScaleEstimate, estimate_scale
 
 MppSource = Literal["metadata", "user", "estimated"]
 ImageFormat = Literal["png", "jpeg", "bmp", "tiff"]
@@ -37,7 +35,6 @@ DEFAULT_MAX_PIXELS = 200_000_000
 # more than the monolayer of any smear and hours of a GPU. A header claiming more (a sparse TIFF of a
 # few hundred KB can claim 100000 x 100000 px) is refused before any work.
 DEFAULT_MAX_SLIDE_PIXELS = 10_000_000_000
-RED_CELL_DIAMETER_UM = 7.5
 
 # A smear is photographed through a 10x..100x objective onto camera pixels of about 2..6.5 um, behind
 # couplers of 0.5x..1x: from 0.02 um/px (100x, small pixels) to about 1.3 um/px (10x, 0.5x coupler,
@@ -50,10 +47,12 @@ USER_MPP_RANGE = (0.01, METADATA_MPP_RANGE[1])
 # Resolution metadata coarser than this is a screen or print default written without any calibration
 # (72/96/150/300/600/1200 dpi = 353/265/169/85/42/21 um/px): ignored as if absent, not refused.
 SCREEN_DEFAULT_MPP = 20.0
-MIN_RED_CELLS = 5
 # No image format stores a pixel in more than 32 bytes (4 samples of float64): a bigger file cannot be
 # an image within the pixel limit, and is refused before its bytes are read.
 _MAX_BYTES_PER_PIXEL = 32
+
+# Cells must differ from the plasma by this many grey levels in green; less is a blank or noise image.
+_MIN_CONTRAST = 12.0
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -75,6 +74,8 @@ class Slide:
     # The pixel limit it was read under (BLASTQ_MAX_PIXELS): the pipeline holds the image at the model's
     # scale to it too, before resampling (core.pipeline.check_slide).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # How far an estimated scale can be trusted (0..1, core.scale); None for a given or metadata scale.
+    mpp_confidence: float | None = None
 
 
 def read_slide(path: str | Path, *, mpp: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Slide:
@@ -203,18 +204,6 @@ def plausible_metadata_mpp(value: float | None, label: str, where: str) -> float
     return float(value)
 
 
-def estimate_mpp_from_red_cells(rgb: np.ndarray, *, min_cells: int = MIN_RED_CELLS) -> float:
-    """Estimate mpp from the median diameter of isolated, round red cells (7.5 um each)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise InvalidSlide(f"expected HWC uint8 RGB, got shape {rgb.shape} dtype {rgb.dtype}")
-    diameters = _red_cell_diameters(rgb)
-    if diameters.size < min_cells:
-        raise InvalidSlide(
-            f"found {diameters.size} plausible red cells, need {min_cells} to estimate the pixel size"
-        )
-    return float(RED_CELL_DIAMETER_UM / np.median(diameters))
-
-
 def check_smear(rgb: np.ndarray, label: str) -> None:
     """Refuse, naming the reason, an image that is no photo of a stained smear: blank (black, white or
     uniform), a label mask or drawing (few distinct values, flat regions), or one without stained cells.
@@ -323,21 +312,14 @@ def _decode(data: bytes, name: str, label: str, *, mpp: float | None, max_pixels
     # Before any scale is estimated or model run: a mask or a blank image gets its own reason.
     check_smear(rgb, label)
     source: MppSource
+    estimate: ScaleEstimate | None = None
     if mpp is not None:
         value, source = float(mpp), "user"
     elif found is not None:
         value, source = found, "metadata"
     else:
-        try:
-            value, source = estimate_mpp_from_red_cells(rgb), "estimated"
-        except InvalidSlide as exc:
-            raise InvalidSlide(f"{label}: no pixel size in the metadata and {exc}; pass --mpp") from exc
-        lo, hi = METADATA_MPP_RANGE
-        if not lo <= value <= hi:
-            raise InvalidSlide(
-                f"{label}: no pixel size in the metadata, and the red cells give an implausible "
-                f"{value:.4g} um/px (expected {lo}..{hi}); pass --mpp"
-            )
+        estimate = estimate_checked(rgb, label, "--mpp")
+        value, source = estimate.mpp, "estimated"
     return Slide(
         rgb=rgb,
         mpp=value,
@@ -345,7 +327,24 @@ def _decode(data: bytes, name: str, label: str, *, mpp: float | None, max_pixels
         name=name,
         sha256=hashlib.sha256(data).hexdigest(),
         max_pixels=max_pixels,
+        mpp_confidence=estimate.confidence if estimate is not None else None,
     )
+
+
+def estimate_checked(rgb: np.ndarray, label: str, option: str) -> ScaleEstimate:
+    """The red-cell scale estimate of an image without a scale, or InvalidSlide naming `option` as the way
+    out: when the image has nothing to measure, or the estimate is outside what a smear can have."""
+    try:
+        estimate = estimate_scale(rgb)
+    except InvalidSlide as exc:
+        raise InvalidSlide(f"{label}: no pixel size in the metadata and {exc}; pass {option}") from exc
+    lo, hi = METADATA_MPP_RANGE
+    if not lo <= estimate.mpp <= hi:
+        raise InvalidSlide(
+            f"{label}: no pixel size in the metadata, and the red cells give an implausible "
+            f"{estimate.mpp:.4g} um/px (expected {lo}..{hi}); pass {option}"
+        )
+    return estimate
 
 
 def _detect_format(data: bytes, label: str) -> ImageFormat:
@@ -688,119 +687,3 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
     if str(imagej.get("unit", "")).lower() in ("micron", "um", "\\u00b5m", "µm"):
         return 1.0 / pixels_per_unit
     return None
-
-
-# --- red-cell pixel-size estimate -------------------------------------------------------------------
-
-
-# Red cells must be at least this wide to be measured (so the estimate is limited to mpp <= 0.75):
-# below it pixelation dominates the diameter, and blobs of smoothed noise reach 6..9 px.
-_MIN_CELL_DIAMETER_PX = 10.0
-# Cells must differ from the plasma by this many grey levels in green; less is a blank or noise image.
-_MIN_CONTRAST = 12.0
-# A central window this wide holds dozens of red cells at any plausible mpp (>= 0.05); more only
-# costs time (under 1 s for 1024 x 1024 on one core).
-_ESTIMATE_WINDOW_PX = 1024
-_DISC3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
-
-
-def _red_cell_diameters(rgb: np.ndarray) -> np.ndarray:
-    """Equivalent diameters (px) of the round, whole, red-cell-coloured objects in the image."""
-    height, width = rgb.shape[:2]
-    top, left = max(0, (height - _ESTIMATE_WINDOW_PX) // 2), max(0, (width - _ESTIMATE_WINDOW_PX) // 2)
-    rgb = rgb[top : top + _ESTIMATE_WINDOW_PX, left : left + _ESTIMATE_WINDOW_PX]
-    # Haemoglobin and eosin absorb green most, so green separates red cells from plasma best.
-    green = cv2.GaussianBlur(np.ascontiguousarray(rgb[:, :, 1]), (0, 0), 1.0)
-    if int(green.max()) - int(green.min()) < _MIN_CONTRAST:
-        return np.empty(0)
-    # Two-class Otsu separates plasma from all cells when red cells are well stained, but white cells
-    # from everything else when red cells are pale; the upper three-class threshold catches the
-    # latter. Keep whichever finds more round red cells: a wrong threshold gives ragged blobs.
-    thresholds = [filters.threshold_otsu(green)]
-    if np.unique(green).size >= 3:
-        thresholds.append(filters.threshold_multiotsu(green, classes=3)[1])
-    best = np.empty(0)
-    for threshold in thresholds:
-        foreground = green < threshold
-        if not foreground.any() or foreground.all():
-            continue
-        if float(green[~foreground].mean()) - float(green[foreground].mean()) < _MIN_CONTRAST:
-            continue
-        diameters = _round_cell_diameters(rgb, foreground)
-        if diameters.size > best.size:
-            best = diameters
-    return best
-
-
-def _round_cell_diameters(rgb: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Split a cell mask into cells and return the diameters of those that look like whole red cells."""
-    height, width = foreground.shape
-    # The pale central pallor falls on the plasma side of the threshold: fill it back in.
-    opened = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, _DISC3)
-    foreground = ndi.binary_fill_holes(opened)
-    if foreground.all():
-        # No plasma left to measure from: the distance map would have no zero, its peaks no size.
-        return np.empty(0)
-    components, n = ndi.label(foreground)
-    if n == 0:
-        return np.empty(0)
-    distance = cv2.distanceTransform(foreground.astype(np.uint8), cv2.DIST_L2, 5)
-    # Touching cells are split at the necks of the distance map. The peak spacing comes from the
-    # typical inscribed radius of a component (a chain of red cells is one cell wide): the median by
-    # count, once specks far below the area-weighted radius are set aside.
-    radii = np.asarray(ndi.maximum(distance, components, np.arange(1, n + 1)))
-    areas = np.bincount(components.ravel(), minlength=n + 1)[1:].astype(np.float64)
-    radii = radii[radii >= max(_MIN_CELL_DIAMETER_PX / 2, 0.25 * _weighted_median(radii, areas))]
-    if radii.size == 0:
-        return np.empty(0)
-    radius = float(np.median(radii))
-    peaks = peak_local_max(
-        distance,
-        min_distance=max(2, int(0.6 * radius)),
-        threshold_abs=0.5 * radius,
-        labels=components,
-        exclude_border=False,
-    )
-    markers = np.zeros(components.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    cells = segmentation.watershed(-distance, markers, mask=foreground)
-
-    plasma = np.median(rgb[~foreground], axis=0) if (~foreground).any() else np.full(3, 255.0)
-    plasma = np.maximum(plasma.astype(np.float64), 1.0)
-    rows = []  # diameter px, whole and round (0/1), optical density in R, G, B relative to the plasma
-    for region in measure.regionprops(cells, intensity_image=rgb):
-        r0, c0, r1, c1 = region.bbox
-        diameter = region.equivalent_diameter_area
-        # A cell cut by the image edge has an unknown size. Cheap tests first: shape measures cost.
-        usable = (
-            r0 > 0
-            and c0 > 0
-            and r1 < height
-            and c1 < width
-            and diameter >= _MIN_CELL_DIAMETER_PX
-            and region.eccentricity < 0.75
-            and region.solidity > 0.9
-        )
-        colour = np.asarray(region.intensity_mean, np.float64) if usable else plasma
-        rows.append((diameter, usable, *(-np.log(np.maximum(colour, 1.0) / plasma))))
-    diameter, usable, od_red, od_green, od_blue = np.asarray(rows, dtype=np.float64).reshape(-1, 5).T
-    candidate = usable > 0
-    if not candidate.any():
-        return np.empty(0)
-    # Relative to the plasma, red cells absorb blue about as much as red (haemoglobin, eosin), while
-    # nuclei and blue cytoplasm absorb red clearly more: on dataset2 (CellaVision) the blue-minus-red
-    # density is about +0.02 for red cells and below -0.2 for 95% of white cells. By count, so that a
-    # large white cell cannot set it, a density far above the typical one is a nucleus too.
-    keep = candidate & (od_blue - od_red > -0.15) & (od_green <= 1.5 * np.median(od_green[candidate]))
-    diameter = diameter[keep]
-    if diameter.size == 0:
-        return diameter
-    # Unsplit doublets and fragments sit far from the typical red-cell size.
-    typical = np.median(diameter)
-    return diameter[(diameter > 0.75 * typical) & (diameter < 1.33 * typical)]
-
-
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values)
-    cumulative = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])

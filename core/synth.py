@@ -170,12 +170,15 @@ def generate_field(
     touching_fraction: float = 0.3,
     artefacts: bool = True,
     stain_seed: int | None = None,
+    rbc_overlap: float = 0.2,
 ) -> SynthField:
     """Render one synthetic smear field (RGB HWC uint8) with its class, nucleus and instance truth.
 
     `stain_seed`: take the stain from this seed instead of `seed` (the fields of one synthetic whole
     slide share one stain, as one slide does); everything else still follows `seed`."""
     _check_args(height_px, width_px, mpp, blast_fraction, wbc_per_10k_um2, rbc_coverage, touching_fraction)
+    if not 0.0 <= rbc_overlap <= 1.0:
+        raise InvalidConfig(f"rbc_overlap must be within 0..1, got {rbc_overlap}")
     rng = np.random.default_rng(seed)
     h_um, w_um = height_px * mpp, width_px * mpp
     stain = _sample_stain(rng)
@@ -184,7 +187,7 @@ def generate_field(
     plans = _place_white_cells(rng, h_um, w_um, mpp, blast_fraction, wbc_per_10k_um2, touching_fraction)
 
     od = _plasma(rng, height_px, width_px, stain)
-    rbcs = _place_red_cells(rng, h_um, w_um, rbc_coverage, plans)
+    rbcs = _place_red_cells(rng, h_um, w_um, rbc_coverage, plans, rbc_overlap)
     rbc_layer = np.zeros((height_px, width_px), np.float32)
     _draw_red_cells(rbc_layer, rbcs, mpp)
     od += rbc_layer[..., None] * stain.od["rbc"]
@@ -472,9 +475,17 @@ def _touching_position(
 
 
 def _place_red_cells(
-    rng: np.random.Generator, h_um: float, w_um: float, coverage: float, plans: list[_WhiteCellPlan]
+    rng: np.random.Generator,
+    h_um: float,
+    w_um: float,
+    coverage: float,
+    plans: list[_WhiteCellPlan],
+    overlap: float = 0.2,
 ) -> np.ndarray:
-    """Red cells as rows: x_um, y_um, radius_um, ellipticity, angle, pallor, rim, density, wobble, phase."""
+    """Red cells as rows: x_um, y_um, radius_um, ellipticity, angle, pallor, rim, density, wobble, phase.
+
+    `overlap`: the share of red cells that may overlap others (by 8-45% of the sum of radii), as in a
+    thicker area; near 1 with a high coverage gives the crowded, overlapping fields of a thick smear."""
     pad = 4.5  # red cells may be cut by the field border
     ext_area = (h_um + 2 * pad) * (w_um + 2 * pad)
     target = coverage * ext_area
@@ -483,7 +494,7 @@ def _place_red_cells(
     ys = rng.uniform(-pad, h_um + pad, n)
     radius = np.clip(rng.normal(3.75, 0.25, n), 3.2, 4.4)
     # Most red cells only touch; some overlap by a share of the sum of radii, as in a thicker area.
-    tolerance = np.where(rng.random(n) < 0.2, rng.uniform(0.08, 0.45, n), 0.0)
+    tolerance = np.where(rng.random(n) < overlap, rng.uniform(0.08, 0.45, n), 0.0)
     # How deep a red cell may tuck under a white cell (um): most sit beside it, some under its edge.
     tuck = np.where(rng.random(n) < 0.35, rng.uniform(0.2, 1.3, n), 0.0) * radius
     params = np.stack(

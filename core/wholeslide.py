@@ -49,7 +49,7 @@ from blastq.core.slide import (
     DEFAULT_MAX_SLIDE_PIXELS,
     MppSource,
     _check_user_mpp,
-    estimate_mpp_from_red_cells,
+    estimate_checked,
 )
 from blastq.core.stats import SlideStats, slide_stats
 from blastq.core.tiling import tile_grid
@@ -116,6 +116,7 @@ class WholeSlideResult:
     height: int
     mpp: float
     mpp_source: MppSource
+    mpp_confidence: float | None
     model_version: str
     params_key: str
     cells: tuple[CellRecord, ...]
@@ -238,22 +239,21 @@ def read_window(reader, window: tuple[int, int, int, int], scale: float) -> np.n
     return out
 
 
-def resolve_mpp(reader, mpp: float | None) -> tuple[float, MppSource]:
-    """User mpp > the slide's metadata > an estimate from red cells in the slide's centre."""
+def resolve_mpp(reader, mpp: float | None) -> tuple[float, MppSource, float | None]:
+    """User mpp > the slide's metadata > an estimate from red cells in the slide's centre; with the
+    estimate's confidence (None for the others)."""
     _check_user_mpp(mpp, reader.name)
     if mpp is not None:
-        return float(mpp), "user"
+        return float(mpp), "user", None
     if reader.mpp is not None:
-        return float(reader.mpp), "metadata"
+        return float(reader.mpp), "metadata", None
     refused = getattr(reader, "mpp_refused", None)  # the metadata's scale, implausible for a smear
     if refused:
         raise InvalidSlide(refused)
     side_h, side_w = min(MPP_ESTIMATE_PX, reader.height), min(MPP_ESTIMATE_PX, reader.width)
     centre = reader.read_region((reader.width - side_w) // 2, (reader.height - side_h) // 2, side_w, side_h)
-    try:
-        return estimate_mpp_from_red_cells(centre), "estimated"
-    except InvalidSlide as exc:
-        raise InvalidSlide(f"{reader.name}: no pixel size in the metadata and {exc}; pass mpp") from exc
+    estimate = estimate_checked(centre, reader.name, "mpp")
+    return estimate.mpp, "estimated", estimate.confidence
 
 
 # --- the slide ------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def process_whole_slide(
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    slide_mpp, mpp_source = resolve_mpp(reader, mpp)
+    slide_mpp, mpp_source, mpp_confidence = resolve_mpp(reader, mpp)
     scale = slide_mpp / info.mpp  # model pixels per slide pixel
     height, width = max(1, round(reader.height * scale)), max(1, round(reader.width * scale))
     if height * width > wsi.max_pixels:
@@ -393,6 +393,7 @@ def process_whole_slide(
         height=reader.height,
         mpp=slide_mpp,
         mpp_source=mpp_source,
+        mpp_confidence=mpp_confidence,
         model_version=info.version,
         params_key=whole_slide_key(result_key(config, model, scale_key(slide_mpp, mpp_source)), wsi),
         cells=tuple(cells),

@@ -16,10 +16,9 @@ import pytest
 import tifffile
 
 from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.scale import RED_CELL_DIAMETER_UM, estimate_scale
 from blastq.core.slide import (
-    RED_CELL_DIAMETER_UM,
     decode_slide,
-    estimate_mpp_from_red_cells,
     image_size,
     metadata_mpp,
     read_slide,
@@ -305,24 +304,24 @@ def test_no_metadata_and_no_red_cells_is_invalid_slide_naming_the_file(tmp_path:
 @pytest.mark.parametrize("diameter", [16.0, 30.0, 50.0])
 def test_estimate_from_pink_discs_is_within_10_percent(diameter: float) -> None:
     size = int(diameter * 14)
-    mpp = estimate_mpp_from_red_cells(_smear(diameter=diameter, size=size))
+    mpp = estimate_scale(_smear(diameter=diameter, size=size)).mpp
     assert mpp == pytest.approx(RED_CELL_DIAMETER_UM / diameter, rel=0.1)
 
 
 def test_estimate_is_not_pulled_by_large_purple_white_cells() -> None:
-    mpp = estimate_mpp_from_red_cells(_smear(diameter=30, white_cells=4))
+    mpp = estimate_scale(_smear(diameter=30, white_cells=4)).mpp
     assert mpp == pytest.approx(RED_CELL_DIAMETER_UM / 30, rel=0.1)
 
 
 def test_estimate_on_blank_image_is_invalid_slide() -> None:
     with pytest.raises(InvalidSlide, match="red cells"):
-        estimate_mpp_from_red_cells(np.full((300, 300, 3), 235, np.uint8))
+        estimate_scale(np.full((300, 300, 3), 235, np.uint8))
 
 
 def test_estimate_on_noise_is_invalid_slide() -> None:
     noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
     with pytest.raises(InvalidSlide):
-        estimate_mpp_from_red_cells(noise)
+        estimate_scale(noise)
 
 
 # --- refusals -----------------------------------------------------------------------------------------------

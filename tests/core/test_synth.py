@@ -100,6 +100,7 @@ def test_arrays_have_documented_shapes_and_dtypes(height_px: int, width_px: int)
         {"touching_fraction": 1.0, "wbc_per_10k_um2": 25.0},
         {"mpp": 0.4, "rbc_coverage": 0.7, "blast_fraction": 0.5},
         {"mpp": 0.12, "rbc_coverage": 0.0},
+        {"mpp": 0.1, "rbc_coverage": 1.0, "rbc_overlap": 0.9},  # crowded, overlapping red cells
     ],
 )
 def test_ground_truth_is_exact(kwargs: dict) -> None:
@@ -258,9 +259,19 @@ def test_dataset_names_fields_by_seed_and_reports_progress(tmp_path: Path) -> No
         {"blast_fraction": 1.5},
         {"touching_fraction": -0.1},
         {"rbc_coverage": 2.0},
+        {"rbc_overlap": 1.5},
         {"wbc_per_10k_um2": -1.0},
     ],
 )
 def test_out_of_range_arguments_raise_invalid_config(kwargs: dict) -> None:
     with pytest.raises(InvalidConfig):
         generate_field(0, **kwargs)
+
+
+def test_overlap_lets_more_red_cells_crowd_the_same_field() -> None:
+    def red_share(field) -> float:
+        return float(np.mean((field.image[..., 1] < 200) & (field.classes == 0)))
+
+    thin = generate_field(5, 320, 320, mpp=0.2, rbc_coverage=1.0, rbc_overlap=0.0, wbc_per_10k_um2=0.0)
+    thick = generate_field(5, 320, 320, mpp=0.2, rbc_coverage=1.0, rbc_overlap=1.0, wbc_per_10k_um2=0.0)
+    assert red_share(thick) > red_share(thin) + 0.05
