@@ -421,12 +421,27 @@ def evaluate(
     is_flag=True,
     help="Queue the run for the trainer service (`blastq trainer`) instead of training here; prints the run id.",
 )
+@click.option(
+    "--synth-variety",
+    type=click.Choice(["classic", "wide"]),
+    default="classic",
+    show_default=True,
+    help="wide: domain-randomised synthetic fields (magnification 40x-100x, crowded red cells, blasts "
+    "across their range beside their look-alikes, mixed colours).",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Fine-tune: start from this checkpoint's weights (same --width and --depth).",
+)
 def train(
     out: Path,
     wbc_root: Path | None,
     pairs_dirs: tuple[Path, ...],
     from_run: Path | None,
     submit: bool,
+    synth_variety: str,
+    init_from: Path | None,
     synth_fields: int,
     epochs: int,
     steps: int,
@@ -456,6 +471,8 @@ def train(
         version=model_version,
         wbc_root=wbc_root,
         synth_train=synth_fields,
+        synth_variety=synth_variety,
+        init_from=init_from,
         max_epochs=epochs,
         steps_per_epoch=steps,
         patience=patience,

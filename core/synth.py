@@ -37,6 +37,26 @@ _DIAMETER_UM: Mapping[str, tuple[float, float]] = {
     "blast": (12.0, 20.0),
 }
 
+# Variants drawn in `variety="wide"` fields: the range of blasts (FAB L1 and L2 lymphoblasts, monoblasts;
+# the kind's own renderer is a myeloblast) and the normal cells that look most like them (large and
+# reactive lymphocytes, plasma cells). Size relative to red cells, chromatin texture, nucleoli and the
+# nucleus-to-cell ratio are what tell them apart, as at the microscope.
+_LOOK_DIAMETER_UM: Mapping[str, tuple[float, float]] = {
+    "blast_l1": (10.0, 14.0),  # 1.3-1.9 red cells: small, scant cytoplasm, homogeneous chromatin
+    "blast_l2": (14.0, 22.0),  # large, irregular, heterogeneous chromatin, prominent nucleoli
+    "monoblast": (15.0, 22.0),  # abundant grey-blue cytoplasm, round or folded nucleus, fine chromatin
+    "large_lymphocyte": (10.0, 15.0),  # more pale-blue cytoplasm, still clumped chromatin, no nucleoli
+    "plasma_cell": (9.0, 14.0),  # eccentric nucleus, coarse "clock-face" chromatin, deep blue cytoplasm
+}
+# For each kind, the looks of a wide field and their weights ("" = the kind's own renderer).
+_WIDE_LOOKS: Mapping[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
+    "blast": (("", "blast_l1", "blast_l2", "monoblast"), (0.3, 0.35, 0.2, 0.15)),
+    "lymphocyte": (("", "large_lymphocyte", "plasma_cell"), (0.55, 0.33, 0.12)),
+}
+LOOKS: tuple[str, ...] = tuple(_LOOK_DIAMETER_UM)
+_MONONUCLEAR = frozenset({"lymphocyte", "monocyte", "blast"})
+VARIETIES = ("classic", "wide")
+
 # Stain colours as RGB at unit density under white light, each tied to the dye that carries it so one
 # per-field gain can make a whole smear eosin-heavy or azure-weak, as real staining runs do. They were
 # matched to CellaVision crops after removing that camera's warm white balance (see _LIGHTS), which
@@ -89,6 +109,7 @@ class SynthCell:
     kind: str
     is_blast: bool
     centroid_xy: tuple[float, float]
+    look: str = ""  # the variant drawn (LOOKS), e.g. "blast_l1" or "plasma_cell"; "" = the kind's own
 
 
 # eq=False: the generated __eq__/__hash__ would compare arrays element-wise and raise.
@@ -138,6 +159,10 @@ class _WhiteCellPlan:
     x_um: float
     y_um: float
     outline: _Outline  # in microns
+    look: str = ""  # a variant of the kind (LOOKS); "" draws the kind's own renderer
+    # Wide fields: the mononuclear cells draw their nucleus and cytoplasm colours from a mix of the
+    # lymphocyte's, monocyte's and blast's, so that colour cannot tell a blast; morphology must.
+    mixed_colours: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,20 +196,28 @@ def generate_field(
     artefacts: bool = True,
     stain_seed: int | None = None,
     rbc_overlap: float = 0.2,
+    variety: str = "classic",
 ) -> SynthField:
     """Render one synthetic smear field (RGB HWC uint8) with its class, nucleus and instance truth.
 
     `stain_seed`: take the stain from this seed instead of `seed` (the fields of one synthetic whole
-    slide share one stain, as one slide does); everything else still follows `seed`."""
+    slide share one stain, as one slide does); everything else still follows `seed`. `rbc_overlap`: the
+    share of red cells that may overlap others (crowded, thick areas near 1). `variety`: "classic" draws
+    one look per kind; "wide" draws blasts across their range (L1, L2, myeloblasts, monoblasts) beside
+    their look-alikes (large lymphocytes, plasma cells), each cell's look in `SynthCell.look`."""
     _check_args(height_px, width_px, mpp, blast_fraction, wbc_per_10k_um2, rbc_coverage, touching_fraction)
     if not 0.0 <= rbc_overlap <= 1.0:
         raise InvalidConfig(f"rbc_overlap must be within 0..1, got {rbc_overlap}")
+    if variety not in VARIETIES:
+        raise InvalidConfig(f"variety must be one of {', '.join(VARIETIES)}, got {variety!r}")
     rng = np.random.default_rng(seed)
     h_um, w_um = height_px * mpp, width_px * mpp
     stain = _sample_stain(rng)
     if stain_seed is not None:
         stain = _sample_stain(np.random.default_rng(stain_seed))
-    plans = _place_white_cells(rng, h_um, w_um, mpp, blast_fraction, wbc_per_10k_um2, touching_fraction)
+    plans = _place_white_cells(
+        rng, h_um, w_um, mpp, blast_fraction, wbc_per_10k_um2, touching_fraction, variety
+    )
 
     od = _plasma(rng, height_px, width_px, stain)
     rbcs = _place_red_cells(rng, h_um, w_um, rbc_coverage, plans, rbc_overlap)
@@ -341,8 +374,8 @@ def _sample_stain(rng: np.random.Generator) -> _Stain:
     return _Stain(od, light.astype(np.float32), plasma.astype(np.float32))
 
 
-def _sample_outline(rng: np.random.Generator, kind: str) -> _Outline:
-    radius = rng.uniform(*_DIAMETER_UM[kind]) / 2.0
+def _sample_outline(rng: np.random.Generator, kind: str, look: str = "") -> _Outline:
+    radius = rng.uniform(*(_LOOK_DIAMETER_UM[look] if look else _DIAMETER_UM[kind])) / 2.0
     # Order 2 is the ellipticity; higher orders give the smooth lumpiness of a squashed cell.
     harmonics = [(2, rng.uniform(0.0, 0.07), rng.uniform(0, 2 * math.pi))]
     lumpiness = 0.04 if kind == "monocyte" else 0.02
@@ -392,6 +425,7 @@ def _place_white_cells(
     blast_fraction: float,
     wbc_per_10k_um2: float,
     touching_fraction: float,
+    variety: str = "classic",
 ) -> list[_WhiteCellPlan]:
     count = int(rng.poisson(wbc_per_10k_um2 * h_um * w_um / 1e4))
     if h_um >= 60.0 and w_um >= 60.0:
@@ -400,20 +434,26 @@ def _place_white_cells(
     for _ in range(count):
         is_blast = bool(rng.random() < blast_fraction)
         kind = "blast" if is_blast else _NORMAL_KINDS[rng.choice(len(_NORMAL_KINDS), p=_NORMAL_WEIGHTS)]
-        wanted.append((kind, is_blast, _sample_outline(rng, kind), bool(rng.random() < touching_fraction)))
+        look = ""
+        if variety == "wide" and kind in _WIDE_LOOKS:
+            names, weights = _WIDE_LOOKS[kind]
+            look = names[rng.choice(len(names), p=np.asarray(weights) / sum(weights))]
+        outline = _sample_outline(rng, kind, look)
+        wanted.append((kind, is_blast, outline, bool(rng.random() < touching_fraction), look))
     # Cells not meant to touch keep this gap between bounding circles, so they never share a pixel edge.
     gap = max(1.0, 3.0 * mpp)
     edge = 1.5 * mpp
-    largest = max((outline.bound for _, _, outline, _ in wanted), default=1.0)
+    largest = max((outline.bound for _, _, outline, _, _ in wanted), default=1.0)
     placed = _Neighbours(2 * largest + gap)
-    for kind, is_blast, outline, touch in wanted:
+    for kind, is_blast, outline, touch, look in wanted:
         position = None
         if touch and placed.plans:
             position = _touching_position(rng, placed, outline, h_um, w_um, gap, edge, mpp)
         if position is None:
             position = _free_position(rng, placed, outline, h_um, w_um, gap, edge)
         if position is not None:  # else the field is full
-            placed.add(_WhiteCellPlan(kind, is_blast, position[0], position[1], outline))
+            mixed = variety == "wide" and kind in _MONONUCLEAR
+            placed.add(_WhiteCellPlan(kind, is_blast, position[0], position[1], outline, look, mixed))
     return placed.plans
 
 
@@ -824,13 +864,131 @@ def _render_blast(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tupl
     return d_nuc, chromatin, stain.od["blast_nucleus"], cyt_od
 
 
+def _nucleoli(
+    rng: np.random.Generator,
+    g: _Grid,
+    chromatin: np.ndarray,
+    centre: tuple[float, float, float],
+    count: int,
+    size_um: tuple[float, float],
+    paleness: tuple[float, float],
+) -> np.ndarray:
+    """Soft pale nucleoli, each with a thin darker chromatin ring, inside a nucleus (cx, cy, rn)."""
+    cx, cy, rn = centre
+    for _ in range(count):
+        a, rr = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.55) * rn
+        nr = rng.uniform(*size_um) / g.mpp
+        ex, ey = g.dx - (cx + rr * math.cos(a)), g.dy - (cy + rr * math.sin(a))
+        q = np.hypot(ex, ey * rng.uniform(0.75, 1.0)) / nr
+        ring = np.exp(-(((q - 1.15) / 0.25) ** 2))
+        chromatin = chromatin * (1.0 - rng.uniform(*paleness) * np.exp(-(q**4))) + 0.1 * ring
+    return chromatin
+
+
+def _render_blast_l1(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    """A small lymphoblast (FAB L1): a dense, dark, lymphocyte-like cell, but with homogeneous chromatin,
+    a rim of cytoplasm and a size of 1.5-2 red cells; nucleoli absent or faint."""
+    d_nuc, centre = _round_nucleus(rng, g, rng.uniform(0.8, 0.93), 0.4, 0.03)
+    # Evenly dense: darker than a myeloblast's, without a lymphocyte's coarse clumps.
+    chromatin = (
+        rng.uniform(0.9, 1.05)
+        + 0.04 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+        + 0.03 * _smooth_noise(rng, shape, 0.5 / g.mpp)
+    )
+    chromatin = _nucleoli(rng, g, chromatin, centre, int(rng.integers(0, 2)), (0.4, 0.8), (0.08, 0.2))
+    # The nucleus colour lies between a lymphocyte's and a myeloblast's.
+    t = rng.uniform(0.2, 0.8)
+    nuc_vec = t * stain.od["lymphocyte_nucleus"] + (1.0 - t) * stain.od["blast_nucleus"]
+    edge = np.exp(np.minimum(g.d_cell, 0.0) * (g.mpp / 0.5))
+    cyt = (1.0 + 0.06 * _smooth_noise(rng, shape, 1.0 / g.mpp)) * (1.0 + 0.5 * edge)
+    return d_nuc, chromatin, nuc_vec, cyt[..., None] * stain.od["blast_cytoplasm"]
+
+
+def _render_blast_l2(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    """A large, heterogeneous lymphoblast (FAB L2): irregular, often cleft nucleus, uneven chromatin,
+    one or more prominent nucleoli, a variable rim of cytoplasm."""
+    d_nuc, (cx, cy, rn) = _round_nucleus(rng, g, rng.uniform(0.62, 0.85), 0.7, 0.08)
+    if rng.random() < 0.5:  # a cleft or indentation
+        phi = rng.uniform(0, 2 * math.pi)
+        cleft = np.hypot(g.dx - (cx + 1.05 * rn * math.cos(phi)), g.dy - (cy + 1.05 * rn * math.sin(phi)))
+        d_nuc = np.maximum(d_nuc, rng.uniform(0.2, 0.4) * rn - cleft)
+    chromatin = (
+        0.82 + 0.12 * _smooth_noise(rng, shape, 0.35 / g.mpp) + 0.05 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+    )
+    chromatin = _nucleoli(rng, g, chromatin, (cx, cy, rn), int(rng.integers(1, 4)), (0.7, 1.4), (0.3, 0.5))
+    edge = np.exp(np.minimum(g.d_cell, 0.0) * (g.mpp / 0.5))
+    cyt = (1.0 + 0.1 * _smooth_noise(rng, shape, 0.9 / g.mpp)) * (1.0 + 0.4 * edge)
+    return d_nuc, chromatin, stain.od["blast_nucleus"], cyt[..., None] * stain.od["blast_cytoplasm"]
+
+
+def _render_monoblast(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    """A monoblast: large, round or gently folded nucleus of fine lacy chromatin with 1-2 prominent
+    nucleoli, in abundant grey-blue cytoplasm."""
+    d_nuc, (cx, cy, rn) = _round_nucleus(rng, g, rng.uniform(0.5, 0.7), 0.6, 0.05)
+    if rng.random() < 0.4:  # a fold
+        phi = rng.uniform(0, 2 * math.pi)
+        fold = np.hypot(g.dx - (cx + 1.1 * rn * math.cos(phi)), g.dy - (cy + 1.1 * rn * math.sin(phi)))
+        d_nuc = np.maximum(d_nuc, 0.35 * rn - fold)
+    lace = np.exp(-(_smooth_noise(rng, shape, 0.25 / g.mpp) ** 2) / 0.5)
+    chromatin = 0.72 + 0.12 * lace + 0.04 * _smooth_noise(rng, shape, 0.12 / g.mpp)
+    chromatin = _nucleoli(rng, g, chromatin, (cx, cy, rn), int(rng.integers(1, 3)), (0.7, 1.3), (0.3, 0.45))
+    cyt = 1.0 + 0.1 * _smooth_noise(rng, shape, 0.8 / g.mpp)
+    t = rng.uniform(0.3, 0.7)
+    cyt_vec = t * stain.od["monocyte_cytoplasm"] + (1.0 - t) * stain.od["blast_cytoplasm"]
+    return d_nuc, chromatin, stain.od["blast_nucleus"], cyt[..., None] * cyt_vec
+
+
+def _render_large_lymphocyte(
+    rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]
+) -> _Look:
+    """A large or reactive lymphocyte: more, often bluer cytoplasm that the red cells indent, and the
+    clumped chromatin of a lymphocyte, no nucleoli: the normal cell most often taken for a blast."""
+    d_nuc, _ = _round_nucleus(rng, g, rng.uniform(0.4, 0.65), 0.7, 0.04)
+    clumps = _smooth_noise(rng, shape, 0.45 / g.mpp)
+    chromatin = 1.0 + 0.22 * np.clip(clumps, -1.2, 1.5) + 0.08 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+    edge = np.exp(np.minimum(g.d_cell, 0.0) * (g.mpp / 0.8))
+    # Reactive cells darken towards the membrane ("skirt"), resting large ones stay pale.
+    skirt = rng.uniform(0.3, 1.2)
+    cyt = (0.8 + 0.08 * _smooth_noise(rng, shape, 1.0 / g.mpp)) * (1.0 + skirt * edge)
+    return d_nuc, chromatin, stain.od["lymphocyte_nucleus"], cyt[..., None] * stain.od["lymphocyte_cytoplasm"]
+
+
+def _render_plasma_cell(rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]) -> _Look:
+    """A plasma cell: small eccentric round nucleus with coarse "clock-face" chromatin, deep blue
+    cytoplasm with a pale zone (the Golgi) beside the nucleus."""
+    d_nuc, (cx, cy, rn) = _round_nucleus(rng, g, rng.uniform(0.3, 0.45), 1.0, 0.03)
+    clumps = np.clip(_smooth_noise(rng, shape, 0.35 / g.mpp), -1.0, 1.8)
+    chromatin = 1.05 + 0.3 * clumps
+    # The Golgi zone sits beside the nucleus, towards the cell centre.
+    golgi = _disc_alpha(g, 0.3 * cx, 0.3 * cy, 0.9 * rn)
+    cyt = (1.35 + 0.1 * _smooth_noise(rng, shape, 0.8 / g.mpp)) * (1.0 - 0.45 * golgi)
+    return d_nuc, chromatin, stain.od["lymphocyte_nucleus"], cyt[..., None] * stain.od["lymphocyte_cytoplasm"]
+
+
 _RENDERERS: Mapping[str, Callable[[np.random.Generator, _Grid, _Stain, tuple[int, int]], _Look]] = {
     "neutrophil": _render_neutrophil,
     "lymphocyte": _render_lymphocyte,
     "monocyte": _render_monocyte,
     "eosinophil": _render_eosinophil,
     "blast": _render_blast,
+    "blast_l1": _render_blast_l1,
+    "blast_l2": _render_blast_l2,
+    "monoblast": _render_monoblast,
+    "large_lymphocyte": _render_large_lymphocyte,
+    "plasma_cell": _render_plasma_cell,
 }
+
+
+def _mixed_colours(rng: np.random.Generator, stain: _Stain) -> _Stain:
+    """The stain with one random mix of the mononuclear cells' nucleus colours standing for all three,
+    and one of their cytoplasm colours for all three (a cell's own colours, whatever its kind)."""
+    od = dict(stain.od)
+    for part in ("nucleus", "cytoplasm"):
+        names = [f"{kind}_{part}" for kind in ("lymphocyte", "monocyte", "blast")]
+        weights = rng.dirichlet(np.ones(len(names)))
+        vec = sum(w * stain.od[n] for w, n in zip(weights, names, strict=True)).astype(np.float32)
+        od.update({n: vec for n in names})
+    return _Stain(od, stain.light, stain.plasma)
 
 
 def _paint_white_cell(
@@ -855,7 +1013,9 @@ def _paint_white_cell(
     d_cell = _star_distance(dx, dy, 0.0, 0.0, outline)
     grid = _Grid(dx, dy, d_cell, outline.radius, mpp)
     shape = d_cell.shape
-    d_nuc, chromatin, nuc_vec, cyt_od = _RENDERERS[plan.kind](rng, grid, stain, shape)
+    if plan.mixed_colours:
+        stain = _mixed_colours(rng, stain)
+    d_nuc, chromatin, nuc_vec, cyt_od = _RENDERERS[plan.look or plan.kind](rng, grid, stain, shape)
     # A rough nuclear edge, and the nucleus kept a little inside the membrane.
     d_nuc = d_nuc + (0.12 / mpp) * _smooth_noise(rng, shape, 0.5 / mpp)
     d_nuc = np.maximum(d_nuc, d_cell + max(0.25 / mpp, 0.75))
@@ -893,7 +1053,7 @@ def _collect_cells(
         lookup[old_id] = new_id
         ys, xs = np.nonzero(instances[y0:y1, x0:x1] == old_id)
         centroid = (float(xs.mean() + x0), float(ys.mean() + y0))
-        cells.append(SynthCell(new_id, plan.kind, plan.is_blast, centroid))
+        cells.append(SynthCell(new_id, plan.kind, plan.is_blast, centroid, plan.look))
     if len(cells) < len(plans):
         instances = lookup[instances]
     return tuple(cells), instances

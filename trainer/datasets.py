@@ -152,24 +152,48 @@ def wbc_sample(item: WbcItem, model_mpp: float, config: PreprocessConfig) -> Sam
     )
 
 
-def synth_sample(seed: int, size_px: int, model_mpp: float, config: PreprocessConfig) -> Sample:
-    """A synthetic field with varied blast fraction and density, generated at the model's scale."""
+def synth_sample(
+    seed: int, size_px: int, model_mpp: float, config: PreprocessConfig, variety: str = "classic"
+) -> Sample:
+    """A synthetic field with varied blast fraction and density, at the model's scale.
+
+    "classic": generated at the model's scale. "wide" (domain randomisation): generated at a
+    magnification from 40x dry to 100x oil (0.08-0.3 um/px) and resampled to the model's scale as a
+    real photo is, with red cells from sparse to crowded and overlapping, and the wide generator's cell
+    looks (blasts across their range beside their look-alikes, colours mixed between mononuclear cells),
+    so that what the model learns is morphology, not the generator's style."""
     rng = np.random.default_rng(seed)
-    field = generate_field(
-        seed,
-        size_px,
-        size_px,
-        mpp=model_mpp,
-        blast_fraction=float(rng.choice([0.0, 0.15, 0.35, 0.6, 1.0])),
-        wbc_per_10k_um2=float(rng.uniform(5.0, 14.0)),
-        rbc_coverage=float(rng.uniform(0.15, 0.55)),
-        touching_fraction=float(rng.uniform(0.2, 0.6)),
-    )
+    kwargs = {
+        "blast_fraction": float(rng.choice([0.0, 0.15, 0.35, 0.6, 1.0])),
+        "wbc_per_10k_um2": float(rng.uniform(5.0, 14.0)),
+        "rbc_coverage": float(rng.uniform(0.15, 0.55)),
+        "touching_fraction": float(rng.uniform(0.2, 0.6)),
+    }
+    if variety == "classic":
+        field = generate_field(seed, size_px, size_px, mpp=model_mpp, **kwargs)
+        image, classes, nuclei, instances = field.image, field.classes, field.nuclei, field.instances
+    else:
+        render_mpp = float(np.exp(rng.uniform(np.log(0.08), np.log(0.3))))
+        render_px = max(16, round(size_px * model_mpp / render_mpp))
+        kwargs["rbc_coverage"] = float(rng.uniform(0.05, 1.0))
+        field = generate_field(
+            seed,
+            render_px,
+            render_px,
+            mpp=render_mpp,
+            rbc_overlap=float(rng.uniform(0.0, 0.9)),
+            variety=variety,
+            **kwargs,
+        )
+        image = resample(field.image, render_mpp, model_mpp)
+        classes = resample_labels(field.classes, render_mpp, model_mpp)
+        nuclei = resample_labels(field.nuclei.astype(np.uint8), render_mpp, model_mpp).astype(bool)
+        instances = resample_labels(field.instances, render_mpp, model_mpp)
     return Sample(
-        image=preprocess(field.image, model_mpp, config),
-        classes=field.classes,
-        nucleus=field.nuclei.astype(np.uint8),
-        marker=marker_from_instances(field.instances),
+        image=preprocess(image, model_mpp, config),
+        classes=classes,
+        nucleus=nuclei.astype(np.uint8),
+        marker=marker_from_instances(instances.astype(np.int32)),
         source="synthetic",
     )
 

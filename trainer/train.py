@@ -31,7 +31,9 @@ import torch
 
 from blastq.core.errors import InvalidConfig, InvalidDataset
 from blastq.core.preprocess import PreprocessConfig
-from blastq.core.unet import ModelInfo, UNet, save_checkpoint, to_model_input
+from blastq.core.synth import VARIETIES
+from blastq.core.unet import ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
+from blastq.core.wsi import file_sha256
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
     IGNORE,
@@ -68,6 +70,10 @@ class TrainConfig:
     synth_train: int = 300  # synthetic fields in the training pool
     synth_val: int = 24
     synth_size_px: int = 320
+    # "classic" (the generator's own look) or "wide" (domain-randomised: datasets.synth_sample).
+    synth_variety: str = "classic"
+    # Start from this checkpoint's weights (same depth and width) instead of random ones: fine-tuning.
+    init_from: Path | None = None
     model_mpp: float = 0.2
     depth: int = 4
     width: int = 16
@@ -86,6 +92,12 @@ class TrainConfig:
         object.__setattr__(self, "pairs_dirs", tuple(Path(p) for p in self.pairs_dirs))
         if self.patch_px % 2 ** (self.depth - 1):
             raise InvalidConfig(f"patch_px={self.patch_px} must be a multiple of {2 ** (self.depth - 1)}")
+        if self.synth_variety not in VARIETIES:
+            raise InvalidConfig(
+                f"synth_variety={self.synth_variety!r}: expected one of {', '.join(VARIETIES)}"
+            )
+        if self.init_from is not None:
+            object.__setattr__(self, "init_from", Path(self.init_from))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidConfig(f"device={self.device!r}: expected cpu, cuda or cuda:N")
         if self.synth_train < 1 and self.wbc_root is None and not self.pairs_dirs:
@@ -99,6 +111,7 @@ class TrainConfig:
         data["out"] = str(Path(self.out).absolute())
         data["wbc_root"] = None if self.wbc_root is None else str(Path(self.wbc_root).absolute())
         data["pairs_dirs"] = [str(Path(p).absolute()) for p in self.pairs_dirs]
+        data["init_from"] = None if self.init_from is None else str(Path(self.init_from).absolute())
         return data
 
     @classmethod
@@ -262,17 +275,33 @@ def _code_versions() -> dict[str, str]:
 
 def _trained_on(cfg: TrainConfig, split_sha256: str, run_path: Path) -> str:
     s0 = SYNTH_TRAIN_SEED0 + cfg.seed * 10_000
+    variety = "" if cfg.synth_variety == "classic" else f"{cfg.synth_variety} "
     parts = (
-        [f"{cfg.synth_train} synthetic fields (seeds {s0}..{s0 + cfg.synth_train - 1})"]
+        [f"{cfg.synth_train} {variety}synthetic fields (seeds {s0}..{s0 + cfg.synth_train - 1})"]
         if cfg.synth_train
         else []
     )
     if cfg.wbc_root is not None:
         parts.append("segmentation_wbc train split")
     parts += [f"pairs folder {Path(d).name} train split" for d in cfg.pairs_dirs]
+    start = "" if cfg.init_from is None else f"; fine-tuned from {file_sha256(cfg.init_from)[:16]}"
     return (
-        f"{' + '.join(parts)}; split sha256 {split_sha256[:16]}, seed {cfg.seed}, run record {run_path.name}"
+        f"{' + '.join(parts)}; split sha256 {split_sha256[:16]}, seed {cfg.seed}{start}, "
+        f"run record {run_path.name}"
     )
+
+
+def _initial_weights(cfg: TrainConfig) -> UNet:
+    """The checkpoint to fine-tune from, checked to fit the run: same architecture, scale, preprocessing."""
+    start, info = load_checkpoint(Path(cfg.init_from))
+    if (start.depth, start.width) != (cfg.depth, cfg.width):
+        raise InvalidConfig(
+            f"init_from {cfg.init_from}: a U-Net of depth {start.depth}, width {start.width}; this run "
+            f"trains depth {cfg.depth}, width {cfg.width}"
+        )
+    if abs(info.mpp - cfg.model_mpp) > 1e-9 or info.preprocess != asdict(cfg.preprocess):
+        raise InvalidConfig(f"init_from {cfg.init_from}: trained at another scale or preprocessing")
+    return start
 
 
 def _now() -> str:
@@ -290,7 +319,9 @@ def _pool(cfg: TrainConfig, split: str, progress: Callable[[str], None]) -> list
     n_synth = cfg.synth_train if split == "train" else cfg.synth_val
     seed0 = SYNTH_TRAIN_SEED0 if split == "train" else SYNTH_VAL_SEED0
     samples = [
-        synth_sample(seed0 + cfg.seed * 10_000 + i, cfg.synth_size_px, cfg.model_mpp, cfg.preprocess)
+        synth_sample(
+            seed0 + cfg.seed * 10_000 + i, cfg.synth_size_px, cfg.model_mpp, cfg.preprocess, cfg.synth_variety
+        )
         for i in range(n_synth)
     ]
     if cfg.wbc_root is not None:
@@ -373,6 +404,8 @@ def train(
     record["timing"]["data_seconds"] = round(time.perf_counter() - t_start, 1)
     device = torch.device(cfg.device)
     model = UNet(depth=cfg.depth, width=cfg.width).to(memory_format=torch.channels_last)
+    if cfg.init_from is not None and resume_state is None:
+        model.load_state_dict(_initial_weights(cfg).state_dict())
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(

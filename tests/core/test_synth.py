@@ -101,6 +101,7 @@ def test_arrays_have_documented_shapes_and_dtypes(height_px: int, width_px: int)
         {"mpp": 0.4, "rbc_coverage": 0.7, "blast_fraction": 0.5},
         {"mpp": 0.12, "rbc_coverage": 0.0},
         {"mpp": 0.1, "rbc_coverage": 1.0, "rbc_overlap": 0.9},  # crowded, overlapping red cells
+        {"variety": "wide", "blast_fraction": 0.5},
     ],
 )
 def test_ground_truth_is_exact(kwargs: dict) -> None:
@@ -260,6 +261,7 @@ def test_dataset_names_fields_by_seed_and_reports_progress(tmp_path: Path) -> No
         {"touching_fraction": -0.1},
         {"rbc_coverage": 2.0},
         {"rbc_overlap": 1.5},
+        {"variety": "fancy"},
         {"wbc_per_10k_um2": -1.0},
     ],
 )
@@ -275,3 +277,44 @@ def test_overlap_lets_more_red_cells_crowd_the_same_field() -> None:
     thin = generate_field(5, 320, 320, mpp=0.2, rbc_coverage=1.0, rbc_overlap=0.0, wbc_per_10k_um2=0.0)
     thick = generate_field(5, 320, 320, mpp=0.2, rbc_coverage=1.0, rbc_overlap=1.0, wbc_per_10k_um2=0.0)
     assert red_share(thick) > red_share(thin) + 0.05
+
+
+def test_wide_fields_draw_blasts_across_their_range_beside_their_look_alikes() -> None:
+    from blastq.core.synth import LOOKS
+
+    looks: dict[str, set[bool]] = {}
+    for seed in range(12):
+        field = generate_field(
+            seed, 400, 400, mpp=0.2, variety="wide", blast_fraction=0.5, wbc_per_10k_um2=40
+        )
+        for cell in field.cells:
+            looks.setdefault(cell.look, set()).add(cell.is_blast)
+    assert set(LOOKS) <= set(looks)
+    assert all(looks[look] == {True} for look in ("blast_l1", "blast_l2", "monoblast"))
+    assert all(looks[look] == {False} for look in ("large_lymphocyte", "plasma_cell"))
+    classic = {
+        c.look for s in range(4) for c in generate_field(s, 400, 400, mpp=0.2, blast_fraction=0.5).cells
+    }
+    assert classic == {""}
+
+
+def _nucleus_greens(field, blast: bool) -> list[float]:
+    return [
+        float(field.image[..., 1][(field.instances == c.cell_id) & field.nuclei].mean())
+        for c in field.cells
+        if c.is_blast == blast and c.kind in ("blast", "lymphocyte") and c.look in ("", "blast_l1")
+    ]
+
+
+def test_in_wide_fields_colour_no_longer_tells_a_blast_from_a_lymphocyte() -> None:
+    def overlap(variety: str) -> float:
+        blasts, lymphs = [], []
+        for seed in range(16):
+            field = generate_field(seed, 400, 400, mpp=0.2, variety=variety, blast_fraction=0.4, stain_seed=0)
+            blasts += _nucleus_greens(field, True)
+            lymphs += _nucleus_greens(field, False)
+        # The share of blasts whose nuclei are as dark as the median lymphocyte's, or darker.
+        return float(np.mean(np.array(blasts) <= np.median(lymphs)))
+
+    assert overlap("classic") < 0.05  # the classic blast's nucleus is paler: colour alone would do
+    assert overlap("wide") > 0.2

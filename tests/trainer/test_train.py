@@ -211,3 +211,46 @@ def test_the_split_manifest_lists_segmentation_wbc_by_the_written_rule(tmp_path,
     assert "dataset1/005.bmp" in wbc["test"]["ids"] and "dataset2/011.bmp" in wbc["val"]["ids"]
     moved = split_manifest(_tiny(tmp_path / "y.pt", wbc_root=wbc_root, version="other"))
     assert moved["sha256"] == split["sha256"]  # the split, not the run's other settings
+
+
+def test_fine_tuning_starts_from_the_given_checkpoint_and_records_it(tmp_path):
+    first = train(_tiny(tmp_path / "a.pt"), progress=lambda _: None)
+    start, _ = load_checkpoint(first.checkpoint)
+    # lr 0: the weights do not move (batch-norm statistics still do), so they are the start's.
+    tuned = train(
+        _tiny(tmp_path / "b.pt", init_from=first.checkpoint, lr=0.0, max_epochs=1), progress=lambda _: None
+    )
+    model, info = load_checkpoint(tuned.checkpoint)
+    weights = dict(model.named_parameters())
+    for name, tensor in start.named_parameters():
+        assert torch.equal(weights[name], tensor), name
+    assert "fine-tuned from" in info.trained_on
+    fresh, _ = load_checkpoint(
+        train(_tiny(tmp_path / "c.pt", lr=0.0, max_epochs=1), progress=lambda _: None).checkpoint
+    )
+    fresh_weights = dict(fresh.named_parameters())
+    assert not all(torch.equal(fresh_weights[n], t) for n, t in start.named_parameters())
+    record = json.loads((tmp_path / "b.run.json").read_text())
+    assert record["config"]["init_from"] == str(first.checkpoint.absolute())
+    assert TrainConfig.from_run(tmp_path / "b.run.json").init_from == first.checkpoint.absolute()
+
+
+def test_fine_tuning_refuses_a_checkpoint_of_another_shape(tmp_path):
+    first = train(_tiny(tmp_path / "a.pt"), progress=lambda _: None)
+    with pytest.raises(InvalidConfig, match="width 8"):
+        train(_tiny(tmp_path / "b.pt", init_from=first.checkpoint, width=4), progress=lambda _: None)
+
+
+def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent_targets():
+    from blastq.core.preprocess import PreprocessConfig
+    from blastq.trainer.datasets import synth_sample
+
+    with pytest.raises(InvalidConfig, match="synth_variety"):
+        _tiny("x.pt", synth_variety="fancy")
+    for seed in range(4):
+        sample = synth_sample(seed, 160, 0.2, PreprocessConfig(), "wide")
+        assert abs(sample.image.shape[0] - 160) <= 2 and sample.image.shape[:2] == sample.classes.shape
+        assert sample.nucleus.shape == sample.classes.shape == sample.marker.shape
+        # Nuclei and markers lie inside cells, as the generator drew them, after resampling too.
+        assert not np.any(sample.nucleus.astype(bool) & (sample.classes == 0))
+        assert not np.any((sample.marker == 1) & (sample.classes == 0))
