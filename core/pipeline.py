@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from blastq.core.cells import CellMaps, extract_cells
+from blastq.core.cells import DEFAULT_BLAST_CELL_THRESHOLD, CellMaps, extract_cells
 from blastq.core.classify import CellClassifier, type_cells
 from blastq.core.engines import Engine
 from blastq.core.errors import InvalidConfig, SlideTooLarge
@@ -48,11 +48,15 @@ class PipelineConfig:
     blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
     # Below this many white cells the verdict is "insufficient cells" (core.stats).
     min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
+    # A cell's mean blast share at which it is a blast (core.cells): the screening operating point.
+    blast_cell_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD
     # The cell classifier setting ("default", "none" or a file): which file it is enters the result key
     # by its sha256 (core.resultkey), not by this name, which differs between machines.
     classifier: str = "default"
 
     def __post_init__(self) -> None:
+        if not 0 < self.blast_cell_threshold < 1:
+            raise InvalidConfig(f"blast_cell_threshold must be in (0, 1), got {self.blast_cell_threshold}")
         if self.tile_px < 32 or not 0 <= self.overlap_px < self.tile_px // 2 + 1 or self.batch_size < 1:
             raise InvalidConfig(
                 f"bad tiling: tile_px={self.tile_px} (>= 32), overlap_px={self.overlap_px} "
@@ -226,7 +230,7 @@ def process_slide(
     check_slide(slide, info)
     work = prepare_image(slide.rgb, slide.mpp, info)
     probs, n_tiles, n_run = segment_prepared(work, slide.rgb.shape[:2], engine, config, progress)
-    maps = extract_cells(probs, slide.rgb, slide.mpp)
+    maps = extract_cells(probs, slide.rgb, slide.mpp, blast_threshold=config.blast_cell_threshold)
     del probs
     if classifier is not None:
         # Crops come from the model's view of the slide: the classifiers were trained on that.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from blastq.core.cells import DEFAULT_BLAST_CELL_THRESHOLD
 from blastq.core.errors import InvalidConfig
 from blastq.core.slide import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
 from blastq.core.stats import DEFAULT_BLAST_THRESHOLD_PERCENT, DEFAULT_MIN_WHITE_CELLS
@@ -52,6 +53,8 @@ class Settings:
     device: str = "cpu"
     max_pixels: int = DEFAULT_MAX_PIXELS
     blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+    # A cell's blast share at which it is called a blast: the screening operating point (model card).
+    blast_cell_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD
     # Fewer white cells than this (in an image, or pooled in a sample) give no verdict: "insufficient cells".
     min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
     tile_px: int = 256
@@ -89,6 +92,8 @@ class Settings:
             raise InvalidConfig(f"max_pixels must be positive, got {self.max_pixels}")
         if self.max_slide_pixels < 1:
             raise InvalidConfig(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
+        if not 0 < self.blast_cell_threshold < 1:
+            raise InvalidConfig(f"blast_cell_threshold must be in (0, 1), got {self.blast_cell_threshold}")
         if not 0 < self.blast_threshold_percent <= 100:
             raise InvalidConfig(
                 f"blast_threshold_percent must be in (0, 100], got {self.blast_threshold_percent}"
@@ -178,6 +183,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         overlap_px=settings.overlap_px,
         batch_size=settings.batch_size,
         blast_threshold_percent=settings.blast_threshold_percent,
+        blast_cell_threshold=settings.blast_cell_threshold,
         min_white_cells=settings.min_white_cells,
         classifier=settings.classifier,
     )
@@ -207,6 +213,7 @@ _TYPES = {
     "data_dir": Path,
     "max_pixels": int,
     "blast_threshold_percent": float,
+    "blast_cell_threshold": float,
     "min_white_cells": int,
     "tile_px": int,
     "overlap_px": int,

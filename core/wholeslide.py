@@ -344,7 +344,7 @@ def process_whole_slide(
                 probs, _, n_run = segment_prepared(work, work.shape[:2], engine, config, tick)
                 tiles_before += tiles_per_chunk[k]
                 tiles_run += n_run
-                maps = extract_cells(probs, raw, info.mpp)
+                maps = extract_cells(probs, raw, info.mpp, blast_threshold=config.blast_cell_threshold)
                 del probs
                 taken = _take_cells(maps, chunk, instances, chunks, chunk_px, n_cols)
                 if taken and classifier is not None:

@@ -39,6 +39,44 @@ def test_a_blob_without_marker_still_becomes_a_cell():
     assert inst.max() == 1
 
 
+def test_an_object_without_a_nucleus_is_no_white_cell_and_the_ids_stay_consecutive():
+    # A cell, then a red-cell-like blob with no nucleus, then a cell with a small (lymphocyte-sized) one.
+    p = probs_for([(60, 60, 30, 0, 15), (60, 160, 30, 0, 0), (150, 240, 30, 0, 8)])
+    maps = extract_cells(p, np.full((200, 300, 3), 200, np.uint8), mpp=0.2)
+    assert len(maps.cells) == 2 and maps.instances.max() == 2
+    assert [c.cell_id for c in maps.cells] == [1, 2]
+    assert maps.instances[60, 160] == 0 and maps.classes[60, 160] == 0
+    assert maps.instances[60, 60] == 1 and maps.instances[150, 240] == 2
+
+
+def test_the_screening_threshold_calls_a_doubtful_blast_and_marks_it_for_review():
+    rgb = np.full((200, 300, 3), 200, np.uint8)
+    p = probs_for([(60, 60, 30, 0.3, 15), (140, 200, 30, 0.9, 15), (60, 240, 30, 0.02, 15)])
+    even = extract_cells(p, rgb, mpp=0.2)
+    # Ids in raster order of the markers: (60, 60), (60, 240), (140, 200).
+    assert [c.label for c in even.cells] == ["white_cell", "white_cell", "blast"]
+    assert not any(c.review for c in even.cells)
+    screening = extract_cells(p, rgb, mpp=0.2, blast_threshold=0.2)
+    assert [c.label for c in screening.cells] == ["blast", "white_cell", "blast"]
+    doubtful, normal, confident = screening.cells
+    assert doubtful.review and "screening threshold (blast share 0.30)" in doubtful.review_reason
+    assert not confident.review and not normal.review
+    assert screening.classes[60, 60] == 2
+
+
+def test_the_blast_cell_threshold_reaches_the_pipeline_from_the_settings(monkeypatch):
+    from blastq.core.settings import load_settings, pipeline_config
+
+    monkeypatch.setenv("BLASTQ_BLAST_CELL_THRESHOLD", "0.15")
+    assert pipeline_config(load_settings()).blast_cell_threshold == 0.15
+
+
+def test_a_cell_with_a_small_nucleus_is_kept():
+    # A nucleus of 6% of the cell (a thin lymphocyte cut, a neutrophil's lobe in view) is still one.
+    p = probs_for([(100, 150, 40, 0, 10)])
+    assert len(extract_cells(p, np.full((200, 300, 3), 200, np.uint8), mpp=0.2).cells) == 1
+
+
 def test_specks_smaller_than_a_cell_are_dropped():
     p = probs_for([(100, 100, 30, 0, 15), (20, 250, 3, 0, 1)])
     maps = extract_cells(p, np.full((200, 300, 3), 200, np.uint8), mpp=0.2)

@@ -57,7 +57,13 @@ def test_each_part_of_the_model_changes_the_key(change):
 
 @pytest.mark.parametrize(
     "change",
-    [{"tile_px": 512}, {"overlap_px": 32}, {"blast_threshold_percent": 10.0}, {"min_white_cells": 200}],
+    [
+        {"tile_px": 512},
+        {"overlap_px": 32},
+        {"blast_threshold_percent": 10.0},
+        {"min_white_cells": 200},
+        {"blast_cell_threshold": 0.1},
+    ],
 )
 def test_each_pipeline_parameter_changes_the_key(change):
     assert result_key(PipelineConfig(**change), MODEL, scale_key(0.08, "user")) != BASE

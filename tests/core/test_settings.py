@@ -30,6 +30,7 @@ def test_environment_overrides_file_and_overrides_win(tmp_path):
         ({"BLASTQ_TILE_PX": "big"}, "tile_px"),
         ({"BLASTQ_BLAST_THRESHOLD_PERCENT": "150"}, "blast_threshold_percent"),
         ({"BLASTQ_MAX_PIXELS": "0"}, "max_pixels"),
+        ({"BLASTQ_BLAST_CELL_THRESHOLD": "1.5"}, "blast_cell_threshold"),
         ({"BLASTQ_CONFIG": "/nonexistent/blastq.toml"}, "not found"),
     ],
 )

@@ -91,7 +91,7 @@ def test_non_blast_cells_and_empty_files_score_as_they_should():
 
 
 class _DarkIsBlast:
-    """A stand-in engine: dark pixels are blasts (with their marker), the rest background."""
+    """A stand-in engine: dark pixels are blasts (with their nucleus and marker), the rest background."""
 
     name, stride = "dark-is-blast", 8
 
@@ -100,6 +100,7 @@ class _DarkIsBlast:
         out = np.full((batch.shape[0], 5, *batch.shape[2:]), -8.0, np.float32)
         out[:, 0] = np.where(dark, -8.0, 8.0)
         out[:, 2] = np.where(dark, 8.0, -8.0)
+        out[:, 3] = out[:, 2]  # a white cell without a nucleus is no white cell (core.cells)
         out[:, 4] = out[:, 2]
         return out
 
