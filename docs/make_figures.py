@@ -42,6 +42,24 @@ def synthetic_cells(n: int) -> list[np.ndarray]:
     return [_thumb(c) for _, c in crops]
 
 
+def wide_cells() -> list[np.ndarray]:
+    """One crop per look of the wide generator: L1, L2 lymphoblasts and a monoblast, then the look-alikes
+    (a large lymphocyte, a plasma cell), colours mixed between mononuclear cells."""
+    from blastq.core.synth import LOOKS
+
+    found: dict[str, np.ndarray] = {}
+    for seed in range(400):
+        field = generate_field(seed, 384, 384, blast_fraction=0.5, variety="wide", wbc_per_10k_um2=20.0)
+        for cell in field.cells:
+            cx, cy = (int(v) for v in cell.centroid_xy)
+            half = 60
+            if cell.look and cell.look not in found and half <= cx < 384 - half and half <= cy < 384 - half:
+                found[cell.look] = field.image[cy - half : cy + half, cx - half : cx + half]
+        if len(found) == len(LOOKS):
+            break
+    return [_thumb(found[look]) for look in LOOKS if look in found]
+
+
 def real_cells(root: Path, numbers: list[tuple[str, int]]) -> list[np.ndarray]:
     out = []
     for ds, n in numbers:
@@ -55,12 +73,14 @@ def main() -> None:
     ap.add_argument("--wbc", type=Path, default=HERE.parent.parent / "shared" / "data" / "segmentation_wbc")
     args = ap.parse_args()
     synth = synthetic_cells(5)
+    wide = wide_cells()
     real = real_cells(
         args.wbc, [("dataset1", 2), ("dataset1", 7), ("dataset2", 3), ("dataset2", 8), ("dataset2", 14)]
     )
     gap = np.full((THUMB, 6, 3), 255, np.uint8)
     row = lambda ims: np.hstack([x for im in ims for x in (im, gap)][:-1])  # noqa: E731
-    grid = np.vstack([row(synth), np.full((6, row(synth).shape[1], 3), 255, np.uint8), row(real)])
+    space = np.full((6, row(synth).shape[1], 3), 255, np.uint8)
+    grid = np.vstack([row(synth), space, row(wide), space, row(real)])
     cv2.imwrite(str(HERE / "synthetic_vs_real.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(HERE / "example_overlay.png"), cv2.cvtColor(example_overlay(), cv2.COLOR_RGB2BGR))
 
