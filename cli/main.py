@@ -423,11 +423,18 @@ def evaluate(
 )
 @click.option(
     "--synth-variety",
-    type=click.Choice(["classic", "wide"]),
+    type=click.Choice(["classic", "wide", "mixed"]),
     default="classic",
     show_default=True,
     help="wide: domain-randomised synthetic fields (magnification 40x-100x, crowded red cells, blasts "
-    "across their range beside their look-alikes, mixed colours).",
+    "across their range beside their look-alikes, mixed colours); mixed: half classic, half wide.",
+)
+@click.option(
+    "--lr",
+    default=2e-3,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Peak learning rate.",
 )
 @click.option(
     "--init-from",
@@ -441,6 +448,7 @@ def train(
     from_run: Path | None,
     submit: bool,
     synth_variety: str,
+    lr: float,
     init_from: Path | None,
     synth_fields: int,
     epochs: int,
@@ -473,6 +481,7 @@ def train(
         synth_train=synth_fields,
         synth_variety=synth_variety,
         init_from=init_from,
+        lr=lr,
         max_epochs=epochs,
         steps_per_epoch=steps,
         patience=patience,

@@ -161,7 +161,7 @@ def synth_sample(
     magnification from 40x dry to 100x oil (0.08-0.3 um/px) and resampled to the model's scale as a
     real photo is, with red cells from sparse to crowded and overlapping, and the wide generator's cell
     looks (blasts across their range beside their look-alikes, colours mixed between mononuclear cells),
-    so that what the model learns is morphology, not the generator's style."""
+    so that what the model learns is morphology, not the generator's style. "mixed": either, by field."""
     rng = np.random.default_rng(seed)
     kwargs = {
         "blast_fraction": float(rng.choice([0.0, 0.15, 0.35, 0.6, 1.0])),
@@ -169,6 +169,8 @@ def synth_sample(
         "rbc_coverage": float(rng.uniform(0.15, 0.55)),
         "touching_fraction": float(rng.uniform(0.2, 0.6)),
     }
+    if variety == "mixed":  # half and half, field by field
+        variety = "wide" if rng.random() < 0.5 else "classic"
     if variety == "classic":
         field = generate_field(seed, size_px, size_px, mpp=model_mpp, **kwargs)
         image, classes, nuclei, instances = field.image, field.classes, field.nuclei, field.instances

@@ -109,7 +109,7 @@ Architecture: U-Net, depth 4, width 16 (0.45 M parameters), bilinear upsampling.
 - Split: `trainer/SPLIT.md` (test = image number divisible by 5, never loaded by the trainer).
 - Recipe: cross-entropy + Dice (classes), BCE + Dice (nucleus), BCE (markers); rotation, flip,
   scale 0.8-1.25, hue/saturation/brightness/gamma jitter, blur, noise; AdamW, one-cycle learning rate,
-  early stopping on the validation loss; seed 0; CPU (2 cores).
+  early stopping on the validation loss; CPU (2 cores).
 - Command: {recipe}.
 
 ## Licence of the training data
@@ -148,6 +148,9 @@ No real blast images were available: the sensitivity is on synthetic blasts, the
 real normal cells.
 
 ## Limits
+- Models fine-tuned on the wide generator tell blasts by size, chromatin, nucleoli and nucleus-to-cell
+  ratio, not by the generator's colours; on the classic synthetic fields, where colour alone separates
+  blasts from lymphocytes, such a model calls a few lymphocytes blasts (the figures above).
 - Blasts are learnt from synthetic cells only: no real blast images were available here. The blast
   figures above are on synthetic test fields; on real leukaemic smears they are unmeasured.
 - Real training cells come from two sources and two stains; other stains and scanners may need

@@ -59,6 +59,7 @@ RESUME_FORMAT = "blastq-resume/1"
 # Settings that may differ between a run and its resumption: where the checkpoint goes, and how fast.
 RESUME_FREE = ("out", "threads", "device")
 SPLITS = ("train", "val", "test")
+SYNTH_VARIETIES = (*VARIETIES, "mixed")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class TrainConfig:
     synth_train: int = 300  # synthetic fields in the training pool
     synth_val: int = 24
     synth_size_px: int = 320
-    # "classic" (the generator's own look) or "wide" (domain-randomised: datasets.synth_sample).
+    # "classic" (the generator's own look), "wide" (domain-randomised: datasets.synth_sample) or "mixed".
     synth_variety: str = "classic"
     # Start from this checkpoint's weights (same depth and width) instead of random ones: fine-tuning.
     init_from: Path | None = None
@@ -92,9 +93,9 @@ class TrainConfig:
         object.__setattr__(self, "pairs_dirs", tuple(Path(p) for p in self.pairs_dirs))
         if self.patch_px % 2 ** (self.depth - 1):
             raise InvalidConfig(f"patch_px={self.patch_px} must be a multiple of {2 ** (self.depth - 1)}")
-        if self.synth_variety not in VARIETIES:
+        if self.synth_variety not in SYNTH_VARIETIES:
             raise InvalidConfig(
-                f"synth_variety={self.synth_variety!r}: expected one of {', '.join(VARIETIES)}"
+                f"synth_variety={self.synth_variety!r}: expected one of {', '.join(SYNTH_VARIETIES)}"
             )
         if self.init_from is not None:
             object.__setattr__(self, "init_from", Path(self.init_from))

@@ -247,8 +247,8 @@ def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent
 
     with pytest.raises(InvalidConfig, match="synth_variety"):
         _tiny("x.pt", synth_variety="fancy")
-    for seed in range(4):
-        sample = synth_sample(seed, 160, 0.2, PreprocessConfig(), "wide")
+    for seed, variety in [(0, "wide"), (1, "wide"), (2, "mixed"), (3, "mixed")]:
+        sample = synth_sample(seed, 160, 0.2, PreprocessConfig(), variety)
         assert abs(sample.image.shape[0] - 160) <= 2 and sample.image.shape[:2] == sample.classes.shape
         assert sample.nucleus.shape == sample.classes.shape == sample.marker.shape
         # Nuclei and markers lie inside cells, as the generator drew them, after resampling too.

@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from blastq.cli.main import main
-from blastq.core.unet import default_model_path
+from blastq.core.unet import default_model_path, load_checkpoint
 
 
 def test_register_with_validation_records_the_score_promotion_compares(wbc_root, tmp_path, monkeypatch):
@@ -19,7 +19,8 @@ def test_register_with_validation_records_the_score_promotion_compares(wbc_root,
         main, ["models", "register", str(default_model_path()), "--validate-on", str(wbc_root)]
     )
     assert result.exit_code == 0, result.output
-    shown = runner.invoke(main, ["models", "show", "blastq-unet-1.0"])
+    version = load_checkpoint(default_model_path())[1].version  # the shipped model's
+    shown = runner.invoke(main, ["models", "show", version])
     metrics = json.loads(shown.output)["metrics"]
     parts = {k: v for k, v in metrics.items() if k != "validation_score"}
     assert set(parts) >= {"dataset1_val_cell_dice", "dataset2_val_nucleus_dice", "synthetic_val_blast_dice"}
