@@ -204,9 +204,13 @@ def run(
 
 def _scale_text(result) -> str:
     """ "0.200 um/px metadata", or for an estimate "0.200 um/px estimated, confidence 0.62"."""
+    from blastq.core.scale import LOW_CONFIDENCE
+
     text = f"{result.mpp:.3f} um/px {result.mpp_source}"
     if result.mpp_confidence is not None:
         text += f", confidence {result.mpp_confidence:.2f}"
+        if result.mpp_confidence < LOW_CONFIDENCE:
+            text += " (low: few red cells to measure; pass --mpp)"
     return text
 
 

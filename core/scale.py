@@ -32,6 +32,8 @@ from blastq.core.errors import InvalidSlide
 # The diameter of a red cell on a dried smear, the yardstick of every estimate.
 RED_CELL_DIAMETER_UM = 7.5
 ROUND_CELLS = "round cells"
+# Below this confidence an estimate rests on a handful of red cells or on measures that disagree: say so.
+LOW_CONFIDENCE = 0.2
 
 
 @dataclass(frozen=True)

@@ -425,3 +425,16 @@ def test_a_corrupt_tile_fails_the_whole_slide_with_one_line_and_no_files(cli, tm
     (line,) = [x for x in result.output.splitlines() if x.startswith("FAILED")]
     assert "bad.tif" in line and "cannot decode TIFF tile" in line
     assert [p for p in out.rglob("*") if p.is_file()] == []  # no half-written masks, no scratch
+
+
+def test_the_run_line_says_how_far_an_estimated_scale_can_be_trusted():
+    from types import SimpleNamespace
+
+    from blastq.cli.main import _scale_text
+
+    given = SimpleNamespace(mpp=0.1, mpp_source="user", mpp_confidence=None)
+    assert _scale_text(given) == "0.100 um/px user"
+    sure = SimpleNamespace(mpp=0.2, mpp_source="estimated", mpp_confidence=0.86)
+    assert _scale_text(sure) == "0.200 um/px estimated, confidence 0.86"
+    unsure = SimpleNamespace(mpp=0.116, mpp_source="estimated", mpp_confidence=0.04)
+    assert _scale_text(unsure).endswith("confidence 0.04 (low: few red cells to measure; pass --mpp)")
