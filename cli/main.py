@@ -441,6 +441,11 @@ def evaluate(
     help="Peak learning rate.",
 )
 @click.option(
+    "--wbc-only",
+    type=click.Choice(["dataset1", "dataset2"]),
+    help="Train on this segmentation_wbc source only (measure the model on the other, a lab it never saw).",
+)
+@click.option(
     "--init-from",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Fine-tune: start from this checkpoint's weights (same --width and --depth).",
@@ -453,6 +458,7 @@ def train(
     submit: bool,
     synth_variety: str,
     lr: float,
+    wbc_only: str | None,
     init_from: Path | None,
     synth_fields: int,
     epochs: int,
@@ -468,6 +474,7 @@ def train(
     Cross-entropy + Dice loss, rotation/flip/scale and colour augmentation, early stopping on the
     validation loss; the fixed split is in trainer/SPLIT.md (test images are never loaded).
     """
+    from blastq.trainer.datasets import WBC_DATASETS
     from blastq.trainer.train import TrainConfig, retrain
     from blastq.trainer.train import train as run_training
 
@@ -486,6 +493,7 @@ def train(
         synth_variety=synth_variety,
         init_from=init_from,
         lr=lr,
+        wbc_datasets=(wbc_only,) if wbc_only else WBC_DATASETS,
         max_epochs=epochs,
         steps_per_epoch=steps,
         patience=patience,

@@ -77,9 +77,10 @@ def wbc_split(number: int) -> str:
     return "train"
 
 
-def segmentation_wbc_items(
-    root: Path, split: str | None = None, datasets=("dataset1", "dataset2")
-) -> list[WbcItem]:
+WBC_DATASETS = ("dataset1", "dataset2")  # segmentation_wbc's two sources (labs, cameras, stains)
+
+
+def segmentation_wbc_items(root: Path, split: str | None = None, datasets=WBC_DATASETS) -> list[WbcItem]:
     """The crops of segmentation_wbc under `root`, optionally one split only."""
     root = Path(root)
     items = []

@@ -37,6 +37,7 @@ from blastq.core.wsi import file_sha256
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
     IGNORE,
+    WBC_DATASETS,
     Sample,
     name_split,
     pairs_items,
@@ -67,6 +68,8 @@ class TrainConfig:
     out: Path
     version: str = "unet-dev"
     wbc_root: Path | None = None  # segmentation_wbc folder; None trains on synthetic data only
+    # Which of its sources to train on: leave one out to measure the model on a lab it never saw.
+    wbc_datasets: tuple[str, ...] = WBC_DATASETS
     pairs_dirs: tuple[Path, ...] = ()  # folders of image/mask pairs, each with a labelmap.json
     synth_train: int = 300  # synthetic fields in the training pool
     synth_val: int = 24
@@ -99,6 +102,12 @@ class TrainConfig:
             )
         if self.init_from is not None:
             object.__setattr__(self, "init_from", Path(self.init_from))
+        object.__setattr__(self, "wbc_datasets", tuple(self.wbc_datasets))
+        unknown = sorted(set(self.wbc_datasets) - set(WBC_DATASETS))
+        if unknown or not self.wbc_datasets:
+            raise InvalidConfig(
+                f"wbc_datasets={list(self.wbc_datasets)}: choose from {', '.join(WBC_DATASETS)}"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise InvalidConfig(f"device={self.device!r}: expected cpu, cuda or cuda:N")
         if self.synth_train < 1 and self.wbc_root is None and not self.pairs_dirs:
@@ -172,6 +181,10 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         if not isinstance(value, str | Path):
             raise bad("a path")
         return Path(value)
+    if kind == "tuple[str, ...]":
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of names")
+        return tuple(value)
     if kind == "tuple[Path, ...]":
         if isinstance(value, str | Path) or not all(isinstance(v, str | Path) for v in value):
             raise bad("a list of paths")
@@ -226,7 +239,7 @@ def split_manifest(cfg: TrainConfig) -> dict[str, Any]:
         },
     }
     if cfg.wbc_root is not None:
-        items = segmentation_wbc_items(cfg.wbc_root)
+        items = segmentation_wbc_items(cfg.wbc_root, datasets=cfg.wbc_datasets)
         parts["segmentation_wbc"] = {
             sp: _id_list([f"{it.dataset}/{it.image_path.name}" for it in items if wbc_split(it.number) == sp])
             for sp in SPLITS
@@ -283,7 +296,8 @@ def _trained_on(cfg: TrainConfig, split_sha256: str, run_path: Path) -> str:
         else []
     )
     if cfg.wbc_root is not None:
-        parts.append("segmentation_wbc train split")
+        only = "" if cfg.wbc_datasets == WBC_DATASETS else f" ({', '.join(cfg.wbc_datasets)} only)"
+        parts.append(f"segmentation_wbc train split{only}")
     parts += [f"pairs folder {Path(d).name} train split" for d in cfg.pairs_dirs]
     start = "" if cfg.init_from is None else f"; fine-tuned from {file_sha256(cfg.init_from)[:16]}"
     return (
@@ -328,7 +342,7 @@ def _pool(cfg: TrainConfig, split: str, progress: Callable[[str], None]) -> list
     if cfg.wbc_root is not None:
         samples += [
             wbc_sample(it, cfg.model_mpp, cfg.preprocess)
-            for it in segmentation_wbc_items(cfg.wbc_root, split)
+            for it in segmentation_wbc_items(cfg.wbc_root, split, datasets=cfg.wbc_datasets)
         ]
     for folder in cfg.pairs_dirs:
         samples += [pairs_sample(it, cfg.model_mpp, cfg.preprocess) for it in pairs_items(folder, split)]

@@ -213,6 +213,21 @@ def test_the_split_manifest_lists_segmentation_wbc_by_the_written_rule(tmp_path,
     assert moved["sha256"] == split["sha256"]  # the split, not the run's other settings
 
 
+def test_one_source_left_out_is_never_in_the_split(tmp_path, wbc_root):
+    from blastq.trainer.train import split_manifest
+
+    split = split_manifest(_tiny(tmp_path / "x.pt", wbc_root=wbc_root, wbc_datasets=("dataset1",)))
+    wbc = split["segmentation_wbc"]
+    assert [wbc[sp]["count"] for sp in ("train", "val", "test")] == [210, 30, 60]
+    assert not any(name.startswith("dataset2/") for sp in ("train", "val", "test") for name in wbc[sp]["ids"])
+    cfg = _tiny(tmp_path / "x.pt", wbc_root=wbc_root, wbc_datasets=("dataset1",))
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_json(path).wbc_datasets == ("dataset1",)
+    with pytest.raises(InvalidConfig, match="wbc_datasets"):
+        _tiny(tmp_path / "x.pt", wbc_datasets=("dataset3",))
+
+
 def test_fine_tuning_starts_from_the_given_checkpoint_and_records_it(tmp_path):
     first = train(_tiny(tmp_path / "a.pt"), progress=lambda _: None)
     start, _ = load_checkpoint(first.checkpoint)
