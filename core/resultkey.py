@@ -18,14 +18,24 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from blastq.core.slide import MppSource
 
 if TYPE_CHECKING:
-    from blastq.core.pipeline import PipelineConfig
     from blastq.core.unet import ModelInfo
-    from blastq.core.wholeslide import WholeSlideConfig
+
+
+# What a key needs of the pipeline's and the whole-slide chunking's configs (core.pipeline.PipelineConfig,
+# core.wholeslide.WholeSlideConfig). Protocols, not imports: those modules import this one.
+class PipelineConfig(Protocol):
+    def key(self) -> str: ...
+
+
+class WholeSlideConfig(Protocol):
+    chunk_px: int
+    margin_px: int
+
 
 # Names `core.scale.estimate_scale` (7.5 um red cells: circles, granulometry and round isolated cells).
 # Change it when the estimator changes: results with estimated scales are then computed again.
