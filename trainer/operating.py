@@ -25,7 +25,7 @@ from blastq.core.pipeline import PipelineConfig, process_slide
 from blastq.core.slide import Slide, read_slide
 from blastq.core.synth import generate_field
 from blastq.core.unet import ModelInfo
-from blastq.trainer.datasets import segmentation_wbc_items, wbc_split
+from blastq.trainer.datasets import read_wbc_mask, segmentation_wbc_items, wbc_split
 
 WIDE_TEST_SEED0 = 9_100_000
 WIDE_TEST_SIZE_PX = 768
@@ -84,13 +84,11 @@ def real_normal_shares(
     engine: Engine, info: ModelInfo, wbc_root: Path, tick: Callable[[], None] | None = None
 ) -> tuple[list[float], list[float]]:
     """The blast share of the labelled white cell of each segmentation_wbc crop: (test split, the rest)."""
-    import cv2
-
     test, other = [], []
     for item in segmentation_wbc_items(wbc_root):
         slide = read_slide(item.image_path, mpp=item.mpp)
         result = process_slide(slide, engine, info, _KEEP_ALL)
-        truth = cv2.imread(str(item.mask_path), cv2.IMREAD_GRAYSCALE) >= 96
+        truth = read_wbc_mask(item.mask_path) > 0  # the labelled white cell
         overlaps = [
             (int(np.count_nonzero((result.maps.instances == c.cell_id) & truth)), c)
             for c in result.maps.cells
