@@ -434,6 +434,23 @@ def evaluate(
     "across their range beside their look-alikes, mixed colours); mixed: half classic, half wide.",
 )
 @click.option(
+    "--synth-families",
+    default="mgg,wright,wright_giemsa,leishman",
+    show_default=True,
+    callback=lambda ctx, param, value: tuple(v.strip() for v in value.split(",") if v.strip()),
+    help="Stain families wide fields are drawn in, comma-separated; leave one out to measure the model on "
+    "a stain it never saw.",
+)
+@click.option(
+    "--synth-mpp",
+    type=(click.FloatRange(0.02, 2.0), click.FloatRange(0.02, 2.0)),
+    default=(0.08, 0.3),
+    show_default=True,
+    metavar="MIN MAX",
+    help="Magnifications (um/px) wide fields are rendered at before resampling to the model's scale; "
+    "0.08-0.3 spans 100x oil to 40x dry.",
+)
+@click.option(
     "--lr",
     default=2e-3,
     show_default=True,
@@ -457,6 +474,8 @@ def train(
     from_run: Path | None,
     submit: bool,
     synth_variety: str,
+    synth_families: tuple[str, ...],
+    synth_mpp: tuple[float, float],
     lr: float,
     wbc_only: str | None,
     init_from: Path | None,
@@ -491,6 +510,9 @@ def train(
         wbc_root=wbc_root,
         synth_train=synth_fields,
         synth_variety=synth_variety,
+        synth_families=synth_families,
+        synth_mpp_min=synth_mpp[0],
+        synth_mpp_max=synth_mpp[1],
         init_from=init_from,
         lr=lr,
         wbc_datasets=(wbc_only,) if wbc_only else WBC_DATASETS,

@@ -47,15 +47,35 @@ _LOOK_DIAMETER_UM: Mapping[str, tuple[float, float]] = {
     "monoblast": (15.0, 22.0),  # abundant grey-blue cytoplasm, round or folded nucleus, fine chromatin
     "large_lymphocyte": (10.0, 15.0),  # more pale-blue cytoplasm, still clumped chromatin, no nucleoli
     "plasma_cell": (9.0, 14.0),  # eccentric nucleus, coarse "clock-face" chromatin, deep blue cytoplasm
+    "large_granular_lymphocyte": (11.0, 15.0),  # abundant pale cytoplasm, a few coarse azurophilic granules
 }
 # For each kind, the looks of a wide field and their weights ("" = the kind's own renderer).
 _WIDE_LOOKS: Mapping[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
     "blast": (("", "blast_l1", "blast_l2", "monoblast"), (0.3, 0.35, 0.2, 0.15)),
-    "lymphocyte": (("", "large_lymphocyte", "plasma_cell"), (0.55, 0.33, 0.12)),
+    "lymphocyte": (
+        ("", "large_lymphocyte", "plasma_cell", "large_granular_lymphocyte"),
+        (0.5, 0.28, 0.11, 0.11),
+    ),
 }
 LOOKS: tuple[str, ...] = tuple(_LOOK_DIAMETER_UM)
 _MONONUCLEAR = frozenset({"lymphocyte", "monocyte", "blast"})
 VARIETIES = ("classic", "wide")
+
+# Named stain families of wide fields. The generator's own colours (_STAIN_RGB) are May-Grunwald-Giemsa;
+# each other family tints the two dyes' optical density per channel (R, G, B absorption): Wright stains
+# nuclei bluer and red cells salmon, Leishman nuclei redder purple and red cells pink, Wright-Giemsa sits
+# between. They are caricatures of each family, not measurements of one lab's: together with the depth of
+# staining, the light and the camera's gamma they make colour something the model cannot rely on.
+STAIN_FAMILIES: tuple[str, ...] = ("mgg", "wright", "wright_giemsa", "leishman")
+_FAMILY_TINT: Mapping[str, Mapping[str, tuple[float, float, float]]] = {
+    "mgg": {"azure": (1.0, 1.0, 1.0), "eosin": (1.0, 1.0, 1.0)},
+    "wright": {"azure": (1.14, 0.97, 0.8), "eosin": (0.8, 1.0, 1.25)},
+    "wright_giemsa": {"azure": (1.07, 1.0, 0.9), "eosin": (0.9, 1.0, 1.12)},
+    "leishman": {"azure": (0.88, 1.02, 1.14), "eosin": (1.02, 0.95, 0.88)},
+}
+# Objects of wide fields that are not white cells, drawn as background so the model learns to leave them
+# out of the count: nucleated red cells, smudge cells (broken lymphocytes), platelet clumps, stain debris.
+DECOY_KINDS: tuple[str, ...] = ("nrbc", "smudge", "platelet_clump", "debris")
 
 # Stain colours as RGB at unit density under white light, each tied to the dye that carries it so one
 # per-field gain can make a whole smear eosin-heavy or azure-weak, as real staining runs do. They were
@@ -112,6 +132,14 @@ class SynthCell:
     look: str = ""  # the variant drawn (LOOKS), e.g. "blast_l1" or "plasma_cell"; "" = the kind's own
 
 
+@dataclass(frozen=True)
+class SynthDecoy:
+    """A drawn object that is not a white cell (DECOY_KINDS): background in every mask."""
+
+    kind: str
+    centroid_xy: tuple[float, float]  # px
+
+
 # eq=False: the generated __eq__/__hash__ would compare arrays element-wise and raise.
 @dataclass(frozen=True, eq=False)
 class SynthField:
@@ -124,6 +152,8 @@ class SynthField:
     cells: tuple[SynthCell, ...]
     mpp: float
     seed: int
+    stain_family: str = ""  # STAIN_FAMILIES, or "" for a classic field's own stain
+    decoys: tuple[SynthDecoy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,6 +227,7 @@ def generate_field(
     stain_seed: int | None = None,
     rbc_overlap: float = 0.2,
     variety: str = "classic",
+    stain_family: str | None = None,
 ) -> SynthField:
     """Render one synthetic smear field (RGB HWC uint8) with its class, nucleus and instance truth.
 
@@ -204,28 +235,47 @@ def generate_field(
     slide share one stain, as one slide does); everything else still follows `seed`. `rbc_overlap`: the
     share of red cells that may overlap others (crowded, thick areas near 1). `variety`: "classic" draws
     one look per kind; "wide" draws blasts across their range (L1, L2, myeloblasts, monoblasts) beside
-    their look-alikes (large lymphocytes, plasma cells), each cell's look in `SynthCell.look`."""
+    their look-alikes (large, reactive and large granular lymphocytes, plasma cells), each cell's look in
+    `SynthCell.look`, in a named stain family (STAIN_FAMILIES) stained pale to heavy, through a camera
+    gamma, with rouleaux and objects that are not white cells (SynthField.decoys: nucleated red cells,
+    smudge cells, platelet clumps, stain debris). `stain_family`: the family to stain in; a wide field
+    draws one when it is None, a classic field keeps the generator's own stain. What a wide field adds is
+    drawn from streams of its own, so the red and white cells of a seed stay where they were."""
     _check_args(height_px, width_px, mpp, blast_fraction, wbc_per_10k_um2, rbc_coverage, touching_fraction)
     if not 0.0 <= rbc_overlap <= 1.0:
         raise InvalidConfig(f"rbc_overlap must be within 0..1, got {rbc_overlap}")
     if variety not in VARIETIES:
         raise InvalidConfig(f"variety must be one of {', '.join(VARIETIES)}, got {variety!r}")
+    if stain_family is not None and stain_family not in STAIN_FAMILIES:
+        raise InvalidConfig(f"stain_family must be one of {', '.join(STAIN_FAMILIES)}, got {stain_family!r}")
+    wide = variety == "wide"
     rng = np.random.default_rng(seed)
     h_um, w_um = height_px * mpp, width_px * mpp
     stain = _sample_stain(rng)
     if stain_seed is not None:
         stain = _sample_stain(np.random.default_rng(stain_seed))
+    family, gamma = "", 1.0
+    if wide or stain_family is not None:
+        # One slide, one staining run: the family and its depth follow the stain's seed.
+        look_rng = np.random.default_rng([seed if stain_seed is None else stain_seed, 1])
+        family = stain_family or str(look_rng.choice(STAIN_FAMILIES))
+        stain = _in_family(stain, family, look_rng)
+        gamma = float(look_rng.uniform(0.75, 1.35)) if wide else 1.0
+    extra = np.random.default_rng([seed, 2])  # rouleaux and decoys of wide fields
     plans = _place_white_cells(
         rng, h_um, w_um, mpp, blast_fraction, wbc_per_10k_um2, touching_fraction, variety
     )
 
     od = _plasma(rng, height_px, width_px, stain)
     rbcs = _place_red_cells(rng, h_um, w_um, rbc_coverage, plans, rbc_overlap)
+    if wide:
+        rbcs = np.concatenate([rbcs, _rouleaux(extra, h_um, w_um, plans)])
     rbc_layer = np.zeros((height_px, width_px), np.float32)
     _draw_red_cells(rbc_layer, rbcs, mpp)
     od += rbc_layer[..., None] * stain.od["rbc"]
     del rbc_layer
     _draw_platelets(od, rng, rbcs, h_um, w_um, mpp, stain)
+    decoys = _draw_decoys(od, extra, plans, h_um, w_um, mpp, stain) if wide else ()
 
     classes = np.zeros((height_px, width_px), np.uint8)
     nuclei = np.zeros((height_px, width_px), bool)
@@ -238,8 +288,8 @@ def generate_field(
     # Everything below changes pixels only, never geometry or truth.
     if artefacts:
         _draw_precipitate(od, rng, mpp, stain)
-    image = _expose(od, rng, stain, mpp, artefacts)
-    return SynthField(image, classes, nuclei, instances, cells, float(mpp), int(seed))
+    image = _expose(od, rng, stain, mpp, artefacts, gamma)
+    return SynthField(image, classes, nuclei, instances, cells, float(mpp), int(seed), family, decoys)
 
 
 # Generated truth goes to a sub-folder, never beside the image: a folder or glob given to `blastq run` or
@@ -372,6 +422,24 @@ def _sample_stain(rng: np.random.Generator) -> _Stain:
     light = np.clip(light + rng.normal(0.0, 0.015, 3), 0.6, 1.0) * rng.uniform(0.92, 1.06)
     plasma = np.asarray(_PLASMA_OD[rng.integers(len(_PLASMA_OD))]) * rng.uniform(0.5, 1.6)
     return _Stain(od, light.astype(np.float32), plasma.astype(np.float32))
+
+
+def _in_family(stain: _Stain, family: str, rng: np.random.Generator) -> _Stain:
+    """`stain` tinted to a stain family, and stained pale (one run in five), heavy (one in seven) or
+    near normal, each dye a little more or less than the other."""
+    roll = rng.random()
+    if roll < 0.2:
+        depth = rng.uniform(0.5, 0.75)
+    elif roll < 0.35:
+        depth = rng.uniform(1.2, 1.5)
+    else:
+        depth = rng.uniform(0.85, 1.15)
+    gains = {
+        dye: depth * rng.uniform(0.88, 1.12) * np.asarray(tint, np.float32)
+        for dye, tint in _FAMILY_TINT[family].items()
+    }
+    od = {name: (vec * gains[_STAIN_RGB[name][1]]).astype(np.float32) for name, vec in stain.od.items()}
+    return _Stain(od, stain.light, stain.plasma)
 
 
 def _sample_outline(rng: np.random.Generator, kind: str, look: str = "") -> _Outline:
@@ -635,7 +703,6 @@ def _draw_platelets(
     mpp: float,
     stain: _Stain,
 ) -> None:
-    h, w = od.shape[:2]
     # Roughly one platelet per 15 red cells; some gather in small clumps.
     n = int(rng.poisson(max(len(rbcs), 1) / 15.0))
     xs, ys = list(rng.uniform(0, w_um, n)), list(rng.uniform(0, h_um, n))
@@ -644,26 +711,185 @@ def _draw_platelets(
             m = int(rng.integers(3, 9))
             xs += list(xs[k] + rng.normal(0, 1.8, m))
             ys += list(ys[k] + rng.normal(0, 1.8, m))
-    vec = stain.od["platelet"]
     for x, y in zip(xs, ys, strict=True):
-        radius = rng.uniform(0.9, 1.5) / mpp
-        outline = _Outline(
-            radius, tuple((k, rng.uniform(0.0, 0.12), rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4))
-        )
-        cx, cy = x / mpp, y / mpp
-        box = _box(cx, cy, outline.bound + 2, h, w)
-        if box is None:
-            continue
-        y0, y1, x0, x1 = box
-        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
-        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
-        d = np.hypot(dx, dy) - outline.radius_at(np.arctan2(dy, dx))
-        alpha = np.clip(0.5 - d, 0.0, 1.0)
-        # Pale hyalomere with a granular purple centre (granulomere).
-        grains = np.clip(_smooth_noise(rng, alpha.shape, 0.12 / mpp) + 0.3, 0.0, None)
-        centre = np.exp(-((np.hypot(dx, dy) / (0.6 * radius)) ** 2))
-        density = alpha * (0.35 + 0.45 * centre * grains) * rng.uniform(0.8, 1.2)
-        od[y0:y1, x0:x1] += density[..., None] * vec
+        _draw_platelet(od, rng, x, y, mpp, stain.od["platelet"])
+
+
+def _draw_platelet(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, vec: np.ndarray) -> None:
+    h, w = od.shape[:2]
+    radius = rng.uniform(0.9, 1.5) / mpp
+    outline = _Outline(
+        radius, tuple((k, rng.uniform(0.0, 0.12), rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4))
+    )
+    cx, cy = x / mpp, y / mpp
+    box = _box(cx, cy, outline.bound + 2, h, w)
+    if box is None:
+        return
+    y0, y1, x0, x1 = box
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+    d = np.hypot(dx, dy) - outline.radius_at(np.arctan2(dy, dx))
+    alpha = np.clip(0.5 - d, 0.0, 1.0)
+    # Pale hyalomere with a granular purple centre (granulomere).
+    grains = np.clip(_smooth_noise(rng, alpha.shape, 0.12 / mpp) + 0.3, 0.0, None)
+    centre = np.exp(-((np.hypot(dx, dy) / (0.6 * radius)) ** 2))
+    density = alpha * (0.35 + 0.45 * centre * grains) * rng.uniform(0.8, 1.2)
+    od[y0:y1, x0:x1] += density[..., None] * vec
+
+
+def _rouleaux(rng: np.random.Generator, h_um: float, w_um: float, plans: list[_WhiteCellPlan]) -> np.ndarray:
+    """Red cells stacked like coins (rows in `_place_red_cells`' layout), in a third of wide fields: 1-4
+    stacks of 4-10 cells, each overlapping the last by 40-65%, their central pallor lost. They stay off
+    the white cells, which are drawn over everything."""
+    rows: list[list[float]] = []
+    if rng.random() < 0.3:
+        for _ in range(int(rng.integers(1, 5))):
+            x, y, theta = rng.uniform(0, w_um), rng.uniform(0, h_um), rng.uniform(0, math.pi)
+            radius = rng.uniform(3.4, 4.1)
+            step = rng.uniform(0.35, 0.6) * 2 * radius
+            for k in range(int(rng.integers(4, 11))):
+                rows.append(
+                    [
+                        x + k * step * math.cos(theta),
+                        y + k * step * math.sin(theta),
+                        radius * rng.uniform(0.97, 1.03),
+                        rng.uniform(0.0, 0.05),
+                        theta + math.pi / 2,
+                        rng.uniform(0.05, 0.2),
+                        rng.uniform(0.05, 0.15),
+                        rng.uniform(0.9, 1.1),
+                        rng.uniform(0.0, 0.02),
+                        rng.uniform(0.0, 2 * math.pi),
+                    ]
+                )
+    out = np.asarray(rows, np.float64).reshape(-1, 10)
+    for plan in plans:
+        if len(out):
+            out = out[np.hypot(out[:, 0] - plan.x_um, out[:, 1] - plan.y_um) >= plan.outline.bound + out[:, 2]]
+    return out
+
+
+# Per decoy kind: the chance a wide field has any, how many per 10,000 um^2 when it does, the radius (um)
+# kept clear of white cells.
+_DECOY_PLAN: Mapping[str, tuple[float, float, float]] = {
+    "nrbc": (0.35, 1.5, 5.0),
+    "smudge": (0.3, 1.5, 9.5),
+    "platelet_clump": (0.25, 0.8, 7.0),
+    "debris": (0.3, 1.5, 4.5),
+}
+
+
+def _draw_decoys(
+    od: np.ndarray,
+    rng: np.random.Generator,
+    plans: list[_WhiteCellPlan],
+    h_um: float,
+    w_um: float,
+    mpp: float,
+    stain: _Stain,
+) -> tuple[SynthDecoy, ...]:
+    """Objects that are not white cells, painted into the background (so every mask calls them
+    background) clear of the white cells: the hard negatives of a count of white cells."""
+    wanted: list[str] = []
+    for kind, (chance, per_10k, _) in _DECOY_PLAN.items():
+        if rng.random() < chance:
+            wanted += [kind] * min(12, max(1, int(rng.poisson(per_10k * h_um * w_um / 1e4))))
+    decoys, taken = [], [(p.x_um, p.y_um, p.outline.bound) for p in plans]
+    for kind in wanted:
+        clear = _DECOY_PLAN[kind][2]
+        for _ in range(20):
+            x, y = rng.uniform(clear, max(w_um - clear, clear)), rng.uniform(clear, max(h_um - clear, clear))
+            if all(math.hypot(x - tx, y - ty) > reach + clear for tx, ty, reach in taken):
+                break
+        else:
+            continue  # the field is full
+        _DECOY_PAINTERS[kind](od, rng, x, y, mpp, stain)
+        decoys.append(SynthDecoy(kind, (x / mpp, y / mpp)))
+        taken.append((x, y, clear))
+    return tuple(decoys)
+
+
+def _decoy_grid(
+    od: np.ndarray, x: float, y: float, mpp: float, reach_um: float
+) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None:
+    h, w = od.shape[:2]
+    cx, cy = x / mpp, y / mpp
+    box = _box(cx, cy, reach_um / mpp + 2, h, w)
+    if box is None:
+        return None
+    y0, y1, x0, x1 = box
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+    return box, dx, dy
+
+
+def _paint_nrbc(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain) -> None:
+    """A nucleated red cell: a red-cell-sized disc of pink to pinkish-grey (orthochromatic to
+    polychromatic) cytoplasm around a small, round, very dense (pyknotic) nucleus, often off centre."""
+    radius = rng.uniform(3.3, 4.8)
+    got = _decoy_grid(od, x, y, mpp, radius * 1.2)
+    if got is None:
+        return
+    (y0, y1, x0, x1), dx, dy = got
+    d_cell = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius / mpp, 0.02))
+    rn = rng.uniform(0.35, 0.55) * radius / mpp
+    phi, shift = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.8) * (radius / mpp - rn)
+    d_nuc = np.hypot(dx - shift * math.cos(phi), dy - shift * math.sin(phi)) - rn
+    a_cell = np.clip(0.5 - d_cell, 0.0, 1.0)[..., None]
+    a_nuc = np.clip(0.5 - d_nuc, 0.0, 1.0)[..., None] * a_cell
+    t = rng.uniform(0.5, 1.0)
+    cyt = t * stain.od["rbc"] + (1.0 - t) * 0.8 * stain.od["lymphocyte_cytoplasm"]
+    dense = rng.uniform(1.2, 1.5) * (1.0 + 0.04 * _smooth_noise(rng, d_cell.shape, 0.2 / mpp))
+    cell_od = cyt * (1.0 - a_nuc) + dense[..., None] * stain.od["lymphocyte_nucleus"] * a_nuc
+    region = od[y0:y1, x0:x1]
+    region *= 1.0 - 0.8 * a_cell
+    region += a_cell * cell_od
+
+
+def _paint_smudge(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain) -> None:
+    """A smudge cell: the chromatin of a broken lymphocyte spread into a pale, streaky, ragged patch
+    with no cytoplasm and no membrane."""
+    radius = rng.uniform(4.0, 8.5)
+    got = _decoy_grid(od, x, y, mpp, radius * 1.35)
+    if got is None:
+        return
+    (y0, y1, x0, x1), dx, dy = got
+    d = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius / mpp, 0.12))
+    alpha = np.clip(0.5 - d * (mpp / 0.8), 0.0, 1.0)  # a soft, frayed edge about a micron wide
+    strands = np.exp(-(_smooth_noise(rng, d.shape, 0.3 / mpp) ** 2) / 0.3)
+    density = alpha * (0.2 + 0.45 * strands) * rng.uniform(0.7, 1.2)
+    od[y0:y1, x0:x1] += density[..., None] * stain.od["lymphocyte_nucleus"]
+
+
+def _paint_platelet_clump(
+    od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain
+) -> None:
+    """Ten to thirty platelets heaped together: a purple, granular clump the size of a white cell."""
+    spread = rng.uniform(1.5, 3.0)
+    for _ in range(int(rng.integers(10, 31))):
+        px, py = x + rng.normal(0.0, spread), y + rng.normal(0.0, spread)
+        _draw_platelet(od, rng, px, py, mpp, stain.od["platelet"])
+
+
+def _paint_debris(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain) -> None:
+    """Stain debris: a ragged, dark, dye-coloured blob of one to four microns."""
+    radius = rng.uniform(0.8, 2.2)
+    got = _decoy_grid(od, x, y, mpp, radius * 1.6)
+    if got is None:
+        return
+    (y0, y1, x0, x1), dx, dy = got
+    d = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius / mpp, 0.2))
+    alpha = np.clip(0.5 - d, 0.0, 1.0)
+    density = alpha * rng.uniform(0.5, 1.3) * (1.0 + 0.2 * _smooth_noise(rng, d.shape, 0.3 / mpp))
+    od[y0:y1, x0:x1] += np.clip(density, 0.0, None)[..., None] * stain.od["precipitate"]
+
+
+_DECOY_PAINTERS: Mapping[str, Callable[[np.ndarray, np.random.Generator, float, float, float, _Stain], None]] = {
+    "nrbc": _paint_nrbc,
+    "smudge": _paint_smudge,
+    "platelet_clump": _paint_platelet_clump,
+    "debris": _paint_debris,
+}
 
 
 def _plasma(rng: np.random.Generator, h: int, w: int, stain: _Stain) -> np.ndarray:
@@ -965,6 +1191,23 @@ def _render_plasma_cell(rng: np.random.Generator, g: _Grid, stain: _Stain, shape
     return d_nuc, chromatin, stain.od["lymphocyte_nucleus"], cyt[..., None] * stain.od["lymphocyte_cytoplasm"]
 
 
+def _render_large_granular_lymphocyte(
+    rng: np.random.Generator, g: _Grid, stain: _Stain, shape: tuple[int, int]
+) -> _Look:
+    """A large granular lymphocyte: a lymphocyte's clumped round nucleus, often eccentric, in abundant
+    pale cytoplasm holding a few coarse red-purple (azurophilic) granules."""
+    d_nuc, _ = _round_nucleus(rng, g, rng.uniform(0.35, 0.55), 0.9, 0.04)
+    clumps = _smooth_noise(rng, shape, 0.45 / g.mpp)
+    chromatin = 1.0 + 0.22 * np.clip(clumps, -1.2, 1.5) + 0.08 * _smooth_noise(rng, shape, 0.15 / g.mpp)
+    cyt = 0.7 + 0.08 * _smooth_noise(rng, shape, 1.0 / g.mpp)
+    cyt_od = cyt[..., None] * stain.od["lymphocyte_cytoplasm"]
+    for _ in range(int(rng.integers(3, 12))):
+        a, rr = rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 0.85) * g.radius_px
+        grain = _disc_alpha(g, rr * math.cos(a), rr * math.sin(a), rng.uniform(0.2, 0.4) / g.mpp)
+        cyt_od = cyt_od + grain[..., None] * stain.od["neutrophil_granule"] * rng.uniform(1.0, 2.0)
+    return d_nuc, chromatin, stain.od["lymphocyte_nucleus"], cyt_od
+
+
 _RENDERERS: Mapping[str, Callable[[np.random.Generator, _Grid, _Stain, tuple[int, int]], _Look]] = {
     "neutrophil": _render_neutrophil,
     "lymphocyte": _render_lymphocyte,
@@ -976,6 +1219,7 @@ _RENDERERS: Mapping[str, Callable[[np.random.Generator, _Grid, _Stain, tuple[int
     "monoblast": _render_monoblast,
     "large_lymphocyte": _render_large_lymphocyte,
     "plasma_cell": _render_plasma_cell,
+    "large_granular_lymphocyte": _render_large_granular_lymphocyte,
 }
 
 
@@ -1093,7 +1337,7 @@ def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _expose(
-    od: np.ndarray, rng: np.random.Generator, stain: _Stain, mpp: float, artefacts: bool
+    od: np.ndarray, rng: np.random.Generator, stain: _Stain, mpp: float, artefacts: bool, gamma: float = 1.0
 ) -> np.ndarray:
     h, w = od.shape[:2]
     np.negative(od, out=od)
@@ -1108,6 +1352,9 @@ def _expose(
         noise = rng.standard_normal(image.shape, dtype=np.float32)
         noise *= read + shot * np.sqrt(np.maximum(image, 0.0))
         image += noise
+        if gamma != 1.0:  # the camera's tone curve
+            np.clip(image, 0.0, 255.0, out=image)
+            image = (255.0 * (image / 255.0) ** gamma).astype(np.float32)
     image += 0.5
     np.clip(image, 0.0, 255.0, out=image)
     image = image.astype(np.uint8)

@@ -29,7 +29,14 @@ from scipy import ndimage as ndi
 from blastq.core.errors import BlastqError, InvalidDataset
 from blastq.core.preprocess import PreprocessConfig, preprocess, resample, resample_labels
 from blastq.core.slide import image_size
-from blastq.core.synth import TRUTH_FOLDER, TRUTH_SUFFIXES, find_truth, generate_field, read_field_masks
+from blastq.core.synth import (
+    STAIN_FAMILIES,
+    TRUTH_FOLDER,
+    TRUTH_SUFFIXES,
+    find_truth,
+    generate_field,
+    read_field_masks,
+)
 from blastq.core.unet import CLASS_NAMES
 
 IGNORE = 255
@@ -153,8 +160,19 @@ def wbc_sample(item: WbcItem, model_mpp: float, config: PreprocessConfig) -> Sam
     )
 
 
+# The magnifications wide training fields are rendered at (um/px): 40x dry to 100x oil on common cameras.
+WIDE_MPP_RANGE = (0.08, 0.3)
+
+
 def synth_sample(
-    seed: int, size_px: int, model_mpp: float, config: PreprocessConfig, variety: str = "classic"
+    seed: int,
+    size_px: int,
+    model_mpp: float,
+    config: PreprocessConfig,
+    variety: str = "classic",
+    *,
+    families: tuple[str, ...] = STAIN_FAMILIES,
+    mpp_range: tuple[float, float] = WIDE_MPP_RANGE,
 ) -> Sample:
     """A synthetic field with varied blast fraction and density, at the model's scale.
 
@@ -162,7 +180,8 @@ def synth_sample(
     magnification from 40x dry to 100x oil (0.08-0.3 um/px) and resampled to the model's scale as a
     real photo is, with red cells from sparse to crowded and overlapping, and the wide generator's cell
     looks (blasts across their range beside their look-alikes, colours mixed between mononuclear cells),
-    so that what the model learns is morphology, not the generator's style. "mixed": either, by field."""
+    so that what the model learns is morphology, not the generator's style. "mixed": either, by field.
+    `families` and `mpp_range`: the stain families and magnifications wide fields are drawn from."""
     rng = np.random.default_rng(seed)
     kwargs = {
         "blast_fraction": float(rng.choice([0.0, 0.15, 0.35, 0.6, 1.0])),
@@ -176,7 +195,7 @@ def synth_sample(
         field = generate_field(seed, size_px, size_px, mpp=model_mpp, **kwargs)
         image, classes, nuclei, instances = field.image, field.classes, field.nuclei, field.instances
     else:
-        render_mpp = float(np.exp(rng.uniform(np.log(0.08), np.log(0.3))))
+        render_mpp = float(np.exp(rng.uniform(np.log(mpp_range[0]), np.log(mpp_range[1]))))
         render_px = max(16, round(size_px * model_mpp / render_mpp))
         kwargs["rbc_coverage"] = float(rng.uniform(0.05, 1.0))
         field = generate_field(
@@ -186,6 +205,8 @@ def synth_sample(
             mpp=render_mpp,
             rbc_overlap=float(rng.uniform(0.0, 0.9)),
             variety=variety,
+            # All families: the generator draws one (from its own stream); else one of those given.
+            stain_family=None if set(families) == set(STAIN_FAMILIES) else str(rng.choice(families)),
             **kwargs,
         )
         image = resample(field.image, render_mpp, model_mpp)

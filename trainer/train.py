@@ -31,13 +31,14 @@ import torch
 
 from blastq.core.errors import InvalidConfig, InvalidDataset
 from blastq.core.preprocess import PreprocessConfig
-from blastq.core.synth import VARIETIES
+from blastq.core.synth import STAIN_FAMILIES, VARIETIES
 from blastq.core.unet import ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
 from blastq.core.wsi import file_sha256
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
     IGNORE,
     WBC_DATASETS,
+    WIDE_MPP_RANGE,
     Sample,
     name_split,
     pairs_items,
@@ -76,6 +77,11 @@ class TrainConfig:
     synth_size_px: int = 320
     # "classic" (the generator's own look), "wide" (domain-randomised: datasets.synth_sample) or "mixed".
     synth_variety: str = "classic"
+    # The stain families and the magnifications (um/px) wide fields are drawn in: leave some out to
+    # measure the model on a stain or a magnification it never saw.
+    synth_families: tuple[str, ...] = STAIN_FAMILIES
+    synth_mpp_min: float = WIDE_MPP_RANGE[0]
+    synth_mpp_max: float = WIDE_MPP_RANGE[1]
     # Start from this checkpoint's weights (same depth and width) instead of random ones: fine-tuning.
     init_from: Path | None = None
     model_mpp: float = 0.2
@@ -99,6 +105,17 @@ class TrainConfig:
         if self.synth_variety not in SYNTH_VARIETIES:
             raise InvalidConfig(
                 f"synth_variety={self.synth_variety!r}: expected one of {', '.join(SYNTH_VARIETIES)}"
+            )
+        object.__setattr__(self, "synth_families", tuple(self.synth_families))
+        strange = sorted(set(self.synth_families) - set(STAIN_FAMILIES))
+        if strange or not self.synth_families:
+            raise InvalidConfig(
+                f"synth_families={list(self.synth_families)}: choose from {', '.join(STAIN_FAMILIES)}"
+            )
+        if not 0.02 <= self.synth_mpp_min <= self.synth_mpp_max <= 2.0:
+            raise InvalidConfig(
+                f"synth_mpp_min={self.synth_mpp_min}, synth_mpp_max={self.synth_mpp_max}: expected "
+                "0.02 <= min <= max <= 2 um/px"
             )
         if self.init_from is not None:
             object.__setattr__(self, "init_from", Path(self.init_from))
@@ -290,6 +307,11 @@ def _code_versions() -> dict[str, str]:
 def _trained_on(cfg: TrainConfig, split_sha256: str, run_path: Path) -> str:
     s0 = SYNTH_TRAIN_SEED0 + cfg.seed * 10_000
     variety = "" if cfg.synth_variety == "classic" else f"{cfg.synth_variety} "
+    if cfg.synth_variety != "classic":
+        if cfg.synth_families != STAIN_FAMILIES:
+            variety += f"({', '.join(cfg.synth_families)} stains only) "
+        if (cfg.synth_mpp_min, cfg.synth_mpp_max) != WIDE_MPP_RANGE:
+            variety += f"({cfg.synth_mpp_min:g}-{cfg.synth_mpp_max:g} um/px only) "
     parts = (
         [f"{cfg.synth_train} {variety}synthetic fields (seeds {s0}..{s0 + cfg.synth_train - 1})"]
         if cfg.synth_train
@@ -335,7 +357,13 @@ def _pool(cfg: TrainConfig, split: str, progress: Callable[[str], None]) -> list
     seed0 = SYNTH_TRAIN_SEED0 if split == "train" else SYNTH_VAL_SEED0
     samples = [
         synth_sample(
-            seed0 + cfg.seed * 10_000 + i, cfg.synth_size_px, cfg.model_mpp, cfg.preprocess, cfg.synth_variety
+            seed0 + cfg.seed * 10_000 + i,
+            cfg.synth_size_px,
+            cfg.model_mpp,
+            cfg.preprocess,
+            cfg.synth_variety,
+            families=cfg.synth_families,
+            mpp_range=(cfg.synth_mpp_min, cfg.synth_mpp_max),
         )
         for i in range(n_synth)
     ]

@@ -291,7 +291,9 @@ def test_wide_fields_draw_blasts_across_their_range_beside_their_look_alikes() -
             looks.setdefault(cell.look, set()).add(cell.is_blast)
     assert set(LOOKS) <= set(looks)
     assert all(looks[look] == {True} for look in ("blast_l1", "blast_l2", "monoblast"))
-    assert all(looks[look] == {False} for look in ("large_lymphocyte", "plasma_cell"))
+    assert all(
+        looks[look] == {False} for look in ("large_lymphocyte", "plasma_cell", "large_granular_lymphocyte")
+    )
     classic = {
         c.look for s in range(4) for c in generate_field(s, 400, 400, mpp=0.2, blast_fraction=0.5).cells
     }
@@ -318,3 +320,55 @@ def test_in_wide_fields_colour_no_longer_tells_a_blast_from_a_lymphocyte() -> No
 
     assert overlap("classic") < 0.05  # the classic blast's nucleus is paler: colour alone would do
     assert overlap("wide") > 0.2
+
+
+def _mean_rgb(field: SynthField, where: np.ndarray) -> np.ndarray:
+    return field.image[where].reshape(-1, 3).astype(float).mean(axis=0)
+
+
+def test_a_stain_family_changes_colours_never_the_truth() -> None:
+    from blastq.core.synth import STAIN_FAMILIES
+
+    with pytest.raises(InvalidConfig, match="stain_family"):
+        generate_field(0, 64, 64, stain_family="gram")
+    fields = {
+        family: generate_field(3, 320, 320, mpp=0.2, variety="wide", stain_family=family, artefacts=False)
+        for family in STAIN_FAMILIES
+    }
+    first = fields["mgg"]
+    for family, field in fields.items():
+        assert field.stain_family == family
+        assert np.array_equal(field.instances, first.instances)
+        assert np.array_equal(field.nuclei, first.nuclei)
+    # Wright: bluer nuclei, more orange red cells than Leishman's redder purple and pink (the tints of
+    # _FAMILY_TINT, seen through the same light and gamma since the stain's seed is the same).
+    nuclei = first.nuclei
+    red = (first.classes == 0) & (first.image[..., 1] < np.percentile(first.image[..., 1], 30))
+    w, lei = fields["wright"], fields["leishman"]
+    assert (_mean_rgb(w, nuclei)[2] - _mean_rgb(w, nuclei)[0]) > (
+        _mean_rgb(lei, nuclei)[2] - _mean_rgb(lei, nuclei)[0]
+    )
+    assert (_mean_rgb(w, red)[0] - _mean_rgb(w, red)[2]) > (_mean_rgb(lei, red)[0] - _mean_rgb(lei, red)[2])
+    # Wide fields draw a family themselves; classic fields keep the generator's own stain.
+    drawn = {generate_field(s, 64, 64, variety="wide").stain_family for s in range(40)}
+    assert drawn == set(STAIN_FAMILIES)
+    assert generate_field(3, 64, 64).stain_family == ""
+
+
+def test_wide_fields_hold_objects_that_are_not_white_cells_as_background() -> None:
+    from blastq.core.synth import DECOY_KINDS
+
+    seen: set[str] = set()
+    for seed in range(24):
+        field = generate_field(seed, 320, 320, mpp=0.2, variety="wide", wbc_per_10k_um2=4.0, artefacts=False)
+        _assert_truth_is_consistent(field)
+        background = float(np.median(field.image[..., 1][field.classes == 0]))
+        for decoy in field.decoys:
+            seen.add(decoy.kind)
+            x, y = (round(v) for v in decoy.centroid_xy)
+            assert field.classes[y, x] == 0 and field.instances[y, x] == 0
+            # Something dark is drawn there (a 4 um window: a clump's platelets scatter around its centre).
+            window = field.image[max(y - 10, 0) : y + 11, max(x - 10, 0) : x + 11, 1]
+            assert window.min() < background - 25, decoy
+    assert seen == set(DECOY_KINDS)
+    assert all(not generate_field(s, 320, 320, mpp=0.2).decoys for s in range(4))  # classic: none

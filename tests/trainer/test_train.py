@@ -269,3 +269,29 @@ def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent
         # Nuclei and markers lie inside cells, as the generator drew them, after resampling too.
         assert not np.any(sample.nucleus.astype(bool) & (sample.classes == 0))
         assert not np.any((sample.marker == 1) & (sample.classes == 0))
+
+
+def test_wide_training_fields_can_leave_stain_families_and_magnifications_out():
+    from blastq.core.preprocess import PreprocessConfig
+    from blastq.trainer.datasets import synth_sample
+
+    with pytest.raises(InvalidConfig, match="synth_families"):
+        _tiny("x.pt", synth_families=("giemsa-ish",))
+    with pytest.raises(InvalidConfig, match="synth_families"):
+        _tiny("x.pt", synth_families=())
+    with pytest.raises(InvalidConfig, match="synth_mpp"):
+        _tiny("x.pt", synth_mpp_min=0.3, synth_mpp_max=0.1)
+    cfg = _tiny("x.pt", synth_variety="wide", synth_families=("mgg", "wright"), synth_mpp_min=0.1)
+    again = TrainConfig.from_dict(cfg.to_dict())  # kept in the run record, read back the same
+    assert (again.synth_families, again.synth_mpp_min) == (("mgg", "wright"), 0.1)
+    # One field in two families: the same cells, other colours.
+    wright = synth_sample(4, 160, 0.2, PreprocessConfig(), "wide", families=("wright",))
+    leishman = synth_sample(4, 160, 0.2, PreprocessConfig(), "wide", families=("leishman",))
+    assert np.array_equal(wright.classes, leishman.classes)
+    assert np.abs(wright.image.astype(float) - leishman.image.astype(float)).mean() > 1.0
+    # A magnification range of one value renders every field there: the same field size at 0.1 um/px
+    # as at 0.1..0.1, and a different one from 0.25 um/px.
+    fine = synth_sample(4, 160, 0.2, PreprocessConfig(), "wide", mpp_range=(0.1, 0.1))
+    coarse = synth_sample(4, 160, 0.2, PreprocessConfig(), "wide", mpp_range=(0.25, 0.25))
+    assert fine.classes.shape == coarse.classes.shape
+    assert not np.array_equal(fine.classes, coarse.classes)
