@@ -1,4 +1,4 @@
-"""The cell-classifier command: blastq compare-classifiers.
+"""The per-cell commands: blastq compare-classifiers, blastq blast-caller fit.
 
 Parse, call blastq.trainer.compare (load_cells, compare_cells, fit_final) and
 blastq.trainer.compare_report, print. `register(main)` adds the command to the `blastq` group, which
@@ -143,6 +143,83 @@ def compare_classifiers(
     click.echo(f"took {time.perf_counter() - started:.0f} s")
 
 
+@click.group("blast-caller", context_settings=CONTEXT)
+def blast_caller() -> None:
+    """Which cells are blasts: fit the per-cell blast call on your own labelled cells.
+
+    Without a caller a cell is a blast when the U-Net's blast share reaches BLASTQ_BLAST_CELL_THRESHOLD.
+    A caller fitted here on your lab's cells (your stain, camera and blasts) decides from that share and
+    the cell's size, nucleus-to-cell ratio and shape instead; use it with BLASTQ_BLAST_CALLER=FILE.
+    """
+
+
+@blast_caller.command("fit", context_settings=CONTEXT)
+@click.argument(
+    "cells_csv", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The caller file to write (JSON).",
+)
+@click.option(
+    "--truth-column",
+    default="truth",
+    show_default=True,
+    help="The column you added to each cells.csv: 'blast', another type name (or 'other') for a cell "
+    "that is not a blast, empty to leave the cell out.",
+)
+@click.option(
+    "--sensitivity",
+    default=0.9,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Share of the held-out blasts the threshold must catch (a screening tool: review settles the rest).",
+)
+@click.option(
+    "--version", "caller_version", default="lab-caller", show_default=True, help="Name stored in the file."
+)
+def blast_caller_fit(
+    cells_csv: tuple[Path, ...], out: Path, truth_column: str, sensitivity: float, caller_version: str
+) -> None:
+    """Fit a blast caller from blastq cells.csv files (one per image) with a truth column.
+
+    Run blastq on your images, open each cells.csv, add a column (default `truth`) and write `blast` for
+    every blast, a type (or `other`) for every cell that is not one. The figures printed are held out by
+    image (5 folds): what the caller does on an image it was not fitted on.
+
+    Example: blastq blast-caller fit out/*/cells.csv --out lab-caller.json
+    """
+    from blastq.core.blastcall import write_caller
+    from blastq.trainer.blastcaller import fit_caller, read_labelled_cells
+
+    cells = read_labelled_cells(cells_csv, truth_column)
+    caller = fit_caller(
+        cells,
+        version=caller_version,
+        trained_on=f"{len(cells.is_blast)} labelled cells from {len(cells_csv)} cells.csv files",
+        sensitivity=sensitivity,
+    )
+    m = caller.metrics
+    click.echo(
+        f"{m['blasts']} blasts and {m['others']} other cells from {m['images']} images; held out: {m['held_out']}"
+    )
+    if "sensitivity" in m:
+        share = m["share_rule"]
+        click.echo(
+            f"caller: P(blast) >= {caller.threshold:g}: sensitivity {m['sensitivity']:.3f}, "
+            f"specificity {m['specificity']:.3f}"
+        )
+        click.echo(
+            f"share rule alone: blast share >= {share['threshold']:g}: sensitivity {share['sensitivity']:.3f}, "
+            f"specificity {share['specificity']:.3f}"
+        )
+    write_caller(caller, out)
+    click.echo(f"wrote {out}: use it with BLASTQ_BLAST_CALLER={out}")
+
+
 def register(main: click.Group) -> None:
-    """Add `compare-classifiers` to the `blastq` group."""
+    """Add `compare-classifiers` and `blast-caller` to the `blastq` group."""
     main.add_command(compare_classifiers)
+    main.add_command(blast_caller)

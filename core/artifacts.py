@@ -93,6 +93,7 @@ def summary_dict(result: SlideResult) -> dict:
         "differential": result.stats.differential,
         "review_cells": result.stats.review_cells,
         "classifier_version": result.classifier_version,
+        "blast_call": result.blast_call,  # the rule that called blasts: the share's threshold or a caller
         "seconds": result.seconds,
         "tiles_total": result.tiles_total,
         "tiles_run": result.tiles_run,

@@ -9,6 +9,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
+from blastq.core.blastcall import BlastCaller, features_of
 from blastq.core.unet import MARKER_CHANNEL, NUCLEUS_CHANNEL
 
 LABEL_WHITE_CELL = "white_cell"
@@ -162,9 +163,17 @@ def drop_cells_without_nucleus(instances: np.ndarray, nuclei: np.ndarray, mpp: f
 
 
 def extract_cells(
-    probs: np.ndarray, rgb: np.ndarray, mpp: float, *, blast_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD
+    probs: np.ndarray,
+    rgb: np.ndarray,
+    mpp: float,
+    *,
+    blast_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD,
+    caller: BlastCaller | None = None,
 ) -> CellMaps:
-    """Cells from a (C, H, W) probability map (unet channel order) aligned with an HWC RGB image."""
+    """Cells from a (C, H, W) probability map (unet channel order) aligned with an HWC RGB image.
+
+    A cell is a blast when its mean blast share reaches `blast_threshold`, or, with a `caller`, when the
+    caller's P(blast) from the share and the cell's measurements reaches the caller's threshold."""
     p_wbc, p_blast = probs[1], probs[2]
     foreground = (p_wbc + p_blast) > probs[0]
     instances = split_instances(foreground, probs[MARKER_CHANNEL], mpp)
@@ -192,26 +201,36 @@ def extract_cells(
     blast_prob = cell_mean(blast_at / np.maximum(wbc_at + blast_at, 1e-6))
     nucleus_px = cell_sum(nuclei.ravel()[where]).astype(int)
     means = [cell_mean(rgb[..., c].ravel()[where]) for c in range(3)]
-    is_blast = blast_prob >= blast_threshold
-    label_of = np.concatenate([[0], np.where(is_blast, 2, 1)]).astype(np.uint8)
-    classes = label_of[instances]
     um2 = mpp * mpp
-    cells = []
-    for i, region in enumerate(regionprops(instances)):
-        cell_id = int(region.label)
-        reason = ""
+    outlines, reasons = [], []
+    for region in regionprops(instances):
         try:
-            (cy, cx), (y0, x0, y1, x1), perimeter = _outline(region)
+            outlines.append(_outline(region))
+            reasons.append("")
         except MemoryError:
             raise
         except Exception as exc:  # one odd outline must not cost the slide its other cells
-            reason = failure_reason("measurement", exc)
-            (cy, cx), (y0, x0, y1, x1), perimeter = _outline_from_pixels(instances, cell_id)
+            reasons.append(failure_reason("measurement", exc))
+            outlines.append(_outline_from_pixels(instances, int(region.label)))
+    perimeters = np.array([o[2] for o in outlines], np.float64)
+    circularity = np.where(
+        perimeters > 0, np.minimum(1.0, 4 * np.pi * cell_px / np.maximum(perimeters, 1e-9) ** 2), 0.0
+    )
+    if caller is None:
+        score, is_blast, what = blast_prob, blast_prob >= blast_threshold, "blast share"
+    else:
+        score = caller.probability(
+            features_of(blast_prob, cell_px * um2, nucleus_px / cell_px, circularity, nucleus_px * um2)
+        )
+        is_blast, what = score >= caller.threshold, "blast call probability"
+    label_of = np.concatenate([[0], np.where(is_blast, 2, 1)]).astype(np.uint8)
+    classes = label_of[instances]
+    cells = []
+    for i, ((cy, cx), (y0, x0, y1, x1), perimeter) in enumerate(outlines):
+        cell_id, reason = i + 1, reasons[i]
         area = int(cell_px[i])
-        if is_blast[i] and blast_prob[i] < CONFIDENT_BLAST_SHARE:
-            reason = joined_reasons(
-                reason, f"blast at the screening threshold (blast share {blast_prob[i]:.2f})"
-            )
+        if is_blast[i] and score[i] < CONFIDENT_BLAST_SHARE:
+            reason = joined_reasons(reason, f"blast at the screening threshold ({what} {score[i]:.2f})")
         cells.append(
             CellRecord(
                 cell_id=cell_id,
@@ -225,9 +244,7 @@ def extract_cells(
                 area_px=area,
                 area_um2=round(area * um2, 3),
                 perimeter_um=round(perimeter * mpp, 3),
-                circularity=round(
-                    float(min(1.0, 4 * np.pi * area / perimeter**2)) if perimeter > 0 else 0.0, 4
-                ),
+                circularity=round(float(circularity[i]), 4),
                 nucleus_area_px=int(nucleus_px[i]),
                 nucleus_area_um2=round(nucleus_px[i] * um2, 3),
                 nc_ratio=round(nucleus_px[i] / area, 4),

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from blastq.core.blastcall import BlastCaller, call_rule
 from blastq.core.cells import DEFAULT_BLAST_CELL_THRESHOLD, CellMaps, extract_cells
 from blastq.core.classify import CellClassifier, type_cells
 from blastq.core.engines import Engine
@@ -53,6 +54,9 @@ class PipelineConfig:
     # The cell classifier setting ("default", "none" or a file): which file it is enters the result key
     # by its sha256 (core.resultkey), not by this name, which differs between machines.
     classifier: str = "default"
+    # A fitted blast caller (BLASTQ_BLAST_CALLER) decides which cells are blasts instead of the share
+    # rule above; its coefficients enter the key.
+    blast_caller: BlastCaller | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.blast_cell_threshold < 1:
@@ -67,7 +71,11 @@ class PipelineConfig:
         """Short stable hash of the parameters that change a result (batch size does not).
 
         One part of a result's key: `core.resultkey.result_key` adds the model, classifier and scale."""
-        params = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "classifier")}
+        params = {
+            k: v for k, v in asdict(self).items() if k not in ("batch_size", "classifier", "blast_caller")
+        }
+        if self.blast_caller is not None:  # absent otherwise: keys of results without one stay as they were
+            params["blast_caller"] = self.blast_caller.key()
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -88,6 +96,7 @@ class SlideResult:
     tiles_run: int
     classifier_version: str = ""  # "" when no classifier typed the cells
     mpp_confidence: float | None = None  # of an estimated scale (core.scale); None for a given one
+    blast_call: str = ""  # how blasts were called (core.blastcall.call_rule)
 
 
 def check_slide(slide: Slide, info: ModelInfo) -> None:
@@ -230,7 +239,9 @@ def process_slide(
     check_slide(slide, info)
     work = prepare_image(slide.rgb, slide.mpp, info)
     probs, n_tiles, n_run = segment_prepared(work, slide.rgb.shape[:2], engine, config, progress)
-    maps = extract_cells(probs, slide.rgb, slide.mpp, blast_threshold=config.blast_cell_threshold)
+    maps = extract_cells(
+        probs, slide.rgb, slide.mpp, blast_threshold=config.blast_cell_threshold, caller=config.blast_caller
+    )
     del probs
     if classifier is not None:
         # Crops come from the model's view of the slide: the classifiers were trained on that.
@@ -253,5 +264,6 @@ def process_slide(
         tiles_total=n_tiles,
         tiles_run=n_run,
         classifier_version=classifier.info.version if classifier is not None else "",
+        blast_call=call_rule(config.blast_cell_threshold, config.blast_caller),
         mpp_confidence=slide.mpp_confidence,
     )

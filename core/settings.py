@@ -48,6 +48,9 @@ class Settings:
     # The cell classifier that types cells for the differential: "default" (shipped), "none", or a file
     # written by `blastq compare-classifiers --save-best`.
     classifier: str = "default"
+    # Which cells are blasts: "" (the share rule, blast_cell_threshold) or a blast caller file fitted by
+    # `blastq blast-caller fit` on the lab's labelled cells (core.blastcall).
+    blast_caller: str = ""
     engine: str = "auto"  # auto: TensorRT on CUDA if installed, else torch fp16; ONNX Runtime on CPU
     engine_cache_dir: str = ""  # derived engines (ONNX exports, TensorRT builds); default <data_dir>/engines
     device: str = "cpu"
@@ -94,6 +97,10 @@ class Settings:
             raise InvalidConfig(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
         if not 0 < self.blast_cell_threshold < 1:
             raise InvalidConfig(f"blast_cell_threshold must be in (0, 1), got {self.blast_cell_threshold}")
+        if self.blast_caller not in ("", "share"):
+            from blastq.core.blastcall import caller_setting
+
+            caller_setting(self.blast_caller)  # a file that is not a caller stops every command up front
         if not 0 < self.blast_threshold_percent <= 100:
             raise InvalidConfig(
                 f"blast_threshold_percent must be in (0, 100], got {self.blast_threshold_percent}"
@@ -176,9 +183,11 @@ def mask_secret(url: str) -> str:
 
 def pipeline_config(settings: Settings) -> PipelineConfig:
     """The pipeline parameters these settings ask for; their key is part of a result's identity."""
+    from blastq.core.blastcall import caller_setting
     from blastq.core.pipeline import PipelineConfig  # torch-heavy: only when a slide is to be run
 
     return PipelineConfig(
+        blast_caller=caller_setting(settings.blast_caller),
         tile_px=settings.tile_px,
         overlap_px=settings.overlap_px,
         batch_size=settings.batch_size,

@@ -715,7 +715,9 @@ def _draw_platelets(
         _draw_platelet(od, rng, x, y, mpp, stain.od["platelet"])
 
 
-def _draw_platelet(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, vec: np.ndarray) -> None:
+def _draw_platelet(
+    od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, vec: np.ndarray
+) -> None:
     h, w = od.shape[:2]
     radius = rng.uniform(0.9, 1.5) / mpp
     outline = _Outline(
@@ -765,7 +767,9 @@ def _rouleaux(rng: np.random.Generator, h_um: float, w_um: float, plans: list[_W
     out = np.asarray(rows, np.float64).reshape(-1, 10)
     for plan in plans:
         if len(out):
-            out = out[np.hypot(out[:, 0] - plan.x_um, out[:, 1] - plan.y_um) >= plan.outline.bound + out[:, 2]]
+            out = out[
+                np.hypot(out[:, 0] - plan.x_um, out[:, 1] - plan.y_um) >= plan.outline.bound + out[:, 2]
+            ]
     return out
 
 
@@ -823,7 +827,9 @@ def _decoy_grid(
     return box, dx, dy
 
 
-def _paint_nrbc(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain) -> None:
+def _paint_nrbc(
+    od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain
+) -> None:
     """A nucleated red cell: a red-cell-sized disc of pink to pinkish-grey (orthochromatic to
     polychromatic) cytoplasm around a small, round, very dense (pyknotic) nucleus, often off centre."""
     radius = rng.uniform(3.3, 4.8)
@@ -846,7 +852,9 @@ def _paint_nrbc(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mp
     region += a_cell * cell_od
 
 
-def _paint_smudge(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain) -> None:
+def _paint_smudge(
+    od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain
+) -> None:
     """A smudge cell: the chromatin of a broken lymphocyte spread into a pale, streaky, ragged patch
     with no cytoplasm and no membrane."""
     radius = rng.uniform(4.0, 8.5)
@@ -871,7 +879,9 @@ def _paint_platelet_clump(
         _draw_platelet(od, rng, px, py, mpp, stain.od["platelet"])
 
 
-def _paint_debris(od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain) -> None:
+def _paint_debris(
+    od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain
+) -> None:
     """Stain debris: a ragged, dark, dye-coloured blob of one to four microns."""
     radius = rng.uniform(0.8, 2.2)
     got = _decoy_grid(od, x, y, mpp, radius * 1.6)
@@ -884,7 +894,9 @@ def _paint_debris(od: np.ndarray, rng: np.random.Generator, x: float, y: float, 
     od[y0:y1, x0:x1] += np.clip(density, 0.0, None)[..., None] * stain.od["precipitate"]
 
 
-_DECOY_PAINTERS: Mapping[str, Callable[[np.ndarray, np.random.Generator, float, float, float, _Stain], None]] = {
+_DECOY_PAINTERS: Mapping[
+    str, Callable[[np.ndarray, np.random.Generator, float, float, float, _Stain], None]
+] = {
     "nrbc": _paint_nrbc,
     "smudge": _paint_smudge,
     "platelet_clump": _paint_platelet_clump,

@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from blastq.core.blastcall import call_rule
 from blastq.core.cells import LABEL_BLAST, CellMaps, CellRecord, extract_cells
 from blastq.core.classify import CellClassifier, type_cells
 from blastq.core.engines import Engine
@@ -128,6 +129,7 @@ class WholeSlideResult:
     analysis_mpp: float  # pixel size of the TIFF rasters
     chunks: int
     files: dict[str, Path]
+    blast_call: str = ""  # how blasts were called (core.blastcall.call_rule)
 
 
 # --- disk rasters ---------------------------------------------------------------------------------------
@@ -344,7 +346,13 @@ def process_whole_slide(
                 probs, _, n_run = segment_prepared(work, work.shape[:2], engine, config, tick)
                 tiles_before += tiles_per_chunk[k]
                 tiles_run += n_run
-                maps = extract_cells(probs, raw, info.mpp, blast_threshold=config.blast_cell_threshold)
+                maps = extract_cells(
+                    probs,
+                    raw,
+                    info.mpp,
+                    blast_threshold=config.blast_cell_threshold,
+                    caller=config.blast_caller,
+                )
                 del probs
                 taken = _take_cells(maps, chunk, instances, chunks, chunk_px, n_cols)
                 if taken and classifier is not None:
@@ -402,6 +410,7 @@ def process_whole_slide(
         tiles_total=tiles_total,
         tiles_run=tiles_run,
         classifier_version=classifier.info.version if classifier is not None else "",
+        blast_call=call_rule(config.blast_cell_threshold, config.blast_caller),
         analysis_mpp=info.mpp,
         chunks=len(chunks),
         files=files,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blastq.core.cells import CellRecord
 from blastq.core.engines import Engine
 from blastq.core.metrics import matched_pairs
 from blastq.core.pipeline import PipelineConfig, process_slide
@@ -59,35 +60,58 @@ class OperatingPoint:
     by_group: Mapping[str, float]  # share called blast per synthetic group
 
 
+def synthetic_cells(
+    engine: Engine,
+    info: ModelInfo,
+    seeds: Iterable[int],
+    tick: Callable[[], None] | None = None,
+    config: PipelineConfig = _KEEP_ALL,
+) -> list[tuple[str, CellRecord, int]]:
+    """(group, measured cell, field seed) of every found cell of wide synthetic fields whose truth is known:
+    group "blast:<look>" or "normal:<look>"."""
+    out = []
+    for seed in seeds:
+        truth = generate_field(
+            seed, WIDE_TEST_SIZE_PX, WIDE_TEST_SIZE_PX, mpp=info.mpp, variety="wide", blast_fraction=0.4
+        )
+        slide = Slide(rgb=truth.image, mpp=info.mpp, mpp_source="user", name=f"wide_{seed}", sha256="")
+        result = process_slide(slide, engine, info, config)
+        cells = {c.cell_id: c for c in result.maps.cells}
+        for predicted, true_id in matched_pairs(result.maps.instances, truth.instances):
+            cell = truth.cells[true_id - 1]
+            out.append(
+                (f"{'blast' if cell.is_blast else 'normal'}:{cell.look or cell.kind}", cells[predicted], seed)
+            )
+        if tick:
+            tick()
+    return out
+
+
 def synthetic_shares(
     engine: Engine, info: ModelInfo, n_fields: int, tick: Callable[[], None] | None = None
 ) -> dict[str, list[float]]:
     """Blast shares of the matched cells of held-out wide synthetic fields, by truth and look."""
     shares: dict[str, list[float]] = defaultdict(list)
-    for seed in range(WIDE_TEST_SEED0, WIDE_TEST_SEED0 + n_fields):
-        truth = generate_field(
-            seed, WIDE_TEST_SIZE_PX, WIDE_TEST_SIZE_PX, mpp=info.mpp, variety="wide", blast_fraction=0.4
-        )
-        slide = Slide(rgb=truth.image, mpp=info.mpp, mpp_source="user", name=f"wide_{seed}", sha256="")
-        result = process_slide(slide, engine, info, _KEEP_ALL)
-        cells = {c.cell_id: c for c in result.maps.cells}
-        for predicted, true_id in matched_pairs(result.maps.instances, truth.instances):
-            cell = truth.cells[true_id - 1]
-            group = f"{'blast' if cell.is_blast else 'normal'}:{cell.look or cell.kind}"
-            shares[group].append(cells[predicted].blast_probability)
-        if tick:
-            tick()
+    for group, cell, _ in synthetic_cells(
+        engine, info, range(WIDE_TEST_SEED0, WIDE_TEST_SEED0 + n_fields), tick
+    ):
+        shares[group].append(cell.blast_probability)
     return shares
 
 
-def real_normal_shares(
-    engine: Engine, info: ModelInfo, wbc_root: Path, tick: Callable[[], None] | None = None
-) -> tuple[list[float], list[float]]:
-    """The blast share of the labelled white cell of each segmentation_wbc crop: (test split, the rest)."""
-    test, other = [], []
+def real_normal_cells(
+    engine: Engine,
+    info: ModelInfo,
+    wbc_root: Path,
+    tick: Callable[[], None] | None = None,
+    config: PipelineConfig = _KEEP_ALL,
+) -> list[tuple[str, CellRecord, str]]:
+    """(split, measured cell, item) of the labelled white cell of each segmentation_wbc crop (the found
+    cell overlapping it most; crops where none was found are left out)."""
+    out = []
     for item in segmentation_wbc_items(wbc_root):
         slide = read_slide(item.image_path, mpp=item.mpp)
-        result = process_slide(slide, engine, info, _KEEP_ALL)
+        result = process_slide(slide, engine, info, config)
         truth = read_wbc_mask(item.mask_path) > 0  # the labelled white cell
         overlaps = [
             (int(np.count_nonzero((result.maps.instances == c.cell_id) & truth)), c)
@@ -95,10 +119,20 @@ def real_normal_shares(
         ]
         found = [o for o in overlaps if o[0] > 0]
         if found:
-            share = max(found, key=lambda o: o[0])[1].blast_probability
-            (test if wbc_split(item.number) == "test" else other).append(share)
+            cell = max(found, key=lambda o: o[0])[1]
+            out.append((wbc_split(item.number), cell, f"{item.dataset}/{item.number}"))
         if tick:
             tick()
+    return out
+
+
+def real_normal_shares(
+    engine: Engine, info: ModelInfo, wbc_root: Path, tick: Callable[[], None] | None = None
+) -> tuple[list[float], list[float]]:
+    """The blast share of the labelled white cell of each segmentation_wbc crop: (test split, the rest)."""
+    cells = real_normal_cells(engine, info, wbc_root, tick)
+    test = [c.blast_probability for split, c, _ in cells if split == "test"]
+    other = [c.blast_probability for split, c, _ in cells if split != "test"]
     return test, other
 
 

@@ -438,3 +438,46 @@ def test_the_run_line_says_how_far_an_estimated_scale_can_be_trusted():
     assert _scale_text(sure) == "0.200 um/px estimated, confidence 0.86"
     unsure = SimpleNamespace(mpp=0.116, mpp_source="estimated", mpp_confidence=0.04)
     assert _scale_text(unsure).endswith("confidence 0.04 (low: few red cells to measure; pass --mpp)")
+
+
+def test_a_lab_fits_a_blast_caller_on_its_labelled_cells_and_runs_with_it(cli, smears, tmp_path, monkeypatch):
+    import csv
+
+    from blastq.core.synth import read_field_masks
+
+    out = tmp_path / "out"
+    images = [smears / "synth_00040.png", smears / "synth_00041.png"]
+    assert cli("run", *images, "--out", out, "--mpp", "0.2", "--no-record").exit_code == 0
+    # The lab's review, here from the generator's truth: each cell.csv gets a truth column.
+    labelled = []
+    for image in images:
+        classes, _, _ = read_field_masks(image)
+        table = out / image.stem / "cells.csv"
+        rows = list(csv.DictReader(table.open()))
+        for row in rows:
+            x, y = round(float(row["centroid_x"])), round(float(row["centroid_y"]))
+            row["truth"] = {0: "", 1: "other", 2: "blast"}[int(classes[y, x])]
+        with (tmp_path / f"{image.stem}.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, [*rows[0].keys()])
+            writer.writeheader()
+            writer.writerows(rows)
+        labelled.append(tmp_path / f"{image.stem}.csv")
+    caller = tmp_path / "lab.json"
+    result = cli("blast-caller", "fit", *labelled, "--out", caller, "--version", "lab-1")
+    assert result.exit_code == 0, result.output
+    assert "held out: out-of-fold" in result.output and "share rule alone" in result.output
+    assert f"BLASTQ_BLAST_CALLER={caller}" in result.output
+    first = json.loads((out / "synth_00040" / "summary.json").read_text())
+    assert first["blast_call"] == "blast share >= 0.5"
+    monkeypatch.setenv("BLASTQ_BLAST_CALLER", str(caller))
+    again = tmp_path / "again"
+    assert cli("run", images[0], "--out", again, "--mpp", "0.2", "--no-record").exit_code == 0
+    second = json.loads((again / "synth_00040" / "summary.json").read_text())
+    assert second["blast_call"].startswith("blast caller lab-1: P(blast) >= ")
+    assert second["params_key"] != first["params_key"]  # a result of another call is another result
+    # A caller file that is not one stops the command before any image is read.
+    (tmp_path / "broken.json").write_text("{")
+    monkeypatch.setenv("BLASTQ_BLAST_CALLER", str(tmp_path / "broken.json"))
+    result = cli("run", images[0], "--mpp", "0.2", "--no-record")
+    assert result.exit_code == 2 and "broken.json: not a JSON file" in result.output
+    assert "Traceback" not in result.output
