@@ -44,7 +44,8 @@ def synthetic_cells(n: int) -> list[np.ndarray]:
 
 def wide_cells() -> list[np.ndarray]:
     """One crop per look of the wide generator: L1, L2 lymphoblasts and a monoblast, then the look-alikes
-    (a large lymphocyte, a plasma cell), colours mixed between mononuclear cells."""
+    (a large lymphocyte, a plasma cell, a large granular lymphocyte), colours mixed between mononuclear
+    cells."""
     from blastq.core.synth import LOOKS
 
     found: dict[str, np.ndarray] = {}
@@ -58,6 +59,28 @@ def wide_cells() -> list[np.ndarray]:
         if len(found) == len(LOOKS):
             break
     return [_thumb(found[look]) for look in LOOKS if look in found]
+
+
+def decoy_cells() -> list[np.ndarray]:
+    """One crop per object of a wide field that is not a white cell (background in every mask): a
+    nucleated red cell, a smudge cell, a platelet clump, stain debris; each in another stain family."""
+    from blastq.core.synth import DECOY_KINDS, STAIN_FAMILIES
+
+    found: dict[str, np.ndarray] = {}
+    for seed in range(400):
+        family = STAIN_FAMILIES[len(found) % len(STAIN_FAMILIES)]
+        field = generate_field(
+            seed, 384, 384, blast_fraction=0.5, variety="wide", wbc_per_10k_um2=2.0, stain_family=family
+        )
+        for decoy in field.decoys:
+            cx, cy = (int(v) for v in decoy.centroid_xy)
+            half = 60
+            if decoy.kind not in found and half <= cx < 384 - half and half <= cy < 384 - half:
+                found[decoy.kind] = field.image[cy - half : cy + half, cx - half : cx + half]
+                break
+        if len(found) == len(DECOY_KINDS):
+            break
+    return [_thumb(found[kind]) for kind in DECOY_KINDS if kind in found]
 
 
 def real_cells(root: Path, numbers: list[tuple[str, int]]) -> list[np.ndarray]:
@@ -77,10 +100,13 @@ def main() -> None:
     real = real_cells(
         args.wbc, [("dataset1", 2), ("dataset1", 7), ("dataset2", 3), ("dataset2", 8), ("dataset2", 14)]
     )
+    decoys = decoy_cells()
     gap = np.full((THUMB, 6, 3), 255, np.uint8)
-    row = lambda ims: np.hstack([x for im in ims for x in (im, gap)][:-1])  # noqa: E731
-    space = np.full((6, row(synth).shape[1], 3), 255, np.uint8)
-    grid = np.vstack([row(synth), space, row(wide), space, row(real)])
+    rows = [np.hstack([x for im in ims for x in (im, gap)][:-1]) for ims in (synth, wide, decoys, real)]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    space = np.full((6, width, 3), 255, np.uint8)
+    grid = np.vstack([x for r in rows for x in (r, space)][:-1])
     cv2.imwrite(str(HERE / "synthetic_vs_real.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(HERE / "example_overlay.png"), cv2.cvtColor(example_overlay(), cv2.COLOR_RGB2BGR))
 
