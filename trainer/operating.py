@@ -26,7 +26,7 @@ from blastq.core.pipeline import PipelineConfig, process_slide
 from blastq.core.slide import Slide, read_slide
 from blastq.core.synth import generate_field
 from blastq.core.unet import ModelInfo
-from blastq.trainer.datasets import read_wbc_mask, segmentation_wbc_items, wbc_split
+from blastq.trainer.datasets import WBC_DATASETS, read_wbc_mask, segmentation_wbc_items, wbc_split
 
 WIDE_TEST_SEED0 = 9_100_000
 WIDE_TEST_SIZE_PX = 768
@@ -105,11 +105,12 @@ def real_normal_cells(
     wbc_root: Path,
     tick: Callable[[], None] | None = None,
     config: PipelineConfig = _KEEP_ALL,
+    datasets: Sequence[str] = WBC_DATASETS,
 ) -> list[tuple[str, CellRecord, str]]:
-    """(split, measured cell, item) of the labelled white cell of each segmentation_wbc crop (the found
-    cell overlapping it most; crops where none was found are left out)."""
+    """(split, measured cell, "dataset/number") of the labelled white cell of each segmentation_wbc crop
+    of `datasets` (the found cell overlapping it most; crops where none was found are left out)."""
     out = []
-    for item in segmentation_wbc_items(wbc_root):
+    for item in segmentation_wbc_items(wbc_root, datasets=tuple(datasets)):
         slide = read_slide(item.image_path, mpp=item.mpp)
         result = process_slide(slide, engine, info, config)
         truth = read_wbc_mask(item.mask_path) > 0  # the labelled white cell
