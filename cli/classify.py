@@ -30,6 +30,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     type=click.IntRange(0),
     help="Synthetic fields (0: none).",
 )
+@click.option(
+    "--synth-variety",
+    type=click.Choice(["classic", "wide", "mixed"]),
+    default="classic",
+    show_default=True,
+    help="Synthetic fields of the generator's classic look, its wide one (blasts across their range "
+    "beside their look-alikes, stain families), or both by turns.",
+)
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seeds models and fields.")
 @click.option(
@@ -65,6 +73,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def compare_classifiers(
     wbc_root: Path,
     synth_fields: int,
+    synth_variety: str,
     folds: int,
     seed: int,
     out_dir: Path,
@@ -95,6 +104,7 @@ def compare_classifiers(
         seed=seed,
         preprocess_config=preprocess_config,
         wbc_limit=limit_cells,
+        synth_variety=synth_variety,
     )
     bar = tqdm(total=1, unit="fold", disable=None)
 
@@ -113,7 +123,7 @@ def compare_classifiers(
             unet=unet,
             cnn_epochs=cnn_epochs,
             progress=tick,
-            settings={"synth_fields": synth_fields, "wbc_limit": limit_cells},
+            settings={"synth_fields": synth_fields, "synth_variety": synth_variety, "wbc_limit": limit_cells},
         )
     finally:
         bar.close()

@@ -178,9 +178,15 @@ def _wbc_crop(rgb: np.ndarray, mask: np.ndarray, mpp: float, config: PreprocessC
 
 
 def synthetic_cells(
-    n_fields: int, seed: int = 0, preprocess_config: PreprocessConfig = DEFAULT_PREPROCESS
+    n_fields: int,
+    seed: int = 0,
+    preprocess_config: PreprocessConfig = DEFAULT_PREPROCESS,
+    variety: str = "classic",
 ) -> LabelledCells:
     """The white cells of `n_fields` generated fields (field i from seed + i), labelled by their kind.
+
+    `variety`: the generator's "classic" or "wide" fields (blasts across their range beside their
+    look-alikes, named stain families, decoys), or "mixed": wide for odd i, classic for even.
 
     Fields are 384 px at CROP_MPP with 30 % blasts at ~12 cells per 10,000 um2, preprocessed as the
     U-Net's input. Cells whose bounding box touches the field border are skipped (a cut cell would be
@@ -197,6 +203,7 @@ def synthetic_cells(
             mpp=CROP_MPP,
             blast_fraction=SYNTH_BLAST_FRACTION,
             wbc_per_10k_um2=SYNTH_WBC_PER_10K_UM2,
+            variety="wide" if variety == "wide" or (variety == "mixed" and i % 2) else "classic",
         )
         h, w = field.instances.shape
         boxes = ndi.find_objects(field.instances)
@@ -216,7 +223,9 @@ def synthetic_cells(
             crops.append(normalise_crop(crop))
             labels.append(CELL_TYPES.index(cell.kind))
             groups.append(i)
-            names.append(f"synth/seed={seed + i}/cell={cell.cell_id}")
+            names.append(
+                f"synth/seed={seed + i}/cell={cell.cell_id}" + (f"/{cell.look}" if cell.look else "")
+            )
     return LabelledCells(
         crops=crops,
         labels=np.asarray(labels, np.int64),

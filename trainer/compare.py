@@ -394,8 +394,10 @@ def load_cells(
     seed: int = 0,
     preprocess_config: PreprocessConfig,
     wbc_limit: int | None = None,
+    synth_variety: str = "classic",
 ) -> dict[str, LabelledCells]:
-    """The labelled cells by dataset name: segmentation_wbc (when `wbc_root`) and `synth_fields` fields."""
+    """The labelled cells by dataset name: segmentation_wbc (when `wbc_root`) and `synth_fields` fields
+    of the generator's `synth_variety` (celldata.synthetic_cells)."""
     from blastq.trainer.celldata import synthetic_cells, wbc_cells
 
     out: dict[str, LabelledCells] = {}
@@ -403,7 +405,10 @@ def load_cells(
         out[REAL] = limit_cells(wbc_cells(Path(wbc_root), preprocess_config), wbc_limit)
     if synth_fields > 0:
         out[SYNTHETIC] = synthetic_cells(
-            synth_fields, seed=CLASSIFIER_SYNTH_SEED0 + 10_000 * seed, preprocess_config=preprocess_config
+            synth_fields,
+            seed=CLASSIFIER_SYNTH_SEED0 + 10_000 * seed,
+            preprocess_config=preprocess_config,
+            variety=synth_variety,
         )
     if not out:
         raise InvalidConfig("nothing to compare on: give a segmentation_wbc folder or synth_fields > 0")

@@ -159,3 +159,16 @@ def test_subset_and_concat_keep_cells_and_groups_apart():
     assert both.counts()["blast"] == 2 and both.counts()["basophil"] == 0
     with pytest.raises(ValueError, match="labels"):
         LabelledCells(a.crops, a.labels[:2], a.groups, "test", a.names)
+
+
+def test_wide_synthetic_cells_label_every_look_by_its_kind():
+    cells = synthetic_cells(4, seed=60, variety="mixed")  # fields 1 and 3 wide, 0 and 2 classic
+    looks = [name.split("/")[3] if name.count("/") == 3 else "" for name in cells.names]
+    wide = {looks[j] for j in range(len(looks)) if cells.groups[j] % 2}
+    assert not {looks[j] for j in range(len(looks)) if cells.groups[j] % 2 == 0} - {""}
+    assert wide - {""}, "the wide fields draw the wide looks"
+    for j, look in enumerate(looks):
+        if look.startswith("blast_") or look == "monoblast":
+            assert CELL_TYPES[cells.labels[j]] == "blast"
+        elif look:
+            assert CELL_TYPES[cells.labels[j]] == "lymphocyte"  # plasma cells and large lymphocytes
