@@ -813,18 +813,29 @@ def _draw_decoys(
     return tuple(decoys)
 
 
-def _decoy_grid(
-    od: np.ndarray, x: float, y: float, mpp: float, reach_um: float
-) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None:
+def _decoy_shape(
+    od: np.ndarray,
+    rng: np.random.Generator,
+    x: float,
+    y: float,
+    mpp: float,
+    radius_um: float,
+    reach: float,
+    lumpiness: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A random outline of `radius_um` centred at (x, y) um: the region of `od` around it (a view, `reach`
+    radii wide), pixel offsets dx (1, w) and dy (h, 1) from the centre, and the signed distance to the
+    outline (px, negative inside); None when it lies outside the field."""
     h, w = od.shape[:2]
     cx, cy = x / mpp, y / mpp
-    box = _box(cx, cy, reach_um / mpp + 2, h, w)
+    box = _box(cx, cy, reach * radius_um / mpp + 2, h, w)
     if box is None:
         return None
     y0, y1, x0, x1 = box
     dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
     dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
-    return box, dx, dy
+    d = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius_um / mpp, lumpiness))
+    return od[y0:y1, x0:x1], dx, dy, d
 
 
 def _paint_nrbc(
@@ -833,11 +844,10 @@ def _paint_nrbc(
     """A nucleated red cell: a red-cell-sized disc of pink to pinkish-grey (orthochromatic to
     polychromatic) cytoplasm around a small, round, very dense (pyknotic) nucleus, often off centre."""
     radius = rng.uniform(3.3, 4.8)
-    got = _decoy_grid(od, x, y, mpp, radius * 1.2)
+    got = _decoy_shape(od, rng, x, y, mpp, radius, 1.2, 0.02)
     if got is None:
         return
-    (y0, y1, x0, x1), dx, dy = got
-    d_cell = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius / mpp, 0.02))
+    region, dx, dy, d_cell = got
     rn = rng.uniform(0.35, 0.55) * radius / mpp
     phi, shift = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.8) * (radius / mpp - rn)
     d_nuc = np.hypot(dx - shift * math.cos(phi), dy - shift * math.sin(phi)) - rn
@@ -847,7 +857,6 @@ def _paint_nrbc(
     cyt = t * stain.od["rbc"] + (1.0 - t) * 0.8 * stain.od["lymphocyte_cytoplasm"]
     dense = rng.uniform(1.2, 1.5) * (1.0 + 0.04 * _smooth_noise(rng, d_cell.shape, 0.2 / mpp))
     cell_od = cyt * (1.0 - a_nuc) + dense[..., None] * stain.od["lymphocyte_nucleus"] * a_nuc
-    region = od[y0:y1, x0:x1]
     region *= 1.0 - 0.8 * a_cell
     region += a_cell * cell_od
 
@@ -857,16 +866,14 @@ def _paint_smudge(
 ) -> None:
     """A smudge cell: the chromatin of a broken lymphocyte spread into a pale, streaky, ragged patch
     with no cytoplasm and no membrane."""
-    radius = rng.uniform(4.0, 8.5)
-    got = _decoy_grid(od, x, y, mpp, radius * 1.35)
+    got = _decoy_shape(od, rng, x, y, mpp, rng.uniform(4.0, 8.5), 1.35, 0.12)
     if got is None:
         return
-    (y0, y1, x0, x1), dx, dy = got
-    d = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius / mpp, 0.12))
+    region, _, _, d = got
     alpha = np.clip(0.5 - d * (mpp / 0.8), 0.0, 1.0)  # a soft, frayed edge about a micron wide
     strands = np.exp(-(_smooth_noise(rng, d.shape, 0.3 / mpp) ** 2) / 0.3)
     density = alpha * (0.2 + 0.45 * strands) * rng.uniform(0.7, 1.2)
-    od[y0:y1, x0:x1] += density[..., None] * stain.od["lymphocyte_nucleus"]
+    region += density[..., None] * stain.od["lymphocyte_nucleus"]
 
 
 def _paint_platelet_clump(
@@ -883,15 +890,13 @@ def _paint_debris(
     od: np.ndarray, rng: np.random.Generator, x: float, y: float, mpp: float, stain: _Stain
 ) -> None:
     """Stain debris: a ragged, dark, dye-coloured blob of one to four microns."""
-    radius = rng.uniform(0.8, 2.2)
-    got = _decoy_grid(od, x, y, mpp, radius * 1.6)
+    got = _decoy_shape(od, rng, x, y, mpp, rng.uniform(0.8, 2.2), 1.6, 0.2)
     if got is None:
         return
-    (y0, y1, x0, x1), dx, dy = got
-    d = _star_distance(dx, dy, 0.0, 0.0, _random_outline(rng, radius / mpp, 0.2))
+    region, _, _, d = got
     alpha = np.clip(0.5 - d, 0.0, 1.0)
     density = alpha * rng.uniform(0.5, 1.3) * (1.0 + 0.2 * _smooth_noise(rng, d.shape, 0.3 / mpp))
-    od[y0:y1, x0:x1] += np.clip(density, 0.0, None)[..., None] * stain.od["precipitate"]
+    region += np.clip(density, 0.0, None)[..., None] * stain.od["precipitate"]
 
 
 _DECOY_PAINTERS: Mapping[
