@@ -249,7 +249,31 @@ def _failure_line(path: Path, reason: str) -> str:
     type=click.FloatRange(0, 1),
     help="Expected share of white cells that are blasts.",
 )
-def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fraction: float) -> None:
+@click.option(
+    "--variety",
+    type=click.Choice(["classic", "wide"]),
+    default="classic",
+    show_default=True,
+    help="wide: blasts across their range (L1, L2, myeloblasts, monoblasts) beside their look-alikes, in "
+    "a named stain family, with rouleaux and decoys (nucleated red cells, smudge cells, platelet clumps, "
+    "debris) that are background in the truth.",
+)
+@click.option(
+    "--stain-family",
+    type=click.Choice(["mgg", "wright", "wright_giemsa", "leishman"]),
+    help="Stain every field in this family (default: classic fields keep the generator's own stain, "
+    "wide fields draw one each).",
+)
+def synth(
+    count: int,
+    out_dir: Path,
+    seed: int,
+    size: int,
+    mpp: float,
+    blast_fraction: float,
+    variety: str,
+    stain_family: str | None,
+) -> None:
     """Write synthetic smear fields with exact ground truth.
 
     Each field NAME gets NAME.png (the image) and, in OUT/truth/ so that the folder holds only smears,
@@ -269,6 +293,8 @@ def synth(count: int, out_dir: Path, seed: int, size: int, mpp: float, blast_fra
             width_px=size,
             mpp=mpp,
             blast_fraction=blast_fraction,
+            variety=variety,
+            stain_family=stain_family,
             progress=bar.update,
         )
     click.echo(f"wrote {len(paths)} field(s) to {out_dir}/ (first: {paths[0].name})")

@@ -364,6 +364,8 @@ def write_dataset(
     mpp: float = 0.2,
     blast_fraction: float = 0.3,
     progress: Callable[[int], None] | None = None,
+    variety: str = "classic",
+    stain_family: str | None = None,
 ) -> list[Path]:
     """Write `count` fields named synth_<seed+i:05d> (field i uses seed + i), their truth in truth/.
 
@@ -373,7 +375,15 @@ def write_dataset(
         raise InvalidConfig(f"count must be >= 0, got {count}")
     paths = []
     for i in range(count):
-        field = generate_field(seed + i, height_px, width_px, mpp=mpp, blast_fraction=blast_fraction)
+        field = generate_field(
+            seed + i,
+            height_px,
+            width_px,
+            mpp=mpp,
+            blast_fraction=blast_fraction,
+            variety=variety,
+            stain_family=stain_family,
+        )
         paths.append(write_field(field, Path(out_dir), f"synth_{seed + i:05d}"))
         if progress is not None:
             progress(1)

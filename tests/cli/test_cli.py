@@ -47,6 +47,20 @@ def test_synth_writes_images_and_keeps_their_truth_in_a_sub_folder(smears):
     assert len(list((smears / "truth").iterdir())) == 6
 
 
+def test_synth_writes_wide_fields_in_a_stain_family(cli, tmp_path):
+    from blastq.core.synth import generate_field, read_field_masks
+
+    result = cli("synth", "--count", "1", "--size", "256", "--seed", "3", "--out", tmp_path, "--variety", "wide",
+                 "--stain-family", "leishman")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    field = generate_field(3, 256, 256, variety="wide", stain_family="leishman")
+    image = cv2.cvtColor(cv2.imread(str(tmp_path / "synth_00003.png")), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(image, field.image)
+    assert np.array_equal(read_field_masks(tmp_path / "synth_00003.png")[0], field.classes)
+    bad = cli("synth", "--count", "1", "--out", tmp_path, "--stain-family", "gram")
+    assert bad.exit_code == 2 and "gram" in bad.output
+
+
 def test_run_takes_folders_and_globs_as_submit_does_smears_only(cli, smears, tmp_path):
     old = tmp_path / "old"  # a folder of an older `blastq synth`: truth beside the image
     old.mkdir()
