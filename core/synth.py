@@ -281,8 +281,9 @@ def generate_field(
     nuclei = np.zeros((height_px, width_px), bool)
     instances = np.zeros((height_px, width_px), np.int32)
     boxes = []
-    for cell_id, plan in enumerate(plans, start=1):
-        boxes.append(_paint_white_cell(od, classes, nuclei, instances, plan, cell_id, rng, mpp, stain))
+    tints = _cytoplasm_tints(np.random.default_rng([seed, 3]), len(plans)) if wide else [None] * len(plans)
+    for cell_id, (plan, tint) in enumerate(zip(plans, tints, strict=True), start=1):
+        boxes.append(_paint_white_cell(od, classes, nuclei, instances, plan, cell_id, rng, mpp, stain, tint))
     cells, instances = _collect_cells(plans, boxes, instances)
 
     # Everything below changes pixels only, never geometry or truth.
@@ -1250,6 +1251,18 @@ _RENDERERS: Mapping[str, Callable[[np.random.Generator, _Grid, _Stain, tuple[int
 }
 
 
+def _cytoplasm_tints(rng: np.random.Generator, n: int) -> list[np.ndarray | None]:
+    """Per white cell of a wide field: None (the stain's own cytoplasm), or, for three cells in five,
+    per-channel gains on the cytoplasm's optical density that turn it beige, grey, pink or blue, paler
+    or deeper. Real cytoplasm ranges that widely between stains, lamps and cameras (a yellow-lit
+    neutrophil's reads beige-brown); the membrane, not the cytoplasm's colour, is where a cell ends."""
+    out: list[np.ndarray | None] = []
+    for _ in range(n):
+        gains = np.exp(rng.normal(0.0, 0.45, 3)) * rng.uniform(0.6, 1.4)
+        out.append(gains.astype(np.float32) if rng.random() < 0.6 else None)
+    return out
+
+
 def _mixed_colours(rng: np.random.Generator, stain: _Stain) -> _Stain:
     """The stain with one random mix of the mononuclear cells' nucleus colours standing for all three,
     and one of their cytoplasm colours for all three (a cell's own colours, whatever its kind)."""
@@ -1272,6 +1285,7 @@ def _paint_white_cell(
     rng: np.random.Generator,
     mpp: float,
     stain: _Stain,
+    cytoplasm_tint: np.ndarray | None = None,
 ) -> tuple[int, int, int, int]:
     h, w = classes.shape
     cx, cy = plan.x_um / mpp, plan.y_um / mpp
@@ -1287,6 +1301,8 @@ def _paint_white_cell(
     if plan.mixed_colours:
         stain = _mixed_colours(rng, stain)
     d_nuc, chromatin, nuc_vec, cyt_od = _RENDERERS[plan.look or plan.kind](rng, grid, stain, shape)
+    if cytoplasm_tint is not None:
+        cyt_od = cyt_od * cytoplasm_tint
     # A rough nuclear edge, and the nucleus kept a little inside the membrane.
     d_nuc = d_nuc + (0.12 / mpp) * _smooth_noise(rng, shape, 0.5 / mpp)
     d_nuc = np.maximum(d_nuc, d_cell + max(0.25 / mpp, 0.75))
