@@ -197,7 +197,10 @@ def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_
     summary = json.loads((out / "synth_00040" / "summary.json").read_text())
     assert summary["mpp_source"] == "user" and summary["mpp"] == 0.2
     # The shipped classifier typed every cell: the differential covers them all, and cells.csv names types.
-    assert summary["classifier_version"] == "blastq-cells-1.0" and "differential:" in result.output
+    from blastq.core.classify import default_classifier_path, load_classifier
+
+    shipped = load_classifier(default_classifier_path()).info.version
+    assert summary["classifier_version"] == shipped and "differential:" in result.output
     assert sum(d["count"] for d in summary["differential"].values()) == summary["white_cells"]
     rows = (out / "synth_00040" / "cells.csv").read_text().splitlines()
     types = {line.split(",")[rows[0].split(",").index("cell_type")] for line in rows[1:]}

@@ -84,7 +84,9 @@ def test_status_and_results_show_jobs_and_results_in_each_format(tmp_path, cli, 
     differential = records[0]["differential"]
     assert list(differential) == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "blast"]
     assert sum(d["count"] for d in differential.values()) == records[0]["white_cells"] > 0
-    assert records[0]["classifier_version"] == "blastq-cells-1.0"
+    from blastq.core.classify import default_classifier_path, load_classifier
+
+    assert records[0]["classifier_version"] == load_classifier(default_classifier_path()).info.version
     csv_lines = cli("results", "--format", "csv").output.splitlines()
     assert csv_lines[0].startswith("id,image,sha256,model_version,params_key,") and len(csv_lines) == 2
     assert "neutrophil_percent" in csv_lines[0] and "differential" not in csv_lines[0]
