@@ -551,7 +551,7 @@ def train(
     )
     if submit:
         from blastq.core.settings import load_settings
-        from blastq.trainer.service import submit_training
+        from blastq.worker.submit import submit_training
 
         cfg = TrainConfig.from_run(from_run, out=out) if from_run is not None else cfg
         run_id = submit_training(load_settings(), cfg)

@@ -508,10 +508,3 @@ def register(main: click.Group) -> None:
     """Add the service commands to the `blastq` group."""
     for command in (submit, worker, status, results, requeue, db, watch):
         main.add_command(command)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m blastq.cli.service` until main registers these
-    from blastq.cli.main import main as _main
-
-    register(_main)
-    _main()

@@ -20,7 +20,15 @@ from tqdm import tqdm
 
 from blastq.core.engines import load_engine
 from blastq.trainer.datasets import SEGMENTATION_WBC_MPP, segmentation_wbc_items
-from blastq.trainer.evaluate import evaluate_synthetic, evaluate_wbc, synth_truth, synthetic_test_fields
+from blastq.trainer.evaluate import (
+    SYNTH_TEST_FIELDS,
+    SYNTH_TEST_SIZE_PX,
+    EvaluationReport,
+    evaluate_synthetic,
+    evaluate_wbc,
+    synth_truth,
+    synthetic_test_fields,
+)
 from blastq.trainer.heldout import CONDITIONS, condition_figures, figures_table
 from blastq.trainer.operating import (
     MAX_REAL_FALSE_BLAST,
@@ -34,10 +42,7 @@ from blastq.trainer.operating import (
     sweep_text,
     synthetic_shares,
 )
-from blastq.trainer.report import EvaluationReport
 
-SYNTH_TEST_FIELDS = 24
-SYNTH_TEST_SIZE_PX = 1024
 WIDE_TEST_FIELDS = 24
 HELDOUT_FIELDS = 8
 # The training command of the shipped model (--recipe replaces it for another).

@@ -10,16 +10,13 @@ fixed synthetic test fields.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from blastq.core.cellcrops import CELL_TYPES
 from blastq.core.classify import CellClassifier, load_cell_classifier
 from blastq.core.engines import Engine, load_engine
 from blastq.core.errors import InvalidDataset
@@ -27,10 +24,10 @@ from blastq.core.synth import generate_field, read_field_masks
 from blastq.core.unet import ModelInfo, default_model_path
 from blastq.trainer.datasets import read_rgb, segmentation_wbc_items, synth_folder_items
 from blastq.trainer.evaluate import (
+    SYNTH_TEST_FIELDS,
+    SYNTH_TEST_SIZE_PX,
     CaseKeeper,
-    CellTypeEvaluation,
-    SynthEvaluation,
-    WbcEvaluation,
+    EvaluationReport,
     combine_wbc,
     evaluate_synthetic,
     evaluate_wbc,
@@ -39,163 +36,6 @@ from blastq.trainer.evaluate import (
 )
 
 WBC_SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class EvaluationReport:
-    model_version: str
-    folder: str
-    split: str
-    wbc: tuple[WbcEvaluation, ...] = ()
-    synthetic: SynthEvaluation | None = None
-
-    def as_dict(self) -> dict:
-        out: dict = {"model_version": self.model_version, "folder": self.folder, "split": self.split}
-        if self.wbc:
-            out["segmentation_wbc"] = {
-                e.dataset: {
-                    "images": e.images,
-                    "cell_dice": round(e.cell_dice, 4),
-                    "cell_dice_all_pixels": round(e.cell_dice_all_pixels, 4),
-                    "cell_iou": round(e.cell_iou, 4),
-                    "nucleus_dice": round(e.nucleus_dice, 4),
-                    "nucleus_iou": round(e.nucleus_iou, 4),
-                    "pixel_accuracy": round(e.pixel_accuracy, 4),
-                    "cell_precision": round(e.cell.precision, 4),
-                    "cell_recall": round(e.cell.recall, 4),
-                    "cell_f1": round(e.cell.f1, 4),
-                    "nucleus_precision": round(e.nucleus.precision, 4),
-                    "nucleus_recall": round(e.nucleus.recall, 4),
-                }
-                for e in self.wbc
-            }
-        if s := self.synthetic:
-            out["synthetic"] = {
-                "fields": s.fields,
-                "blast_dice": round(s.blast_dice, 4),
-                "blast_iou": round(s.blast_iou, 4),
-                "white_cell_dice": round(s.white_cell_dice, 4),
-                "pixel_accuracy": round(s.pixel_accuracy, 4),
-                "blast_detection_precision": round(s.blast_objects.precision, 4),
-                "blast_detection_recall": round(s.blast_objects.recall, 4),
-                "blast_detection_f1": round(s.blast_objects.f1, 4),
-                "cell_detection_f1": round(s.cell_objects.f1, 4),
-                "blast_percent_mean_abs_error": round(s.blast_percent_abs_error, 2),
-                "per_class": {
-                    c.name: {k: round(getattr(c, k), 4) for k in ("dice", "iou", "precision", "recall", "f1")}
-                    for c in s.report.classes
-                },
-            }
-            if s.cell_types is not None:
-                out["synthetic"]["cell_types"] = _cell_types_dict(s.cell_types)
-        return out
-
-    def as_text(self) -> str:
-        lines = [f"model {self.model_version} on {self.folder} (split: {self.split})"]
-        if self.wbc:
-            lines.append(
-                f"{'dataset':10} {'images':>6} {'cell Dice':>9} {'cell IoU':>8} {'nuc Dice':>8} {'nuc IoU':>8} "
-                f"{'pix acc':>7} {'cell P':>6} {'cell R':>6} {'cell F1':>7} {'Dice all px':>11}"
-            )
-            for e in self.wbc:
-                lines.append(
-                    f"{e.dataset:10} {e.images:6d} {e.cell_dice:9.4f} {e.cell_iou:8.4f} {e.nucleus_dice:8.4f} "
-                    f"{e.nucleus_iou:8.4f} {e.pixel_accuracy:7.4f} {e.cell.precision:6.3f} {e.cell.recall:6.3f} "
-                    f"{e.cell.f1:7.4f} {e.cell_dice_all_pixels:11.4f}"
-                )
-        if s := self.synthetic:
-            lines.append(f"synthetic fields: {s.fields}")
-            lines.append(f"{'class':12} {'Dice':>7} {'IoU':>7} {'prec':>7} {'recall':>7} {'F1':>7}")
-            for c in s.report.classes:
-                lines.append(
-                    f"{c.name:12} {c.dice:7.4f} {c.iou:7.4f} {c.precision:7.4f} {c.recall:7.4f} {c.f1:7.4f}"
-                )
-            lines.append(f"pixel accuracy {s.pixel_accuracy:.4f}")
-            b = s.blast_objects
-            lines.append(
-                f"blast detection (IoU >= 0.5): precision {b.precision:.4f} recall {b.recall:.4f} F1 {b.f1:.4f}"
-                f" (tp {b.tp}, fp {b.fp}, fn {b.fn})"
-            )
-            lines.append(f"white-cell detection F1 {s.cell_objects.f1:.4f}")
-            lines.append(
-                f"blast percentage: mean absolute error {s.blast_percent_abs_error:.2f} points per field"
-            )
-            if s.cell_types is not None:
-                lines.extend(_cell_types_lines(s.cell_types))
-        return "\n".join(lines)
-
-
-def _rounded(value: float, digits: int = 4) -> float | None:
-    return None if math.isnan(value) else round(value, digits)
-
-
-def _cell_types_dict(t: CellTypeEvaluation) -> dict:
-    out: dict = {
-        "classifier_version": t.classifier_version,
-        "cells": t.cells,
-        "review_cells": t.review_cells,
-        "review_share": round(t.review_share, 4),
-        "fields_with_kinds": t.fields,
-    }
-    if not t.fields:
-        return out
-    per_type = {}
-    for name in t.types_seen:
-        c, i = t.type_counts(name), CELL_TYPES.index(name)
-        per_type[name] = {
-            "recall": round(c.recall, 4),
-            "precision": round(c.precision, 4),
-            "f1": round(c.f1, 4),
-            "matched": c.tp + c.fn,
-            "true_cells": t.true_counts[i],
-            "predicted_cells": t.predicted_counts[i],
-            "differential_abs_error": round(t.differential_abs_error[i], 2),
-        }
-    out.update(
-        matched_cells=t.matched_cells,
-        accuracy=_rounded(t.accuracy),
-        per_type=per_type,
-        # Rows: true kind, columns: predicted type, both over every type of the differential.
-        confusion={
-            true: dict(zip(CELL_TYPES, row, strict=True))
-            for true, row in zip(CELL_TYPES, t.confusion, strict=True)
-        },
-        differential_abs_error={
-            name: round(v, 2) for name, v in zip(CELL_TYPES, t.differential_abs_error, strict=True)
-        },
-        differential_mean_abs_error=_rounded(t.differential_mean_abs_error, 2),
-    )
-    return out
-
-
-def _cell_types_lines(t: CellTypeEvaluation) -> list[str]:
-    lines = [f"cell types (classifier {t.classifier_version}):"]
-    if t.fields:
-        lines.append(
-            f"type accuracy {t.accuracy:.4f} over {t.matched_cells} cells matched at IoU >= 0.5 "
-            f"({t.fields} fields with true kinds)"
-        )
-        lines.append(
-            f"{'type':12} {'recall':>7} {'prec':>7} {'F1':>7} {'true':>6} {'called':>6} {'diff err':>8}"
-        )
-        for name in t.types_seen:
-            c, i = t.type_counts(name), CELL_TYPES.index(name)
-            lines.append(
-                f"{name:12} {c.recall:7.4f} {c.precision:7.4f} {c.f1:7.4f} {t.true_counts[i]:6d} "
-                f"{t.predicted_counts[i]:6d} {t.differential_abs_error[i]:8.2f}"
-            )
-        lines.append("confusion of matched cells (rows: true kind, columns: predicted type)")
-        lines.append(f"{'':12} " + " ".join(f"{name[:6]:>6}" for name in CELL_TYPES))
-        for name, row in zip(CELL_TYPES, t.confusion, strict=True):
-            lines.append(f"{name:12} " + " ".join(f"{v:6d}" for v in row))
-        lines.append(
-            f"differential: mean absolute error {t.differential_mean_abs_error:.2f} points per field and type "
-            "(diff err: per type)"
-        )
-    else:
-        lines.append("no true kinds given: types and differential not scored")
-    lines.append(f"cells marked for review: {100 * t.review_share:.1f}% ({t.review_cells} of {t.cells})")
-    return lines
 
 
 def _is_wbc_folder(folder: Path) -> bool:
@@ -369,7 +209,6 @@ def model_report(
     """
     # The model card's synthetic test set, so the report and the card agree (imported here: modelcard
     # imports this module).
-    from blastq.trainer.modelcard import SYNTH_TEST_FIELDS, SYNTH_TEST_SIZE_PX
     from blastq.trainer.reporting import report_plots_png, write_report
 
     engine, info = load_engine(model)

@@ -26,8 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from blastq.core.unet import ModelInfo
-    from blastq.trainer.evaluate import ExampleCases, ImageCase
-    from blastq.trainer.report import EvaluationReport
+    from blastq.trainer.evaluate import EvaluationReport, ExampleCases, ImageCase
 
 REPORT_FILES = ("report.html", "loss_curve.png", "examples.png", "metrics.json")
 

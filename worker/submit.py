@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blastq.core.db import (
     BatchStatus,
@@ -20,6 +21,7 @@ from blastq.core.db import (
     connect,
     create_batch,
     create_job,
+    create_training_run,
     ensure_sample,
     find_result,
     finish_job,
@@ -41,8 +43,11 @@ from blastq.core.stats import check_sample_name
 from blastq.core.store import store_from_settings
 from blastq.core.unet import default_model_path, load_checkpoint
 from blastq.core.wsi import file_sha256
-from blastq.worker.celery_app import SLIDES_QUEUE, BlastqCelery, make_app, workers_on_queue
-from blastq.worker.tasks import PROCESS_SLIDE
+from blastq.worker.celery_app import SLIDES_QUEUE, TRAIN_QUEUE, BlastqCelery, make_app, workers_on_queue
+from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
+
+if TYPE_CHECKING:
+    from blastq.trainer.train import TrainConfig
 
 CONTENT_TYPES = {
     ".png": "image/png",
@@ -282,3 +287,14 @@ def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None
         if own_app:
             app.close()
     return sent
+
+
+def submit_training(settings: Settings, cfg: TrainConfig) -> str:
+    """Queue a training run for `blastq trainer`: the row first, then the message; returns the run id."""
+    db = connect(settings.database_url)
+    try:
+        run = create_training_run(db, config=cfg.to_dict(), version=cfg.version)
+    finally:
+        db.dispose()
+    make_app(settings).send_task(TRAIN_MODEL, args=[run.id], queue=TRAIN_QUEUE)
+    return run.id

@@ -1,5 +1,5 @@
 """The worker's tasks: process one job's slide, the same way `blastq run` does, around its job row
-(and `blastq.train_model`, whose body is blastq.trainer.service.run_training_job).
+(and `blastq.train_model`, whose body is blastq.worker.training.run_training_job).
 
 claim the row -> read the input from the store -> decode -> core.pipeline -> artifacts to the store ->
 result row -> job succeeded. Delivery is at least once, so every step is safe to repeat: the claim
@@ -12,8 +12,6 @@ task never raises into Celery except to retry, so one slide cannot stop the work
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,22 +30,12 @@ from blastq.core.slide import decode_slide
 from blastq.core.store import slide_prefix
 from blastq.core.wholeslide import WholeSlideConfig, process_whole_slide
 from blastq.core.wsi import is_whole_slide, open_slide_reader
+from blastq.worker.retry import backoff_s, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"
-TRAIN_MODEL = "blastq.train_model"  # its body: blastq.trainer.service.run_training_job
-MAX_BACKOFF_S = 60
+TRAIN_MODEL = "blastq.train_model"  # its body: blastq.worker.training.run_training_job
 
 log = get_task_logger(__name__)
-
-
-def worker_name() -> str:
-    """host/pid of this process, as recorded in the job row (the pid names the process to signal)."""
-    return f"{socket.gethostname()}/{os.getpid()}"
-
-
-def backoff_s(retries: int) -> int:
-    """Seconds before retry number `retries` + 1: 1, 2, 4, 8... capped."""
-    return min(2**retries, MAX_BACKOFF_S)
 
 
 def run_job(task: Task, job_id: str) -> str | None:
@@ -190,6 +178,6 @@ def register_tasks(app: Celery) -> None:
     )
     def train_model_task(self: Task, run_id: str) -> str | None:
         # Imported here: a slide worker never loads the training code.
-        from blastq.trainer.service import run_training_job
+        from blastq.worker.training import run_training_job
 
         return run_training_job(self, run_id)

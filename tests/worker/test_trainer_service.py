@@ -24,8 +24,9 @@ from blastq.core.db import (
     training_run_status,
 )
 from blastq.core.store import store_from_settings
-from blastq.trainer.service import model_key, resume_key, submit_training
 from blastq.trainer.train import TrainConfig
+from blastq.worker.submit import submit_training
+from blastq.worker.training import model_key, resume_key
 
 TRAINER_MAIN = (
     "import sys; from blastq.cli.main import main; from blastq.cli.trainer import register; "
@@ -183,8 +184,8 @@ def test_a_store_fault_retries_the_run_with_backoff_then_fails_it(tmp_path):
     from types import SimpleNamespace
 
     from blastq.core.settings import load_settings
-    from blastq.trainer.service import run_training_job
     from blastq.worker.resources import WorkerResources
+    from blastq.worker.training import run_training_job
 
     settings = load_settings({}, data_dir=tmp_path, task_retry_max=2)
     resources = WorkerResources(settings)

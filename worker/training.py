@@ -1,6 +1,6 @@
 """The trainer service: training runs queued on the `train` queue and run by `blastq trainer`.
 
-A run is a row before it is a message (`submit_training`). The task claims the row, resumes from
+A run is a row before it is a message (`blastq.worker.submit.submit_training`). The task claims the row, resumes from
 `training/<run id>/last.pt` in the store when an earlier delivery left one, trains with a hook that
 uploads the resume state and records the epoch in the row after every epoch, then uploads the final
 checkpoint (`training/<run id>/model.pt`, with its run record and history beside it), registers it
@@ -25,8 +25,6 @@ import torch
 
 from blastq.core.db import (
     claim_training_run,
-    connect,
-    create_training_run,
     fail_training_run,
     finish_training_run,
     record_epoch,
@@ -35,6 +33,7 @@ from blastq.core.errors import BlastqError, InvalidConfig, TransientError
 from blastq.core.registry import register_model
 from blastq.core.settings import Settings
 from blastq.trainer.train import TrainConfig, TrainResult, read_run_record, train
+from blastq.worker.retry import backoff_s, worker_name
 
 if TYPE_CHECKING:
     from celery import Task
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 
 TRAIN_MODEL = "blastq.train_model"  # the task name worker/tasks.py registers
 
-__all__ = ["TRAIN_MODEL", "model_key", "resume_key", "run_training_job", "submit_training"]
+__all__ = ["TRAIN_MODEL", "model_key", "resume_key", "run_training_job"]
 
 
 def resume_key(run_id: str) -> str:
@@ -56,23 +55,8 @@ def model_key(run_id: str) -> str:
     return f"training/{run_id}/model.pt"
 
 
-def submit_training(settings: Settings, cfg: TrainConfig) -> str:
-    """Queue a training run for `blastq trainer`: the row first, then the message; returns the run id."""
-    from blastq.worker.celery_app import TRAIN_QUEUE, make_app
-
-    db = connect(settings.database_url)
-    try:
-        run = create_training_run(db, config=cfg.to_dict(), version=cfg.version)
-    finally:
-        db.dispose()
-    make_app(settings).send_task(TRAIN_MODEL, args=[run.id], queue=TRAIN_QUEUE)
-    return run.id
-
-
 def run_training_job(task: Task, run_id: str) -> str | None:
     """The body of `blastq.train_model`; returns the run's final state, or None if it was not run."""
-    from blastq.worker.tasks import backoff_s, worker_name
-
     app = task.app
     settings, resources = app.settings, app.resources
     retries = task.request.retries or 0
