@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cells import probs_for
 
 from blastq.core.blastcall import (
     CALLER_FEATURES,
@@ -19,7 +20,6 @@ from blastq.core.blastcall import (
 from blastq.core.cells import extract_cells
 from blastq.core.errors import InvalidConfig
 from blastq.core.pipeline import PipelineConfig
-from tests.core.test_cells import probs_for
 
 N = len(CALLER_FEATURES)
 
