@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blastq.core.engines import (
+from blastq.core.segment.engines import (
     Engine,
     OnnxEngine,
     TensorRTEngine,
@@ -29,9 +29,9 @@ from blastq.core.engines import (
     cached_onnx,
     tensorrt_available,
 )
-from blastq.core.stitch import logits_to_probabilities
-from blastq.core.synth import generate_field
-from blastq.core.unet import default_model_path, load_checkpoint, to_model_input
+from blastq.core.segment.stitch import logits_to_probabilities
+from blastq.core.segment.unet import default_model_path, load_checkpoint, to_model_input
+from blastq.core.synth.field import generate_field
 
 
 def tiles_batch(n: int, tile_px: int) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Alembic environment: the database comes from the Config that blastq.core.db builds, never the environment.
+"""Alembic environment: the database comes from the Config that blastq.core.adapters.db builds, never the environment.
 
-`blastq.core.db` passes an open connection in `config.attributes["connection"]` (inside its own
+`blastq.core.adapters.db` passes an open connection in `config.attributes["connection"]` (inside its own
 transaction and lock); Alembic's own commands may pass `sqlalchemy.url` instead.
 """
 
@@ -11,7 +11,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from blastq.core.db import Base
+from blastq.core.adapters.db import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -46,7 +46,7 @@ def run_migrations_online() -> None:
         return
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        raise RuntimeError("no database: build the config with blastq.core.db.alembic_config(url)")
+        raise RuntimeError("no database: build the config with blastq.core.adapters.db.alembic_config(url)")
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as connection:

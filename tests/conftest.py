@@ -36,7 +36,7 @@ def wbc_root() -> Path:
 @pytest.fixture(scope="session")
 def shipped_engine():
     """The model shipped inside the package, loaded once for the session."""
-    from blastq.core.engines import load_engine
+    from blastq.core.segment.engines import load_engine
 
     return load_engine()
 
@@ -44,7 +44,7 @@ def shipped_engine():
 @pytest.fixture(scope="session")
 def smear():
     """A 768x768 synthetic smear at the model's scale with a good share of blasts."""
-    from blastq.core.synth import generate_field
+    from blastq.core.synth.field import generate_field
 
     return generate_field(12345, 768, 768, mpp=0.2, blast_fraction=0.4)
 
@@ -54,7 +54,7 @@ def migrated_db(request, tmp_path):
     """An empty, migrated database: SQLite in tmp_path, and a fresh PostgreSQL schema."""
     from services import pg_schema
 
-    from blastq.core.db import connect, upgrade
+    from blastq.core.adapters.db import connect, upgrade
 
     if request.param == "sqlite":
         engine = connect(f"sqlite:///{tmp_path / 'blastq-test.db'}")

@@ -60,9 +60,9 @@ def test_wheel_imports_and_runs_in_a_fresh_venv(wheel, tmp_path):
     deps = sysconfig.get_paths()["purelib"]
     code = (
         f"import sys; sys.path.append({deps!r}); "
-        "import blastq.core.pipeline, blastq.cli.main, blastq.trainer.train, blastq.worker, blastq.migrations; "
-        "from blastq.core.engines import load_engine; e, info = load_engine(); "
-        "print(blastq.core.pipeline.__file__); print(info.version)"
+        "import blastq.core.pipeline.field, blastq.cli.main, blastq.trainer.train, blastq.worker, blastq.migrations; "
+        "from blastq.core.segment.engines import load_engine; e, info = load_engine(); "
+        "print(blastq.core.pipeline.field.__file__); print(info.version)"
     )
     out = subprocess.run(
         [str(py), "-c", code], check=True, capture_output=True, text=True

@@ -1,6 +1,6 @@
 """Labelled white cells for the cell classifiers: real segmentation_wbc crops and synthetic fields.
 
-Every cell comes as a normalised `CellCrop` (core.cellcrops) cut from an image that went through the
+Every cell comes as a normalised `CellCrop` (core.cells.cellcrops) cut from an image that went through the
 same scale change and preprocessing as the U-Net's input, so the classifiers see cells as the pipeline
 will hand them over. Cells cut from one image share a group: cross-validation never splits a group,
 so no model is tested on a neighbour of a cell it was trained on (same stain, same light).
@@ -18,10 +18,16 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.cellcrops import CELL_TYPES, CROP_MPP, CellCrop, crops_from_instances, normalise_crop
-from blastq.core.errors import InvalidConfig, InvalidDataset
-from blastq.core.preprocess import DEFAULT_PREPROCESS, PreprocessConfig, preprocess, resample, resample_labels
-from blastq.core.synth import generate_field
+from blastq.core.cells.cellcrops import CELL_TYPES, CROP_MPP, CellCrop, crops_from_instances, normalise_crop
+from blastq.core.common.errors import InvalidConfig, InvalidDataset
+from blastq.core.image.preprocess import (
+    DEFAULT_PREPROCESS,
+    PreprocessConfig,
+    preprocess,
+    resample,
+    resample_labels,
+)
+from blastq.core.synth.field import generate_field
 from blastq.trainer.datasets import read_rgb, read_wbc_mask, segmentation_wbc_items
 
 # segmentation_wbc's CSV values 1..5, in this order; they are the first five CELL_TYPES.

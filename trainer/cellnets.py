@@ -1,6 +1,6 @@
 """Training and running the deep cell classifiers: the crop CNN and the frozen U-Net encoder.
 
-Crops are normalised `CellCrop`s (core.cellcrops), or the NCHW float32 array `crops_to_array` makes
+Crops are normalised `CellCrop`s (core.cells.cellcrops), or the NCHW float32 array `crops_to_array` makes
 of them. Training is seeded: the same crops, labels and seed give the same weights on one machine
 (torch's global generator is forked for the fit, so callers' random streams are not disturbed).
 """
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blastq.core.cellcrops import CELL_TYPES, CellCrop, crops_to_array
-from blastq.core.cellnets import CropCNN, EncoderFeatures
-from blastq.core.errors import InvalidConfig
-from blastq.core.unet import UNet
+from blastq.core.cells.cellcrops import CELL_TYPES, CellCrop, crops_to_array
+from blastq.core.cells.cellnets import CropCNN, EncoderFeatures
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.segment.unet import UNet
 
 Crops = Sequence[CellCrop] | np.ndarray
 

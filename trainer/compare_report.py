@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blastq.core.artifacts import blastq_version
-from blastq.core.cellcrops import CELL_TYPES
+from blastq.core.cells.cellcrops import CELL_TYPES
+from blastq.core.outputs.artifacts import blastq_version
 from blastq.trainer.compare import (
     MIN_MEANINGFUL_CELLS,
     REAL,
@@ -195,7 +195,7 @@ def _suspects(comparison: Comparison) -> str:
 _NOTES = f"""<ul>
 <li>Models: <b>svm</b> StandardScaler + RBF SVC (class_weight balanced, Platt probabilities) and
 <b>random_forest</b> (300 trees, class_weight balanced_subsample) on the hand-made features of
-blastq.core.features (morphology, colour, GLCM and run-length texture); <b>cnn</b> a small CNN trained
+blastq.core.cells.features (morphology, colour, GLCM and run-length texture); <b>cnn</b> a small CNN trained
 from scratch on the crops (balanced class weights, label smoothing 0.1); <b>unet_encoder_linear</b>
 StandardScaler + multinomial logistic regression (balanced) on the frozen U-Net encoder's mask-weighted
 mean activations.

@@ -26,10 +26,11 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.errors import BlastqError, InvalidDataset
-from blastq.core.preprocess import PreprocessConfig, preprocess, resample, resample_labels
-from blastq.core.slide import image_size
-from blastq.core.synth import (
+from blastq.core.common.errors import BlastqError, InvalidDataset
+from blastq.core.image.preprocess import PreprocessConfig, preprocess, resample, resample_labels
+from blastq.core.image.slide import image_size
+from blastq.core.segment.unet import CLASS_NAMES
+from blastq.core.synth.field import (
     STAIN_FAMILIES,
     TRUTH_FOLDER,
     TRUTH_SUFFIXES,
@@ -37,7 +38,6 @@ from blastq.core.synth import (
     generate_field,
     read_field_masks,
 )
-from blastq.core.unet import CLASS_NAMES
 
 IGNORE = 255
 

@@ -16,10 +16,15 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from blastq.core.cellcrops import CELL_TYPES
-from blastq.core.classify import CellClassifier, load_cell_classifier
-from blastq.core.engines import Engine
-from blastq.core.metrics import (
+from blastq.core.cells.cellcrops import CELL_TYPES
+from blastq.core.cells.classify import CellClassifier, load_cell_classifier
+from blastq.core.image.slide import Slide
+from blastq.core.pipeline.field import PipelineConfig, SlideResult, process_slide
+from blastq.core.segment.engines import Engine
+from blastq.core.segment.unet import CLASS_NAMES, ModelInfo
+from blastq.core.synth.field import SynthField, generate_field
+from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask, wbc_split
+from blastq.trainer.metrics import (
     ObjectCounts,
     PixelCounts,
     match_instances,
@@ -27,11 +32,6 @@ from blastq.core.metrics import (
     pixel_counts,
     segmentation_report,
 )
-from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
-from blastq.core.slide import Slide
-from blastq.core.synth import SynthField, generate_field
-from blastq.core.unet import CLASS_NAMES, ModelInfo
-from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask, wbc_split
 from blastq.trainer.train import SYNTH_TEST_SEED0, SYNTH_VAL_SEED0
 
 Tick = Callable[[int], None]

@@ -2,7 +2,7 @@
 
 The checkpoint stays the source of truth; these files are derived from it and say so (the ONNX file
 records the checkpoint's sha256). A TensorRT engine is not exported here: it is specific to one GPU and
-TensorRT version, so `core.engines.TensorRTEngine` builds and caches it on the machine that runs it.
+TensorRT version, so `core.segment.engines.TensorRTEngine` builds and caches it on the machine that runs it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from blastq.core.engines import DEFAULT_OPSET, export_onnx_file
-from blastq.core.unet import load_checkpoint
+from blastq.core.segment.engines import DEFAULT_OPSET, export_onnx_file
+from blastq.core.segment.unet import load_checkpoint
 
 
 def export_onnx(model_path: str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:

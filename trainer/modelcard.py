@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from blastq.core.engines import load_engine
+from blastq.core.segment.engines import load_engine
 from blastq.trainer.datasets import SEGMENTATION_WBC_MPP, segmentation_wbc_items
 from blastq.trainer.evaluate import (
     SYNTH_TEST_FIELDS,
@@ -128,7 +128,7 @@ Architecture: U-Net, depth 4, width 16 (0.45 M parameters), bilinear upsampling.
 
 ## Training data
 - {trained_on}.
-- Synthetic smears: blastq's own generator (`blastq.core.synth`), with exact truth for red cells,
+- Synthetic smears: blastq's own generator (`blastq.core.synth.field`), with exact truth for red cells,
   platelets, neutrophils, lymphocytes, monocytes, eosinophils and blasts, touching cells, stain
   and light variation, blur, noise and JPEG artefacts. Its `wide` variety (domain randomisation) adds
   named stain families (Wright, Wright-Giemsa, May-Grunwald-Giemsa, Leishman) stained pale to heavy,

@@ -1,6 +1,6 @@
 """The screening operating point of the per-cell blast call, chosen on data the model never trained on.
 
-A cell is a blast when its mean blast share reaches a threshold (`core.cells`, BLASTQ_BLAST_CELL_THRESHOLD).
+A cell is a blast when its mean blast share reaches a threshold (`core.cells.instances`, BLASTQ_BLAST_CELL_THRESHOLD).
 A screening tool wants the blasts first: the threshold is the highest one at which the held-out blasts
 are caught at `TARGET_SENSITIVITY`, as long as normal cells stay below the false-blast limits; the
 `review` flag carries the doubt of the blasts called below even odds.
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from blastq.core.cells import CellRecord
-from blastq.core.engines import Engine
-from blastq.core.metrics import matched_pairs
-from blastq.core.pipeline import PipelineConfig, process_slide
-from blastq.core.slide import Slide, read_slide
-from blastq.core.synth import generate_field
-from blastq.core.unet import ModelInfo
+from blastq.core.cells.instances import CellRecord
+from blastq.core.image.slide import Slide, read_slide
+from blastq.core.pipeline.field import PipelineConfig, process_slide
+from blastq.core.segment.engines import Engine
+from blastq.core.segment.unet import ModelInfo
+from blastq.core.synth.field import generate_field
 from blastq.trainer.datasets import WBC_DATASETS, read_wbc_mask, segmentation_wbc_items, wbc_split
+from blastq.trainer.metrics import matched_pairs
 
 WIDE_TEST_SEED0 = 9_100_000
 WIDE_TEST_SIZE_PX = 768

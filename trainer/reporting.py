@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from blastq.core.artifacts import COLOUR_BLAST, COLOUR_WHITE_CELL, blastq_version
-from blastq.core.errors import BlastqError
+from blastq.core.common.errors import BlastqError
+from blastq.core.outputs.artifacts import COLOUR_BLAST, COLOUR_WHITE_CELL, blastq_version
 from blastq.trainer.evaluate import CASE_PX
 from blastq.trainer.train import EpochLog
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from blastq.core.unet import ModelInfo
+    from blastq.core.segment.unet import ModelInfo
     from blastq.trainer.evaluate import EvaluationReport, ExampleCases, ImageCase
 
 REPORT_FILES = ("report.html", "loss_curve.png", "examples.png", "metrics.json")

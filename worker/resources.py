@@ -20,15 +20,15 @@ from typing import Any
 
 from sqlalchemy.engine import Engine as DatabaseEngine
 
-from blastq.core.classify import CellClassifier, load_cell_classifier
-from blastq.core.db import connect
-from blastq.core.engines import Engine, load_engine
-from blastq.core.errors import ModelNotFound
-from blastq.core.pipeline import PipelineConfig
-from blastq.core.registry import ModelVersion, fetch_checkpoint, promoted
-from blastq.core.settings import REGISTRY_MODEL, Settings, pipeline_config
-from blastq.core.store import ObjectStore, store_from_settings
-from blastq.core.unet import ModelInfo
+from blastq.core.adapters.db import connect
+from blastq.core.adapters.registry import ModelVersion, fetch_checkpoint, promoted
+from blastq.core.adapters.settings import REGISTRY_MODEL, Settings, pipeline_config
+from blastq.core.adapters.store import ObjectStore, store_from_settings
+from blastq.core.cells.classify import CellClassifier, load_cell_classifier
+from blastq.core.common.errors import ModelNotFound
+from blastq.core.pipeline.field import PipelineConfig
+from blastq.core.segment.engines import Engine, load_engine
+from blastq.core.segment.unet import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blastq.core.db import (
+from blastq.core.adapters.db import (
     BatchStatus,
     add_to_sample,
     batch_status,
@@ -28,21 +28,21 @@ from blastq.core.db import (
     stale_jobs,
     touch_job,
 )
-from blastq.core.errors import InvalidConfig, InvalidSlide, NoWorker
-from blastq.core.inputs import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # worker.watch takes it from here
-from blastq.core.inputs import (
+from blastq.core.adapters.settings import Settings, hide_secrets, pipeline_config, whole_slide_config
+from blastq.core.adapters.store import store_from_settings
+from blastq.core.cells.stats import check_sample_name
+from blastq.core.common.errors import InvalidConfig, InvalidSlide, NoWorker
+from blastq.core.image.inputs import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # worker.watch takes it from here
+from blastq.core.image.inputs import (
     Refused,
     check_image_header,
     check_local_folders,
     check_user_mpp,
     expand_inputs,
 )
-from blastq.core.resultkey import ModelIdentity, classifier_file_sha256, file_result_key
-from blastq.core.settings import Settings, hide_secrets, pipeline_config, whole_slide_config
-from blastq.core.stats import check_sample_name
-from blastq.core.store import store_from_settings
-from blastq.core.unet import default_model_path, load_checkpoint
-from blastq.core.wsi import file_sha256
+from blastq.core.image.wsi import file_sha256
+from blastq.core.pipeline.resultkey import ModelIdentity, classifier_file_sha256, file_result_key
+from blastq.core.segment.unet import default_model_path, load_checkpoint
 from blastq.worker.celery_app import SLIDES_QUEUE, TRAIN_QUEUE, BlastqCelery, make_app, workers_on_queue
 from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 
@@ -78,7 +78,7 @@ class SubmittedFile:
 class SubmitOutcome:
     batch_id: str | None  # None when no file could be submitted (no batch is made)
     jobs: tuple[SubmittedFile, ...]
-    skipped: str | None = None  # one line: what folders and globs held besides smears (core.inputs)
+    skipped: str | None = None  # one line: what folders and globs held besides smears (core.image.inputs)
 
     @property
     def errors(self) -> tuple[SubmittedFile, ...]:
@@ -86,7 +86,7 @@ class SubmitOutcome:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[SubmittedFile]]:
-    """core.inputs.expand_inputs in submit()'s terms: (files, one error entry per refused argument or file)."""
+    """core.image.inputs.expand_inputs in submit()'s terms: (files, one error entry per refused argument or file)."""
     inputs = expand_inputs(paths)
     return list(inputs.files), [_refused(r) for r in inputs.refused]
 
@@ -100,7 +100,7 @@ def model_identity(settings: Settings) -> ModelIdentity:
 
     A checkpoint file, a registered version, or "registry" (the promoted version now, fetched and
     verified; the shipped model when none is). The classifier file is hashed, not loaded."""
-    from blastq.core.runner import model_checkpoint
+    from blastq.core.pipeline.runner import model_checkpoint
 
     path = model_checkpoint(settings, settings.model) if settings.model else None
     _, info = load_checkpoint(path or default_model_path())
@@ -108,7 +108,7 @@ def model_identity(settings: Settings) -> ModelIdentity:
 
 
 def result_key_of(settings: Settings, model: ModelIdentity, path: str | Path, mpp: float | None) -> str:
-    """The key a worker with these settings gives the file's result (core.resultkey: the same function)."""
+    """The key a worker with these settings gives the file's result (core.pipeline.resultkey: the same function)."""
     return file_result_key(path, mpp, pipeline_config(settings), model, whole_slide_config(settings))
 
 

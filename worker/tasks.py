@@ -1,7 +1,7 @@
 """The worker's tasks: process one job's slide, the same way `blastq run` does, around its job row
 (and `blastq.train_model`, whose body is blastq.worker.training.run_training_job).
 
-claim the row -> read the input from the store -> decode -> core.pipeline -> artifacts to the store ->
+claim the row -> read the input from the store -> decode -> core.pipeline.field -> artifacts to the store ->
 result row -> job succeeded. Delivery is at least once, so every step is safe to repeat: the claim
 refuses a finished job, the store keys and the result row are keyed by (sha256, model, parameters).
 
@@ -20,16 +20,16 @@ from pathlib import Path, PurePath
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
-from blastq.core.artifacts import render_artifacts, summary_dict
-from blastq.core.db import add_to_sample, claim_job, fail_job, finish_job, record_result
-from blastq.core.errors import BlastqError, TransientError
-from blastq.core.pipeline import process_slide
-from blastq.core.runner import store_files
-from blastq.core.settings import whole_slide_config
-from blastq.core.slide import decode_slide
-from blastq.core.store import slide_prefix
-from blastq.core.wholeslide import WholeSlideConfig, process_whole_slide
-from blastq.core.wsi import is_whole_slide, open_slide_reader
+from blastq.core.adapters.db import add_to_sample, claim_job, fail_job, finish_job, record_result
+from blastq.core.adapters.settings import whole_slide_config
+from blastq.core.adapters.store import slide_prefix
+from blastq.core.common.errors import BlastqError, TransientError
+from blastq.core.image.slide import decode_slide
+from blastq.core.image.wsi import is_whole_slide, open_slide_reader
+from blastq.core.outputs.artifacts import render_artifacts, summary_dict
+from blastq.core.pipeline.field import process_slide
+from blastq.core.pipeline.runner import store_files
+from blastq.core.pipeline.wholeslide import WholeSlideConfig, process_whole_slide
 from blastq.worker.retry import backoff_s, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"
@@ -96,7 +96,7 @@ def run_job(task: Task, job_id: str) -> str | None:
 
 
 def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) -> int:
-    """A whole slide, chunk by chunk (core.wholeslide): files to the store, the result row; its id.
+    """A whole slide, chunk by chunk (core.pipeline.wholeslide): files to the store, the result row; its id.
 
     The job's sha256 is the content's (submit hashed it; the input key is named by it): a scan of
     gigabytes is not read once more to hash it again."""

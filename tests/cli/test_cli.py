@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from blastq.cli.main import main
-from blastq.core.artifacts import ARTIFACT_NAMES
+from blastq.core.outputs.artifacts import ARTIFACT_NAMES
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_synth_writes_images_and_keeps_their_truth_in_a_sub_folder(smears):
 
 
 def test_synth_writes_wide_fields_in_a_stain_family(cli, tmp_path):
-    from blastq.core.synth import generate_field, read_field_masks
+    from blastq.core.synth.field import generate_field, read_field_masks
 
     result = cli("synth", "--count", "1", "--size", "256", "--seed", "3", "--out", tmp_path, "--variety", "wide",
                  "--stain-family", "leishman")  # fmt: skip
@@ -114,7 +114,7 @@ def test_a_folder_with_a_pipe_and_a_device_link_fails_those_lines_and_runs_the_r
 
 
 def test_what_can_be_checked_fails_before_the_model_loads(cli, smears, tmp_path, monkeypatch):
-    from blastq.core.runner import LocalRunner
+    from blastq.core.pipeline.runner import LocalRunner
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
@@ -197,7 +197,7 @@ def test_run_writes_the_output_contract_and_records_the_result(cli, smears, tmp_
     summary = json.loads((out / "synth_00040" / "summary.json").read_text())
     assert summary["mpp_source"] == "user" and summary["mpp"] == 0.2
     # The shipped classifier typed every cell: the differential covers them all, and cells.csv names types.
-    from blastq.core.classify import default_classifier_path, load_classifier
+    from blastq.core.cells.classify import default_classifier_path, load_classifier
 
     shipped = load_classifier(default_classifier_path()).info.version
     assert summary["classifier_version"] == shipped and "differential:" in result.output
@@ -278,7 +278,7 @@ def test_a_bad_model_path_is_one_clear_line(cli, smears, tmp_path):
 def test_a_bad_classifier_setting_is_one_clear_line_and_none_turns_typing_off(
     cli, smears, tmp_path, monkeypatch
 ):
-    from blastq.core.unet import default_model_path
+    from blastq.core.segment.unet import default_model_path
 
     monkeypatch.setenv("BLASTQ_CLASSIFIER", str(default_model_path()))  # a U-Net, not a classifier
     result = cli("run", smears / "synth_00040.png", "--mpp", "0.2", "--no-record")
@@ -302,7 +302,7 @@ def test_evaluate_takes_a_registered_version_and_names_an_unknown_one(cli, smear
 
     import torch
 
-    from blastq.core.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+    from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
 
     _, shipped = load_checkpoint(default_model_path())
     torch.manual_seed(0)
@@ -352,7 +352,7 @@ def test_png_overlay_is_a_viewable_image(cli, smears, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_writes_a_model_file_that_loads(cli, tmp_path, fmt):
-    from blastq.core.unet import default_model_path
+    from blastq.core.segment.unet import default_model_path
 
     out = tmp_path / f"model.{fmt}"
     result = cli("export", default_model_path(), "--format", fmt, "--out", out)
@@ -389,7 +389,7 @@ def test_train_submit_queues_a_run_for_the_trainer_service(cli, tmp_path):
 def test_a_whole_slide_runs_chunk_by_chunk_and_is_recorded(cli, tmp_path):
     """`blastq synth-slide` writes an Aperio SVS (read through OpenSlide); `blastq run` processes it by
     region, writes pyramidal TIFF masks and records the result and every cell."""
-    from blastq.core.tiffout import read_tiff_level, tiff_levels
+    from blastq.core.outputs.tiffout import read_tiff_level, tiff_levels
 
     slide = tmp_path / "mosaic.svs"
     made = cli("synth-slide", slide, "--width", "1400", "--height", "1200", "--format", "svs", "--seed", "3")
@@ -412,7 +412,7 @@ def test_a_whole_slide_runs_chunk_by_chunk_and_is_recorded(cli, tmp_path):
 
 
 def test_a_truncated_whole_slide_fails_with_one_line(cli, tmp_path):
-    from blastq.core.synthslide import write_synthetic_slide
+    from blastq.core.synth.slide import write_synthetic_slide
 
     slide = tmp_path / "cut.tif"
     write_synthetic_slide(slide, 1024, 1024, field_px=512, pyramid=False)
@@ -426,7 +426,7 @@ def test_a_truncated_whole_slide_fails_with_one_line(cli, tmp_path):
 def test_a_corrupt_tile_fails_the_whole_slide_with_one_line_and_no_files(cli, tmp_path):
     import tifffile
 
-    from blastq.core.synthslide import write_synthetic_slide
+    from blastq.core.synth.slide import write_synthetic_slide
 
     slide = tmp_path / "bad.tif"
     write_synthetic_slide(slide, 1024, 1024, field_px=512, pyramid=False)
@@ -460,7 +460,7 @@ def test_the_run_line_says_how_far_an_estimated_scale_can_be_trusted():
 def test_a_lab_fits_a_blast_caller_on_its_labelled_cells_and_runs_with_it(cli, smears, tmp_path, monkeypatch):
     import csv
 
-    from blastq.core.synth import read_field_masks
+    from blastq.core.synth.field import read_field_masks
 
     out = tmp_path / "out"
     images = [smears / "synth_00040.png", smears / "synth_00041.png"]

@@ -20,7 +20,7 @@ def cli():
 
 
 def test_compare_classifiers_writes_the_report_saves_the_winner_and_exits_0(cli, wbc_root, tmp_path):
-    from blastq.core.classify import load_classifier
+    from blastq.core.cells.classify import load_classifier
 
     out, best = tmp_path / "report", tmp_path / "best.pt"
     result = cli(

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from blastq.cli.main import main
-from blastq.core.stats import verdict
-from blastq.core.synth import generate_field
+from blastq.core.cells.stats import verdict
+from blastq.core.synth.field import generate_field
 
 MIN_CELLS = 9  # the synthetic fields below have 5 to 8 white cells each
 
@@ -181,8 +181,8 @@ def test_a_bad_sample_name_is_one_line_before_any_work(cli, images):
 
 
 def test_a_submitted_sample_is_pooled_right_whichever_image_finishes_last(cli, images, data_dir):
-    from blastq.core.db import connect, get_sample, list_results
-    from blastq.core.settings import load_settings
+    from blastq.core.adapters.db import connect, get_sample, list_results
+    from blastq.core.adapters.settings import load_settings
     from blastq.worker.celery_app import make_app
     from blastq.worker.tasks import PROCESS_SLIDE
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from blastq.core.artifacts import ARTIFACT_NAMES, render_artifacts, report_html, sample_artifacts
-from blastq.core.cells import CELL_COLUMNS
-from blastq.core.pipeline import process_slide
-from blastq.core.slide import Slide
-from blastq.core.stats import SampleImage, sample_result, slide_stats
+from blastq.core.cells.instances import CELL_COLUMNS
+from blastq.core.cells.stats import SampleImage, sample_result, slide_stats
+from blastq.core.image.slide import Slide
+from blastq.core.outputs.artifacts import ARTIFACT_NAMES, render_artifacts, report_html, sample_artifacts
+from blastq.core.pipeline.field import process_slide
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_summary_and_report_give_the_verdict_and_no_verdict_on_too_few_cells(ren
 
 
 def test_a_samples_summary_and_report_pool_its_images():
-    from blastq.core.cells import CellRecord
+    from blastq.core.cells.instances import CellRecord
 
     cell = CellRecord(1, "white_cell", 0, 0, 0, 0, 1, 1, 1, 0.04, 0.8, 1.0, 1, 0.04, 1.0, 0, 0, 0, 0.1)
     blast = dataclasses.replace(cell, label="blast")

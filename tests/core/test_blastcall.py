@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_cells import probs_for
 
-from blastq.core.blastcall import (
+from blastq.core.cells.blastcall import (
     CALLER_FEATURES,
     BlastCaller,
     caller_setting,
@@ -17,9 +17,9 @@ from blastq.core.blastcall import (
     read_caller,
     write_caller,
 )
-from blastq.core.cells import extract_cells
-from blastq.core.errors import InvalidConfig
-from blastq.core.pipeline import PipelineConfig
+from blastq.core.cells.instances import extract_cells
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.pipeline.field import PipelineConfig
 
 N = len(CALLER_FEATURES)
 
@@ -128,7 +128,7 @@ def test_a_missing_folder_or_huge_caller_path_is_refused(tmp_path):
 
 
 def test_settings_refuse_a_bad_caller_before_anything_runs(tmp_path):
-    from blastq.core.settings import load_settings, pipeline_config
+    from blastq.core.adapters.settings import load_settings, pipeline_config
 
     with pytest.raises(InvalidConfig, match="blast caller"):
         load_settings(

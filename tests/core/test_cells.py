@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blastq.core.cells import extract_cells, split_instances
+from blastq.core.cells.instances import extract_cells, split_instances
 
 
 def disc(shape, cy, cx, r):
@@ -65,7 +65,7 @@ def test_the_screening_threshold_calls_a_doubtful_blast_and_marks_it_for_review(
 
 
 def test_the_blast_cell_threshold_reaches_the_pipeline_from_the_settings(monkeypatch):
-    from blastq.core.settings import load_settings, pipeline_config
+    from blastq.core.adapters.settings import load_settings, pipeline_config
 
     monkeypatch.setenv("BLASTQ_BLAST_CELL_THRESHOLD", "0.15")
     assert pipeline_config(load_settings()).blast_cell_threshold == 0.15
@@ -122,7 +122,7 @@ def whole_image_split(foreground, marker_prob, mpp, marker_threshold=0.5):
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from blastq.core.cells import MIN_CELL_AREA_UM2, MIN_MARKER_AREA_UM2
+    from blastq.core.cells.instances import MIN_CELL_AREA_UM2, MIN_MARKER_AREA_UM2
 
     def drop_small(labels, min_px):
         small = np.bincount(labels.ravel()) < min_px
@@ -175,8 +175,8 @@ def same_cells(a, b):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_blob_wise_split_matches_the_whole_image_split_on_a_smear(seed, monkeypatch):
-    from blastq.core import cells as cells_module
-    from blastq.core.synth import generate_field
+    from blastq.core.cells import instances as cells_module
+    from blastq.core.synth.field import generate_field
 
     field = generate_field(seed, 512, 512, mpp=0.2, wbc_per_10k_um2=25.0, touching_fraction=0.7)
     p = probs_from_truth(field, np.random.default_rng(seed))
@@ -212,7 +212,7 @@ def test_blob_wise_split_matches_the_whole_image_split_on_touching_discs():
 
 
 def test_cells_touching_the_image_edge_are_measured_as_before(monkeypatch):
-    from blastq.core import cells as cells_module
+    from blastq.core.cells import instances as cells_module
 
     p = probs_for(
         [(0, 0, 30, 0.5, 15), (199, 150, 30, 0.2, 12), (100, 299, 25, 0.9, 10), (100, 250, 25, 0, 10)]
@@ -224,7 +224,7 @@ def test_cells_touching_the_image_edge_are_measured_as_before(monkeypatch):
 
 
 def test_a_cell_whose_outline_fails_is_kept_for_review_and_the_others_are_measured(monkeypatch):
-    from blastq.core import cells as cells_module
+    from blastq.core.cells import instances as cells_module
 
     p = probs_for([(100, 60, 30, 0.9, 20), (100, 200, 30, 0.1, 12)])
     rgb = np.full((200, 300, 3), 200, np.uint8)
@@ -266,7 +266,7 @@ def test_a_cell_whose_outline_fails_is_kept_for_review_and_the_others_are_measur
 
 
 def test_a_failure_reason_is_one_bounded_line():
-    from blastq.core.cells import failure_reason
+    from blastq.core.cells.instances import failure_reason
 
     reason = failure_reason("features", RuntimeError("OpenCV(5.1.0) error:\n" + "x" * 500))
     assert reason.startswith("features failed: RuntimeError: OpenCV(5.1.0) error: xxx")
@@ -279,7 +279,7 @@ def test_the_review_reason_is_a_column_of_cells_csv_and_a_geojson_property():
     import json
     from dataclasses import replace
 
-    from blastq.core.artifacts import cells_csv_bytes, geojson_bytes
+    from blastq.core.outputs.artifacts import cells_csv_bytes, geojson_bytes
 
     p = probs_for([(100, 60, 30, 0.9, 20), (100, 200, 30, 0.1, 12)])
     first, second = extract_cells(p, np.full((200, 300, 3), 200, np.uint8), mpp=0.2).cells

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.cellcrops import CELL_TYPES
-from blastq.core.classify import (
+from blastq.core.cells.cellcrops import CELL_TYPES
+from blastq.core.cells.classify import (
     ALLOWED_SKLEARN_TYPES,
     CLASSIFIER_FORMAT,
     ClassifierInfo,
@@ -25,8 +25,8 @@ from blastq.core.classify import (
     load_classifier,
     save_classifier,
 )
-from blastq.core.errors import ModelNotFound
-from blastq.core.features import FEATURE_NAMES
+from blastq.core.cells.features import FEATURE_NAMES
+from blastq.core.common.errors import ModelNotFound
 
 
 def _node(module: str, name: str, loader: str, node_id: int, **rest) -> dict:

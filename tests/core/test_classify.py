@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.cellcrops import CELL_TYPES, crops_to_array
-from blastq.core.classify import (
+from blastq.core.cells.cellcrops import CELL_TYPES, crops_to_array
+from blastq.core.cells.classify import (
     CLASSIFIER_FORMAT,
     REVIEW_BELOW,
     UNTYPED_PROBABILITIES,
@@ -18,8 +18,8 @@ from blastq.core.classify import (
     load_classifier,
     reconcile,
 )
-from blastq.core.errors import ModelNotFound
-from blastq.core.unet import default_model_path
+from blastq.core.common.errors import ModelNotFound
+from blastq.core.segment.unet import default_model_path
 
 BLAST = CELL_TYPES.index("blast")
 
@@ -100,8 +100,8 @@ def test_a_scikit_learn_model_holding_other_types_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def field_crops():
-    from blastq.core.cellcrops import crops_from_instances, normalise_crop
-    from blastq.core.synth import generate_field
+    from blastq.core.cells.cellcrops import crops_from_instances, normalise_crop
+    from blastq.core.synth.field import generate_field
 
     field = generate_field(5, 384, 384, wbc_per_10k_um2=14.0, blast_fraction=0.4)
     crops = [normalise_crop(c) for c in crops_from_instances(field.image, field.instances, field.nuclei, 0.2)]
@@ -118,10 +118,10 @@ def _sklearn_model(x, labels):
 
 @pytest.mark.parametrize("kind", ["random_forest", "cnn", "unet_encoder_linear"])
 def test_a_saved_classifier_loads_and_gives_the_same_probabilities(kind, field_crops, tmp_path):
-    from blastq.core.cellnets import CropCNN, EncoderFeatures
-    from blastq.core.classify import CellClassifier, ClassifierInfo, save_classifier
-    from blastq.core.features import features_matrix
-    from blastq.core.unet import UNet
+    from blastq.core.cells.cellnets import CropCNN, EncoderFeatures
+    from blastq.core.cells.classify import CellClassifier, ClassifierInfo, save_classifier
+    from blastq.core.cells.features import features_matrix
+    from blastq.core.segment.unet import UNet
 
     crops, labels = field_crops
     torch.manual_seed(0)
@@ -154,11 +154,11 @@ def test_a_saved_classifier_loads_and_gives_the_same_probabilities(kind, field_c
 
 
 def test_the_pipeline_types_every_cell_and_reports_a_differential(field_crops, tmp_path, shipped_engine):
-    from blastq.core.classify import ClassifierInfo, save_classifier
-    from blastq.core.features import features_matrix
-    from blastq.core.pipeline import process_slide
-    from blastq.core.slide import Slide
-    from blastq.core.synth import generate_field
+    from blastq.core.cells.classify import ClassifierInfo, save_classifier
+    from blastq.core.cells.features import features_matrix
+    from blastq.core.image.slide import Slide
+    from blastq.core.pipeline.field import process_slide
+    from blastq.core.synth.field import generate_field
 
     crops, labels = field_crops
     path = tmp_path / "rf.pt"
@@ -184,8 +184,8 @@ def test_the_pipeline_types_every_cell_and_reports_a_differential(field_crops, t
 
 @pytest.fixture(scope="module")
 def small_slide():
-    from blastq.core.slide import Slide
-    from blastq.core.synth import generate_field
+    from blastq.core.image.slide import Slide
+    from blastq.core.synth.field import generate_field
 
     field = generate_field(21, 320, 320, wbc_per_10k_um2=14.0, blast_fraction=0.3)
     return Slide(name="f.png", rgb=field.image, mpp=0.2, mpp_source="user", sha256="0" * 64)
@@ -194,9 +194,9 @@ def small_slide():
 def test_a_cell_whose_features_fail_is_reviewed_and_the_slide_goes_on(
     small_slide, shipped_engine, monkeypatch
 ):
-    from blastq.core import features
-    from blastq.core.classify import load_cell_classifier
-    from blastq.core.pipeline import process_slide
+    from blastq.core.cells.classify import load_cell_classifier
+    from blastq.core.cells import features
+    from blastq.core.pipeline.field import process_slide
 
     engine, info = shipped_engine
     classifier = load_cell_classifier("default")
@@ -232,9 +232,9 @@ def test_a_cell_whose_features_fail_is_reviewed_and_the_slide_goes_on(
 
 
 def test_a_cell_that_vanishes_at_the_crop_scale_is_reviewed_not_typed_from_an_empty_crop(field_crops):
-    from blastq.core.cells import CellMaps, CellRecord
-    from blastq.core.classify import type_cells
-    from blastq.core.features import features_matrix
+    from blastq.core.cells.classify import type_cells
+    from blastq.core.cells.features import features_matrix
+    from blastq.core.cells.instances import CellMaps, CellRecord
 
     crops, labels = field_crops
     classifier = CellClassifier(
@@ -258,8 +258,8 @@ def test_a_cell_that_vanishes_at_the_crop_scale_is_reviewed_not_typed_from_an_em
 
 
 def test_a_feature_model_of_another_width_is_refused_at_load(field_crops, tmp_path):
-    from blastq.core.classify import ClassifierInfo, save_classifier
-    from blastq.core.features import features_matrix
+    from blastq.core.cells.classify import ClassifierInfo, save_classifier
+    from blastq.core.cells.features import features_matrix
 
     crops, labels = field_crops
     model = _sklearn_model(features_matrix(crops)[:, :10], labels)

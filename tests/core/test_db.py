@@ -18,8 +18,7 @@ from sqlalchemy import create_engine, event, func, make_url, select, text, updat
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from blastq.core.cells import CellRecord
-from blastq.core.db import (
+from blastq.core.adapters.db import (
     Base,
     CellRow,
     JobRow,
@@ -44,14 +43,15 @@ from blastq.core.db import (
     stale_jobs,
     upgrade,
 )
-from blastq.core.errors import DatabaseUnavailable, InvalidConfig
+from blastq.core.cells.instances import CellRecord
+from blastq.core.common.errors import DatabaseUnavailable, InvalidConfig
 
 # Imports, says it is ready, and connects once all three are: their migrations race.
 RACER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from blastq.core.db import connect
+    from blastq.core.adapters.db import connect
 
     url, ready, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     (ready / name).touch()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from blastq.core.db import connect
-from blastq.core.errors import DatabaseUnavailable
+from blastq.core.adapters.db import connect
+from blastq.core.common.errors import DatabaseUnavailable
 
 CLOSED = "127.0.0.1:1"  # nothing listens: refused at once
 

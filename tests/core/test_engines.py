@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core import engines
-from blastq.core.engines import (
+from blastq.core.common.errors import InvalidConfig, ModelNotFound
+from blastq.core.image.slide import Slide
+from blastq.core.pipeline.field import process_slide
+from blastq.core.segment import engines
+from blastq.core.segment.engines import (
     FP16_PROB_TOLERANCE,
     FP32_PROB_TOLERANCE,
     TENSORRT_HINT,
@@ -30,11 +33,8 @@ from blastq.core.engines import (
     tensorrt_available,
     tensorrt_cache_key,
 )
-from blastq.core.errors import InvalidConfig, ModelNotFound
-from blastq.core.pipeline import process_slide
-from blastq.core.slide import Slide
-from blastq.core.stitch import logits_to_probabilities
-from blastq.core.unet import N_CLASSES, N_OUTPUTS, default_model_path, load_checkpoint, to_model_input
+from blastq.core.segment.stitch import logits_to_probabilities
+from blastq.core.segment.unet import N_CLASSES, N_OUTPUTS, default_model_path, load_checkpoint, to_model_input
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_tensorrt_engine_gives_the_torch_mask_on_the_same_tiles(torch_engine, sm
 
 
 def test_pipeline_with_onnx_finds_the_same_cells_as_torch(onnx_engine, torch_engine):
-    from blastq.core.synth import generate_field
+    from blastq.core.synth.field import generate_field
 
     field = generate_field(4242, 512, 512, mpp=0.2, blast_fraction=0.4)
     slide = Slide(rgb=field.image, mpp=0.2, mpp_source="user", name="f.png", sha256="0" * 64)
@@ -121,7 +121,7 @@ def test_a_damaged_cached_export_is_made_again(tmp_path, caplog):
     path = onnx_cache_path(tmp_path, info.sha256)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"truncated")
-    with caplog.at_level(logging.WARNING, logger="blastq.core.engines"):
+    with caplog.at_level(logging.WARNING, logger="blastq.core.segment.engines"):
         engine, _ = load_engine(kind="onnx", cache_dir=tmp_path)
     assert engine.name == "onnx-cpu" and path.stat().st_size > 1000 and "exporting it again" in caplog.text
 
@@ -183,7 +183,7 @@ class ZeroEngine:
 
 def test_an_engine_that_disagrees_with_torch_is_replaced_by_torch(monkeypatch, cache_dir, caplog):
     monkeypatch.setattr(engines, "OnnxEngine", ZeroEngine)
-    with caplog.at_level(logging.WARNING, logger="blastq.core.engines"):
+    with caplog.at_level(logging.WARNING, logger="blastq.core.segment.engines"):
         engine, _ = load_engine(kind="onnx", cache_dir=cache_dir)
     assert isinstance(engine, TorchEngine) and engine.name == "torch-cpu"
     assert "zeros disagrees with the torch model" in caplog.text and "falling back to torch" in caplog.text
@@ -215,7 +215,7 @@ def test_torch_engine_runs_eagerly_when_compilation_fails(monkeypatch, caplog):
     engine = TorchEngine(model, "cpu", compile=True)
     assert engine.name == "torch-cpu-compiled"
     x = np.zeros((1, 3, 64, 64), np.float32)
-    with caplog.at_level(logging.WARNING, logger="blastq.core.engines"):
+    with caplog.at_level(logging.WARNING, logger="blastq.core.segment.engines"):
         y = engine.infer(x)
     assert (
         y.shape == (1, N_OUTPUTS, 64, 64)

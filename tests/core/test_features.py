@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from blastq.core.cellcrops import CellCrop, crops_from_instances, normalise_crop
-from blastq.core.features import FEATURE_NAMES, cell_features, features_matrix
-from blastq.core.synth import generate_field
+from blastq.core.cells.cellcrops import CellCrop, crops_from_instances, normalise_crop
+from blastq.core.cells.features import FEATURE_NAMES, cell_features, features_matrix
+from blastq.core.synth.field import generate_field
 
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 YY, XX = np.mgrid[:128, :128]
@@ -285,7 +285,7 @@ def test_lymphocytes_and_neutrophils_from_synthetic_fields_differ_as_they_should
 def test_glcm_properties_are_those_of_skimage_graycoprops():
     from skimage.feature import graycoprops
 
-    from blastq.core.features import GLCM_PROPS, _glcm_props
+    from blastq.core.cells.features import GLCM_PROPS, _glcm_props
 
     rng = np.random.default_rng(3)
     counts = rng.integers(0, 5, (32, 32, 4)).astype(np.uint32)

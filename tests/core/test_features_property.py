@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from blastq.core.cellcrops import CELL_TYPES, CellCrop, normalise_crop
-from blastq.core.features import FEATURE_NAMES, cell_features
+from blastq.core.cells.cellcrops import CELL_TYPES, CellCrop, normalise_crop
+from blastq.core.cells.features import FEATURE_NAMES, cell_features
 
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 SHAPES = ("pixel", "hline", "vline", "diagonal", "ring", "blob", "rectangle", "holed", "speckle", "full")
@@ -117,7 +117,7 @@ def test_any_mask_normalised_to_the_crop_scale_gives_finite_features(crop):
 
 @pytest.fixture(scope="module")
 def shipped_classifier():
-    from blastq.core.classify import load_cell_classifier
+    from blastq.core.cells.classify import load_cell_classifier
 
     return load_cell_classifier("default")
 
@@ -132,8 +132,8 @@ def shipped_classifier():
 )
 def test_the_shipped_classifier_types_any_one_cell_mask(crop, shipped_classifier):
     """type_cells on a one-cell map: a type, probabilities summing to 1, no failure reason."""
-    from blastq.core.cells import CellMaps, CellRecord
-    from blastq.core.classify import type_cells
+    from blastq.core.cells.classify import type_cells
+    from blastq.core.cells.instances import CellMaps, CellRecord
 
     assume(crop.cell.any())
     instances = crop.cell.astype(np.int32)

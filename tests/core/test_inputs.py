@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
-from blastq.core.inputs import (
+from blastq.core.adapters.settings import load_settings
+from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.image.inputs import (
     OUTPUT_NAMES,
     check_image_header,
     check_local_folders,
@@ -20,8 +21,7 @@ from blastq.core.inputs import (
     expand_inputs,
     output_folder_name,
 )
-from blastq.core.settings import load_settings
-from blastq.core.synth import generate_field, write_dataset
+from blastq.core.synth.field import generate_field, write_dataset
 
 
 def _png(path: Path, size: int = 32) -> Path:
@@ -69,7 +69,7 @@ def test_truth_beside_the_image_and_result_folders_are_skipped_and_said(tmp_path
 
 
 def test_the_output_names_cover_every_artifact():
-    from blastq.core.artifacts import ARTIFACT_NAMES
+    from blastq.core.outputs.artifacts import ARTIFACT_NAMES
 
     assert set(ARTIFACT_NAMES) <= OUTPUT_NAMES
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from blastq.core import metrics
-from blastq.core.metrics import (
+from blastq.trainer import metrics
+from blastq.trainer.metrics import (
     ClassReport,
     ObjectCounts,
     PixelCounts,

@@ -10,7 +10,7 @@ from services import pg_schema
 from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
-from blastq.core.db import (
+from blastq.core.adapters.db import (
     Base,
     CellRow,
     ResultRow,

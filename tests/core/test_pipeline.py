@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.pipeline import PipelineConfig, process_slide, segment_probabilities
-from blastq.core.slide import Slide
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.image.slide import Slide
+from blastq.core.pipeline.field import PipelineConfig, process_slide, segment_probabilities
 
 
 def as_slide(rgb, mpp=0.2):
@@ -38,7 +38,7 @@ def test_plain_plasma_has_no_cells_and_runs_no_tile(shipped_engine):
 
 
 def test_results_come_back_at_the_input_size_whatever_the_scale(shipped_engine):
-    from blastq.core.synth import generate_field
+    from blastq.core.synth.field import generate_field
 
     engine, info = shipped_engine
     field = generate_field(7, 300, 410, mpp=0.1)
@@ -91,7 +91,7 @@ class FakeEngine:
         self.calls = 0
 
     def infer(self, batch):
-        from blastq.core.unet import N_OUTPUTS
+        from blastq.core.segment.unet import N_OUTPUTS
 
         self.calls += 1
         if self.calls == self.fail_on_batch:
@@ -105,9 +105,9 @@ class FakeEngine:
 
 def sequential_probabilities(work, engine, config):
     """segment_prepared's batches as a plain loop (the reference for the overlapped one)."""
-    from blastq.core.stitch import Stitcher, logits_to_probabilities
-    from blastq.core.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
-    from blastq.core.unet import N_OUTPUTS, to_model_input
+    from blastq.core.segment.stitch import Stitcher, logits_to_probabilities
+    from blastq.core.segment.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+    from blastq.core.segment.unet import N_OUTPUTS, to_model_input
 
     wh, ww = work.shape[:2]
     work = pad_to_tiles(work, config.tile_px)
@@ -131,7 +131,7 @@ def sequential_probabilities(work, engine, config):
 @pytest.mark.parametrize("device_type", ["cuda", "cpu"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 100])
 def test_overlapped_batches_give_the_same_map_bit_for_bit(smear, batch_size, device_type):
-    from blastq.core.pipeline import segment_prepared
+    from blastq.core.pipeline.field import segment_prepared
 
     config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=batch_size)
     ticks = []
@@ -152,7 +152,7 @@ def test_overlapped_batches_give_the_same_map_bit_for_bit(smear, batch_size, dev
 
 @pytest.mark.parametrize("device_type", ["cuda", "cpu"])
 def test_an_engine_error_on_the_third_batch_reaches_the_caller_after_two_batches(smear, device_type):
-    from blastq.core.pipeline import segment_prepared
+    from blastq.core.pipeline.field import segment_prepared
 
     config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=2)
     engine, ticks = FakeEngine(fail_on_batch=3, device_type=device_type), []
@@ -164,7 +164,7 @@ def test_an_engine_error_on_the_third_batch_reaches_the_caller_after_two_batches
 
 
 def test_a_stitching_error_reaches_the_caller_and_stops_the_engine(smear):
-    from blastq.core.pipeline import segment_prepared
+    from blastq.core.pipeline.field import segment_prepared
 
     config = PipelineConfig(tile_px=128, overlap_px=32, batch_size=2)
     engine = FakeEngine(bad_shape_on_batch=2)
@@ -174,7 +174,7 @@ def test_a_stitching_error_reaches_the_caller_and_stops_the_engine(smear):
 
 
 def test_a_failing_progress_callback_stops_the_run(smear):
-    from blastq.core.pipeline import segment_prepared
+    from blastq.core.pipeline.field import segment_prepared
 
     class Cancelled(Exception):
         """The user stopped the run."""
@@ -191,7 +191,7 @@ def test_a_failing_progress_callback_stops_the_run(smear):
 
 
 def test_cpu_engines_run_batches_in_turn_and_gpu_engines_overlapped(shipped_engine):
-    from blastq.core.pipeline import _engine_on_gpu
+    from blastq.core.pipeline.field import _engine_on_gpu
 
     engine, _ = shipped_engine
     assert not _engine_on_gpu(engine)

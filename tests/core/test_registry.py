@@ -12,9 +12,8 @@ import torch
 from click.testing import CliRunner
 from services import pg_schema
 
-from blastq.core.db import connect, upgrade
-from blastq.core.errors import InvalidConfig, ModelNotFound
-from blastq.core.registry import (
+from blastq.core.adapters.db import connect, upgrade
+from blastq.core.adapters.registry import (
     fetch_checkpoint,
     get_model,
     list_models,
@@ -23,8 +22,9 @@ from blastq.core.registry import (
     register_model,
     rollback,
 )
-from blastq.core.store import FileStore
-from blastq.core.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+from blastq.core.adapters.store import FileStore
+from blastq.core.common.errors import InvalidConfig, ModelNotFound
+from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="session")

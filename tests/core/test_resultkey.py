@@ -9,19 +9,19 @@ import cv2
 import pytest
 import tifffile
 
-from blastq.core.classify import load_cell_classifier
-from blastq.core.pipeline import PipelineConfig, process_slide
-from blastq.core.resultkey import (
+from blastq.core.cells.classify import load_cell_classifier
+from blastq.core.image.slide import read_slide
+from blastq.core.pipeline.field import PipelineConfig, process_slide
+from blastq.core.pipeline.resultkey import (
     ModelIdentity,
     classifier_file_sha256,
     file_result_key,
     result_key,
     scale_key,
 )
-from blastq.core.slide import read_slide
-from blastq.core.synth import generate_field
-from blastq.core.unet import UNet, load_checkpoint, save_checkpoint
-from blastq.core.wholeslide import WholeSlideConfig
+from blastq.core.pipeline.wholeslide import WholeSlideConfig
+from blastq.core.segment.unet import UNet, load_checkpoint, save_checkpoint
+from blastq.core.synth.field import generate_field
 
 MODEL = ModelIdentity("unet-1", "a" * 64, 0.2, {"normalise": True, "clahe_clip": 2.0}, "c" * 64)
 BASE = result_key(PipelineConfig(), MODEL, scale_key(0.08, "user"))

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from blastq.core.errors import InvalidSlide
-from blastq.core.scale import estimate_scale
-from blastq.core.slide import decode_slide
-from blastq.core.synth import generate_field
+from blastq.core.common.errors import InvalidSlide
+from blastq.core.image.scale import estimate_scale
+from blastq.core.image.slide import decode_slide
+from blastq.core.synth.field import generate_field
 
 # Red-cell layouts a lab meets: a thin tail (sparse), the monolayer, and a thick area where red cells
 # crowd and overlap (the fields the round-isolated-cell estimator refused).

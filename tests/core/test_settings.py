@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.settings import hide_secrets, load_settings, mask_secret
+from blastq.core.adapters.settings import hide_secrets, load_settings, mask_secret
+from blastq.core.common.errors import InvalidConfig
 
 
 def test_embedded_defaults_live_under_the_data_dir(tmp_path):
@@ -59,8 +59,8 @@ def test_passwords_never_printed():
 
 
 def test_whole_slide_chunking_comes_from_the_settings(tmp_path):
-    from blastq.core.settings import whole_slide_config
-    from blastq.core.wholeslide import whole_slide_key
+    from blastq.core.adapters.settings import whole_slide_config
+    from blastq.core.pipeline.wholeslide import whole_slide_key
 
     base = {"BLASTQ_DATA_DIR": str(tmp_path)}
     small = whole_slide_config(load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "1536"}))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
-from blastq.core.scale import RED_CELL_DIAMETER_UM, estimate_scale
-from blastq.core.slide import (
+from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.image.scale import RED_CELL_DIAMETER_UM, estimate_scale
+from blastq.core.image.slide import (
     decode_slide,
     image_size,
     metadata_mpp,
@@ -476,7 +476,7 @@ def test_max_pixels_is_configurable(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def field():
-    from blastq.core.synth import generate_field
+    from blastq.core.synth.field import generate_field
 
     return generate_field(7, 256, 256, mpp=0.2, blast_fraction=0.5)
 
@@ -512,8 +512,8 @@ def test_real_segmentation_wbc_masks_are_refused(wbc_root: Path) -> None:
 
 
 def test_real_smear_crops_and_synthetic_fields_pass_the_smear_check(wbc_root: Path) -> None:
-    from blastq.core.slide import check_smear
-    from blastq.core.synth import generate_field
+    from blastq.core.image.slide import check_smear
+    from blastq.core.synth.field import generate_field
 
     crops = sorted((wbc_root / "dataset1").glob("*.bmp")) + sorted((wbc_root / "dataset2").glob("*.bmp"))
     assert len(crops) == 400
@@ -638,7 +638,7 @@ def test_symlink_to_a_device_is_refused_and_to_a_file_is_followed(tmp_path, fiel
 def test_file_that_grows_while_read_is_refused(tmp_path, field, monkeypatch) -> None:
     import os
 
-    import blastq.core.slide as slide_module
+    import blastq.core.image.slide as slide_module
 
     path = _write(tmp_path, "growing.png", _encode(field.image, ".png"))
     real_fstat = os.fstat

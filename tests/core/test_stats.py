@@ -4,9 +4,8 @@ import dataclasses
 
 import pytest
 
-from blastq.core.cells import CellRecord
-from blastq.core.errors import InvalidConfig
-from blastq.core.stats import (
+from blastq.core.cells.instances import CellRecord
+from blastq.core.cells.stats import (
     DEFAULT_MIN_WHITE_CELLS,
     VERDICT_FLAGGED,
     VERDICT_INSUFFICIENT,
@@ -17,6 +16,7 @@ from blastq.core.stats import (
     sample_result,
     slide_stats,
 )
+from blastq.core.common.errors import InvalidConfig
 
 BASE = CellRecord(1, "white_cell", 0, 0, 0, 0, 1, 1, 1, 0.04, 0.8, 1.0, 1, 0.04, 1.0, 0, 0, 0, 0.1)
 

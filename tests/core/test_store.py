@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.store import open_store, slide_prefix
+from blastq.core.adapters.store import open_store, slide_prefix
+from blastq.core.common.errors import InvalidConfig
 
 
 def test_put_then_get_returns_the_bytes(tmp_path):

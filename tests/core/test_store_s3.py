@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 from services import S3Server
 
-from blastq.core.errors import InvalidConfig, StoreUnavailable, TransientError
-from blastq.core.store import FileStore, ObjectStore, S3Store, open_store
+from blastq.core.adapters.store import FileStore, ObjectStore, S3Store, open_store
+from blastq.core.common.errors import InvalidConfig, StoreUnavailable, TransientError
 
 try:
     from botocore.exceptions import ClientError

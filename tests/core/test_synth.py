@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.synth import (
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.synth.field import (
     CELL_KINDS,
     SynthField,
     find_truth,
@@ -280,7 +280,7 @@ def test_overlap_lets_more_red_cells_crowd_the_same_field() -> None:
 
 
 def test_wide_fields_draw_blasts_across_their_range_beside_their_look_alikes() -> None:
-    from blastq.core.synth import LOOKS
+    from blastq.core.synth.field import LOOKS
 
     looks: dict[str, set[bool]] = {}
     for seed in range(12):
@@ -327,7 +327,7 @@ def _mean_rgb(field: SynthField, where: np.ndarray) -> np.ndarray:
 
 
 def test_a_stain_family_changes_colours_never_the_truth() -> None:
-    from blastq.core.synth import STAIN_FAMILIES
+    from blastq.core.synth.field import STAIN_FAMILIES
 
     with pytest.raises(InvalidConfig, match="stain_family"):
         generate_field(0, 64, 64, stain_family="gram")
@@ -356,7 +356,7 @@ def test_a_stain_family_changes_colours_never_the_truth() -> None:
 
 
 def test_wide_fields_hold_objects_that_are_not_white_cells_as_background() -> None:
-    from blastq.core.synth import DECOY_KINDS
+    from blastq.core.synth.field import DECOY_KINDS
 
     seen: set[str] = set()
     for seed in range(24):

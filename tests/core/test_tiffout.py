@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from blastq.core.tiffout import PyramidTiffSink, pyramid_shapes, read_tiff_level, tiff_levels
+from blastq.core.outputs.tiffout import PyramidTiffSink, pyramid_shapes, read_tiff_level, tiff_levels
 
 # Irregular band heights, zero-row writes included; they sum past 1000 so the last one is clipped.
 CHUNKS = (0, 1, 37, 0, 256, 255, 3, 100, 0, 511, 64)
@@ -267,7 +267,7 @@ def test_large_mostly_empty_map_is_written_in_bounded_memory(tmp_path):
 
 
 def test_big_maps_are_written_as_bigtiff(tmp_path, labels, monkeypatch):
-    monkeypatch.setattr("blastq.core.tiffout.BIGTIFF_ABOVE_BYTES", 0)  # real size would be > 2 GB raw
+    monkeypatch.setattr("blastq.core.outputs.tiffout.BIGTIFF_ABOVE_BYTES", 0)  # real size would be > 2 GB raw
     path = tmp_path / "instances.tif"
     with PyramidTiffSink(path, 1000, 1300, np.uint32, mpp=0.25, tile=256, min_level_px=256) as sink:
         write_in_chunks(sink, labels)

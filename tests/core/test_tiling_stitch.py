@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blastq.core.stitch import Stitcher, blend_window, logits_to_probabilities
-from blastq.core.tiling import is_empty_tile, pad_to_tiles, tile_grid
+from blastq.core.segment.stitch import Stitcher, blend_window, logits_to_probabilities
+from blastq.core.segment.tiling import is_empty_tile, pad_to_tiles, tile_grid
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_pixels_no_tile_covers_are_background_and_the_map_is_handed_over_once():
 
 
 def test_stained_fraction_counts_coloured_or_dark_pixels_without_uint8_wraparound():
-    from blastq.core.tiling import stained_fraction
+    from blastq.core.segment.tiling import stained_fraction
 
     rng = np.random.default_rng(3)
     for _ in range(5):

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.errors import ModelNotFound
-from blastq.core.unet import N_OUTPUTS, ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
+from blastq.core.common.errors import ModelNotFound
+from blastq.core.segment.unet import (
+    N_OUTPUTS,
+    ModelInfo,
+    UNet,
+    load_checkpoint,
+    save_checkpoint,
+    to_model_input,
+)
 
 
 @pytest.mark.parametrize("depth,width", [(2, 4), (3, 8), (4, 16)])

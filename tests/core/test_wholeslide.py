@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from blastq.core.cells import CellMaps, CellRecord
-from blastq.core.classify import load_cell_classifier
-from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
-from blastq.core.pipeline import PipelineConfig, process_slide
-from blastq.core.resultkey import ModelIdentity, result_key, scale_key
-from blastq.core.slide import Slide
-from blastq.core.synth import generate_field
-from blastq.core.tiffout import read_tiff_level, tiff_levels
-from blastq.core.wholeslide import (
+from blastq.core.cells.classify import load_cell_classifier
+from blastq.core.cells.instances import CellMaps, CellRecord
+from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.image.slide import Slide
+from blastq.core.image.wsi import ArrayReader
+from blastq.core.outputs.tiffout import read_tiff_level, tiff_levels
+from blastq.core.pipeline.field import PipelineConfig, process_slide
+from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key
+from blastq.core.pipeline.wholeslide import (
     DiskRaster,
     WholeSlideConfig,
     _take_cells,
@@ -23,7 +23,7 @@ from blastq.core.wholeslide import (
     process_whole_slide,
     whole_slide_key,
 )
-from blastq.core.wsi import ArrayReader
+from blastq.core.synth.field import generate_field
 
 
 def _centroids(cells) -> np.ndarray:
@@ -272,8 +272,8 @@ def test_slide_over_the_pixel_cap_at_the_models_scale_is_refused_before_any_work
 ):
     from hostile import sparse_tiff
 
-    from blastq.core.settings import load_settings, whole_slide_config
-    from blastq.core.wsi import open_slide_reader
+    from blastq.core.adapters.settings import load_settings, whole_slide_config
+    from blastq.core.image.wsi import open_slide_reader
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where scratch folders would go
     _, info = shipped_engine
@@ -308,7 +308,7 @@ def test_slide_over_the_pixel_cap_at_the_models_scale_is_refused_before_any_work
 def test_chunks_without_scanned_tiles_are_skipped_unread(shipped_engine, tmp_path):
     from hostile import sparse_tiff
 
-    from blastq.core.wsi import open_slide_reader
+    from blastq.core.image.wsi import open_slide_reader
 
     engine, info = shipped_engine
     field = generate_field(3, 512, 512, mpp=0.2, blast_fraction=0.5)
@@ -332,7 +332,7 @@ def test_scratch_folders_are_removed_and_a_killed_runs_are_cleaned_at_the_next_s
     import subprocess
     import sys
 
-    from blastq.core import scratch
+    from blastq.core.pipeline import scratch
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     # What a run killed with SIGKILL leaves: its pid is gone, its folder (sparse rasters) stays.

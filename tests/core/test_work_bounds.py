@@ -5,11 +5,11 @@ from __future__ import annotations
 import cv2
 import pytest
 
-from blastq.core.errors import SlideTooLarge
-from blastq.core.pipeline import process_slide
-from blastq.core.slide import read_slide
-from blastq.core.synth import generate_field
-from blastq.core.unet import ModelInfo
+from blastq.core.common.errors import SlideTooLarge
+from blastq.core.image.slide import read_slide
+from blastq.core.pipeline.field import process_slide
+from blastq.core.segment.unet import ModelInfo
+from blastq.core.synth.field import generate_field
 
 
 class NoEngine:
@@ -22,7 +22,7 @@ class NoEngine:
 
 
 def _info() -> ModelInfo:
-    from blastq.core.engines import load_engine
+    from blastq.core.segment.engines import load_engine
 
     return load_engine()[1]
 

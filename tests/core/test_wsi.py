@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from blastq.core import wsi
-from blastq.core.errors import InvalidConfig, InvalidSlide, SlideTooLarge
-from blastq.core.synthslide import write_synthetic_slide
-from blastq.core.wsi import (
+from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.image import wsi
+from blastq.core.image.wsi import (
     OUTSIDE_FILL,
     ArrayReader,
     OpenSlideReader,
@@ -23,6 +22,7 @@ from blastq.core.wsi import (
     is_whole_slide,
     open_slide_reader,
 )
+from blastq.core.synth.slide import write_synthetic_slide
 
 HEIGHT, WIDTH = 600, 900
 
@@ -451,7 +451,7 @@ def test_named_pipes_and_devices_are_refused_without_reading(tmp_path):
 def test_tiles_without_data_are_plasma_and_never_read(tmp_path):
     from hostile import sparse_tiff
 
-    from blastq.core.synth import generate_field
+    from blastq.core.synth.field import generate_field
 
     field = generate_field(3, 512, 512, mpp=0.2).image
     path = sparse_tiff(tmp_path / "sparse.tif", 100_000, 100_000, tiles={(10, 12): field})

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blastq.core.errors import InvalidDataset
+from blastq.core.common.errors import InvalidDataset
 from blastq.trainer.blastcaller import NEEDED_COLUMNS, fit_caller, read_labelled_cells
 
 COLUMNS = ("cell_id", *NEEDED_COLUMNS, "truth")

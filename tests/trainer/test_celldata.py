@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from blastq.core.cellcrops import CELL_TYPES, CROP_PX, CellCrop
-from blastq.core.errors import InvalidConfig, InvalidDataset
-from blastq.core.synth import SynthCell, SynthField, generate_field
+from blastq.core.cells.cellcrops import CELL_TYPES, CROP_PX, CellCrop
+from blastq.core.common.errors import InvalidConfig, InvalidDataset
+from blastq.core.synth.field import SynthCell, SynthField, generate_field
 from blastq.trainer.celldata import (
     SYNTH_BLAST_FRACTION,
     SYNTH_FIELD_PX,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.cellcrops import (
+from blastq.core.cells.cellcrops import (
     CELL_TYPES,
     CROP_PX,
     CellCrop,
@@ -14,10 +14,10 @@ from blastq.core.cellcrops import (
     crops_to_array,
     normalise_crop,
 )
-from blastq.core.cellnets import CropCNN, EncoderFeatures
-from blastq.core.errors import InvalidConfig
-from blastq.core.synth import generate_field
-from blastq.core.unet import default_model_path, load_checkpoint, to_model_input
+from blastq.core.cells.cellnets import CropCNN, EncoderFeatures
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.segment.unet import default_model_path, load_checkpoint, to_model_input
+from blastq.core.synth.field import generate_field
 from blastq.trainer.cellnets import balanced_class_weights, encoder_features, fit_cnn, predict_cnn
 
 LYMPHOCYTE, EOSINOPHIL = CELL_TYPES.index("lymphocyte"), CELL_TYPES.index("eosinophil")

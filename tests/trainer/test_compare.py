@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from blastq.core.cellcrops import CELL_TYPES, CellCrop
-from blastq.core.errors import InvalidConfig
+from blastq.core.cells.cellcrops import CELL_TYPES, CellCrop
+from blastq.core.common.errors import InvalidConfig
 from blastq.trainer.compare import (
     MODELS,
     REAL,
@@ -259,7 +259,7 @@ def test_the_same_seed_gives_the_same_figures(small_comparison, unet_and_cells):
 def test_fit_final_trains_on_every_cell_and_saves_a_classifier_the_pipeline_loads(
     model, unet_and_cells, tmp_path
 ):
-    from blastq.core.classify import load_classifier
+    from blastq.core.cells.classify import load_classifier
 
     unet, cells = unet_and_cells
     few = {name: c.subset(range(0, len(c), 2)) for name, c in cells.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from blastq.core.unet import default_model_path
+from blastq.core.segment.unet import default_model_path
 from blastq.trainer.crosssource import cross_source_text
 
 

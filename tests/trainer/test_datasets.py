@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blastq.core.preprocess import PreprocessConfig
+from blastq.core.image.preprocess import PreprocessConfig
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
     IGNORE,
@@ -82,7 +82,7 @@ def test_augmented_patch_keeps_image_and_labels_aligned():
 
 @pytest.mark.parametrize("bad", ["nope"])
 def test_a_folder_without_the_layout_is_refused(tmp_path, bad):
-    from blastq.core.errors import InvalidDataset
+    from blastq.core.common.errors import InvalidDataset
 
     with pytest.raises(InvalidDataset, match="dataset1"):
         segmentation_wbc_items(tmp_path / bad)
@@ -157,7 +157,7 @@ def test_labelmap_json_and_toml_say_the_same(tmp_path):
     ],
 )
 def test_a_wrong_label_map_is_refused_naming_the_file(tmp_path, change, message):
-    from blastq.core.errors import InvalidDataset
+    from blastq.core.common.errors import InvalidDataset
     from blastq.trainer.datasets import pairs_items
 
     lm = {**LABELMAP, **change}
@@ -168,7 +168,7 @@ def test_a_wrong_label_map_is_refused_naming_the_file(tmp_path, change, message)
 
 
 def test_mask_values_missing_from_the_label_map_are_refused_with_value_and_file(tmp_path):
-    from blastq.core.errors import InvalidDataset
+    from blastq.core.common.errors import InvalidDataset
     from blastq.trainer.datasets import pairs_items
 
     mask = _cells_mask()
@@ -181,7 +181,7 @@ def test_mask_values_missing_from_the_label_map_are_refused_with_value_and_file(
 def test_missing_unreadable_and_misfit_masks_are_refused_naming_the_file(tmp_path):
     import cv2
 
-    from blastq.core.errors import InvalidDataset
+    from blastq.core.common.errors import InvalidDataset
     from blastq.trainer.datasets import pairs_items
 
     folder = _write_pairs(tmp_path / "missing", LABELMAP, {"a": _cells_mask()})

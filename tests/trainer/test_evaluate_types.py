@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from blastq.cli.main import main
-from blastq.core.cellcrops import CELL_TYPES
-from blastq.core.classify import CellClassifier, ClassifierInfo
-from blastq.core.metrics import match_instances
-from blastq.core.synth import generate_field, read_field_masks, write_dataset
+from blastq.core.cells.cellcrops import CELL_TYPES
+from blastq.core.cells.classify import CellClassifier, ClassifierInfo
+from blastq.core.synth.field import generate_field, read_field_masks, write_dataset
 from blastq.trainer.evaluate import evaluate_synthetic, matched_pairs, synth_truth
+from blastq.trainer.metrics import match_instances
 from blastq.trainer.report import EvaluationReport, synth_folder_kinds
 
 # Denser than the default smear (6 per 10k um2): ~20 cells per 512 px field, every kind present.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blastq.core.synth import generate_field
+from blastq.core.synth.field import generate_field
 from blastq.trainer.heldout import FIELD_UM, HELDOUT_SEED0, condition_figures, figures_table
 
 

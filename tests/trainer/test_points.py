@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from blastq.core.errors import InvalidDataset
+from blastq.core.common.errors import InvalidDataset
 from blastq.trainer.points import evaluate_points, match_points, points_items, read_points
 
 
@@ -100,14 +100,14 @@ class _DarkIsBlast:
         out = np.full((batch.shape[0], 5, *batch.shape[2:]), -8.0, np.float32)
         out[:, 0] = np.where(dark, -8.0, 8.0)
         out[:, 2] = np.where(dark, 8.0, -8.0)
-        out[:, 3] = out[:, 2]  # a white cell without a nucleus is no white cell (core.cells)
+        out[:, 3] = out[:, 2]  # a white cell without a nucleus is no white cell (core.cells.instances)
         out[:, 4] = out[:, 2]
         return out
 
 
 def test_evaluate_points_runs_the_pipeline_on_each_image(tmp_path):
-    from blastq.core.preprocess import PreprocessConfig
-    from blastq.core.unet import ModelInfo
+    from blastq.core.image.preprocess import PreprocessConfig
+    from blastq.core.segment.unet import ModelInfo
 
     centres = [(60, 60), (180, 70), (100, 190)]
     img = np.full((256, 256, 3), 235, np.uint8)

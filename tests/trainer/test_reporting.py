@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from blastq.cli.main import main
-from blastq.core.metrics import ObjectCounts, PixelCounts, segmentation_report
-from blastq.core.unet import CLASS_NAMES, ModelInfo
+from blastq.core.segment.unet import CLASS_NAMES, ModelInfo
 from blastq.trainer.datasets import segmentation_wbc_items
 from blastq.trainer.evaluate import (
     WBC_CASE_LABELS,
@@ -26,6 +25,7 @@ from blastq.trainer.evaluate import (
     evaluate_wbc,
     pick_cases,
 )
+from blastq.trainer.metrics import ObjectCounts, PixelCounts, segmentation_report
 from blastq.trainer.report import EvaluationReport, history_path
 from blastq.trainer.reporting import (
     REPORT_FILES,

@@ -7,8 +7,8 @@ import io
 import pytest
 import torch
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.unet import load_checkpoint
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.segment.unet import load_checkpoint
 from blastq.trainer.train import TrainConfig, train
 
 

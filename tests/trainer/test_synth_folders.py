@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from blastq.core.errors import InvalidDataset
-from blastq.core.synth import truth_paths, write_dataset
+from blastq.core.common.errors import InvalidDataset
+from blastq.core.synth.field import truth_paths, write_dataset
 from blastq.trainer.datasets import load_synth_truth, synth_folder_items
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.unet import load_checkpoint
+from blastq.core.common.errors import InvalidConfig
+from blastq.core.segment.unet import load_checkpoint
 from blastq.trainer.losses import segmentation_loss
 from blastq.trainer.train import TrainConfig, train
 
@@ -157,7 +157,7 @@ def test_a_run_records_config_split_and_versions_beside_its_checkpoint(tmp_path)
 def test_a_recorded_run_retrains_to_the_same_losses_and_refuses_changed_data(tmp_path):
     import cv2
 
-    from blastq.core.errors import InvalidDataset
+    from blastq.core.common.errors import InvalidDataset
     from blastq.trainer.train import retrain
 
     pairs = tmp_path / "pairs"
@@ -257,7 +257,7 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_shape(tmp_path):
 
 
 def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent_targets():
-    from blastq.core.preprocess import PreprocessConfig
+    from blastq.core.image.preprocess import PreprocessConfig
     from blastq.trainer.datasets import synth_sample
 
     with pytest.raises(InvalidConfig, match="synth_variety"):
@@ -272,7 +272,7 @@ def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent
 
 
 def test_wide_training_fields_can_leave_stain_families_and_magnifications_out():
-    from blastq.core.preprocess import PreprocessConfig
+    from blastq.core.image.preprocess import PreprocessConfig
     from blastq.trainer.datasets import synth_sample
 
     with pytest.raises(InvalidConfig, match="synth_families"):

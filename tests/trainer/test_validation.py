@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from blastq.cli.main import main
-from blastq.core.unet import default_model_path, load_checkpoint
+from blastq.core.segment.unet import default_model_path, load_checkpoint
 
 
 def test_register_with_validation_records_the_score_promotion_compares(wbc_root, tmp_path, monkeypatch):

@@ -34,8 +34,8 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def lab_service(tmp_path_factory, s3_endpoint) -> Iterator[Service]:
     """PostgreSQL (a fresh, migrated schema), Redis (a fresh database number), S3 (a fresh bucket)."""
-    from blastq.core.db import upgrade
-    from blastq.core.store import S3Store
+    from blastq.core.adapters.db import upgrade
+    from blastq.core.adapters.store import S3Store
 
     data_dir = tmp_path_factory.mktemp("lab-data")
     with pg_schema() as db_url, redis_database() as broker_url:
@@ -80,7 +80,7 @@ def cli() -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def make_slide(tmp_path_factory) -> Callable[..., Path]:
     """slide(seed, size=512) -> a PNG of a synthetic field at 0.2 um/px, each content written once."""
-    from blastq.core.synth import generate_field
+    from blastq.core.synth.field import generate_field
 
     folder = tmp_path_factory.mktemp("slides")
 

@@ -86,7 +86,7 @@ class Service:
     data_dir: Path
 
     def settings(self):
-        from blastq.core.settings import load_settings
+        from blastq.core.adapters.settings import load_settings
 
         return load_settings(self.env)
 

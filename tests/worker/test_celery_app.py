@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from blastq.core.errors import InvalidConfig
-from blastq.core.settings import load_settings
+from blastq.core.adapters.settings import load_settings
+from blastq.core.common.errors import InvalidConfig
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import expand_paths
 from blastq.worker.tasks import PROCESS_SLIDE

@@ -10,7 +10,7 @@ import threading
 from servicekit import Service, use_service
 from sqlalchemy import create_engine, text
 
-from blastq.core.artifacts import ARTIFACT_NAMES
+from blastq.core.outputs.artifacts import ARTIFACT_NAMES
 from blastq.worker.celery_app import make_app
 
 
@@ -84,7 +84,7 @@ def test_status_and_results_show_jobs_and_results_in_each_format(tmp_path, cli, 
     differential = records[0]["differential"]
     assert list(differential) == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "blast"]
     assert sum(d["count"] for d in differential.values()) == records[0]["white_cells"] > 0
-    from blastq.core.classify import default_classifier_path, load_classifier
+    from blastq.core.cells.classify import default_classifier_path, load_classifier
 
     assert records[0]["classifier_version"] == load_classifier(default_classifier_path()).info.version
     csv_lines = cli("results", "--format", "csv").output.splitlines()
@@ -96,7 +96,7 @@ def test_status_and_results_show_jobs_and_results_in_each_format(tmp_path, cli, 
 
 
 def test_db_upgrade_prints_the_revision_and_can_run_twice(tmp_path, cli, monkeypatch):
-    from blastq.core.db import head_revision
+    from blastq.core.adapters.db import head_revision
 
     monkeypatch.setenv("BLASTQ_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("BLASTQ_DATABASE_URL", raising=False)

@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from blastq.core.db import connect, create_job, job_status
-from blastq.core.settings import load_settings
-from blastq.core.store import FileStore
+from blastq.core.adapters.db import connect, create_job, job_status
+from blastq.core.adapters.settings import load_settings
+from blastq.core.adapters.store import FileStore
 from blastq.worker.celery_app import make_app
 from blastq.worker.tasks import PROCESS_SLIDE
 
@@ -24,7 +24,7 @@ def local(tmp_path):
 
 
 def test_a_truncated_whole_slide_fails_naming_the_submitted_file(local, tmp_path):
-    from blastq.core.synthslide import write_synthetic_slide
+    from blastq.core.synth.slide import write_synthetic_slide
 
     settings, app, db = local
     store = FileStore(settings.data_dir / "store")

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from servicekit import Service, WorkerProcess, use_service
 from sqlalchemy import select
 
-from blastq.core.db import ResultRow, batch_jobs, connect
-from blastq.core.registry import promote, register_model, rollback
-from blastq.core.settings import load_settings
-from blastq.core.store import open_store
-from blastq.core.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+from blastq.core.adapters.db import ResultRow, batch_jobs, connect
+from blastq.core.adapters.registry import promote, register_model, rollback
+from blastq.core.adapters.settings import load_settings
+from blastq.core.adapters.store import open_store
+from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
 from blastq.worker.resources import WorkerResources
 from blastq.worker.submit import submit, wait_for_batch
 

@@ -37,12 +37,20 @@ from servicekit import (
 )
 from sqlalchemy import func, make_url, select
 
-from blastq.core.artifacts import ARTIFACT_NAMES
-from blastq.core.cells import CellRecord
-from blastq.core.db import CellRow, ResultRow, batch_jobs, connect, job_status, record_result, upgrade
-from blastq.core.resultkey import result_key, scale_key
-from blastq.core.settings import pipeline_config
-from blastq.core.store import open_store, slide_prefix
+from blastq.core.adapters.db import (
+    CellRow,
+    ResultRow,
+    batch_jobs,
+    connect,
+    job_status,
+    record_result,
+    upgrade,
+)
+from blastq.core.adapters.settings import pipeline_config
+from blastq.core.adapters.store import open_store, slide_prefix
+from blastq.core.cells.instances import CellRecord
+from blastq.core.outputs.artifacts import ARTIFACT_NAMES
+from blastq.core.pipeline.resultkey import result_key, scale_key
 from blastq.worker.submit import model_identity, submit, wait_for_batch
 
 # A slide that a worker holds for about a second (0.9 s here), some twenty polls: long enough to cut a

@@ -12,9 +12,9 @@ import redis
 from servicekit import use_service, wait_until
 from sqlalchemy import func, select
 
-from blastq.core.artifacts import ARTIFACT_NAMES
-from blastq.core.db import ResultRow, batch_jobs, connect, create_job, job_status
-from blastq.core.store import open_store, slide_prefix
+from blastq.core.adapters.db import ResultRow, batch_jobs, connect, create_job, job_status
+from blastq.core.adapters.store import open_store, slide_prefix
+from blastq.core.outputs.artifacts import ARTIFACT_NAMES
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import model_identity, result_key_of, submit, wait_for_batch
 from blastq.worker.tasks import PROCESS_SLIDE
@@ -115,7 +115,7 @@ def test_the_same_content_again_reuses_its_result_and_force_processes_it_once_mo
 def test_a_whole_slide_goes_through_the_service_and_is_reused_when_sent_again(lab, lab_worker, tmp_path):
     """A tiled pyramidal TIFF: a real worker processes it by region, its TIFF masks land in S3, and the
     same file sent again finds its result (the whole-slide result key is the submitter's too)."""
-    from blastq.core.synthslide import write_synthetic_slide
+    from blastq.core.synth.slide import write_synthetic_slide
 
     settings, db, store = lab
     slide = tmp_path / "scan.tif"
@@ -208,7 +208,7 @@ def test_a_sample_processed_by_two_workers_at_once_is_pooled_from_all_its_images
 ):
     from sqlalchemy import text
 
-    from blastq.core.db import get_sample, list_results
+    from blastq.core.adapters.db import get_sample, list_results
 
     settings, db, _ = lab
     start_worker(lab_service, "--pool", "prefork", "--concurrency", "2")

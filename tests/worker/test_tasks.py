@@ -6,11 +6,11 @@ import hashlib
 
 import pytest
 
-from blastq.core.db import connect, create_job, job_status
-from blastq.core.errors import StoreUnavailable
-from blastq.core.resultkey import result_key, scale_key
-from blastq.core.settings import load_settings, pipeline_config
-from blastq.core.store import FileStore
+from blastq.core.adapters.db import connect, create_job, job_status
+from blastq.core.adapters.settings import load_settings, pipeline_config
+from blastq.core.adapters.store import FileStore
+from blastq.core.common.errors import StoreUnavailable
+from blastq.core.pipeline.resultkey import result_key, scale_key
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import model_identity
 from blastq.worker.tasks import PROCESS_SLIDE, backoff_s
@@ -118,7 +118,7 @@ def test_a_job_started_max_attempts_times_is_failed_not_run_again(local):
     settings, app, db = local
     store = FileStore(settings.data_dir / "store")
     job_id = queued_job(settings, db, store, b"kills its worker")
-    from blastq.core.db import claim_job
+    from blastq.core.adapters.db import claim_job
 
     for _ in range(settings.max_attempts):  # each delivery's worker died mid-slide
         assert claim_job(db, job_id, "host/1", settings.max_attempts) is not None
@@ -131,11 +131,11 @@ def test_a_whole_slide_job_is_processed_by_region(local, tmp_path):
     """A tiled TIFF queued as a job: the worker takes the whole-slide path and records its cells."""
     import tifffile
 
-    from blastq.core.db import list_results
-    from blastq.core.pipeline import process_slide
-    from blastq.core.slide import Slide
-    from blastq.core.store import FileStore
-    from blastq.core.synthslide import write_synthetic_slide
+    from blastq.core.adapters.db import list_results
+    from blastq.core.adapters.store import FileStore
+    from blastq.core.image.slide import Slide
+    from blastq.core.pipeline.field import process_slide
+    from blastq.core.synth.slide import write_synthetic_slide
 
     settings, app, db = local
     store = FileStore(settings.data_dir / "store")

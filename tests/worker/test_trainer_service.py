@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from servicekit import CLEARED_ENV, Service, WorkerProcess, use_service, wait_until
 
-from blastq.core.db import (
+from blastq.core.adapters.db import (
     claim_training_run,
     connect,
     create_training_run,
@@ -23,7 +23,7 @@ from blastq.core.db import (
     record_epoch,
     training_run_status,
 )
-from blastq.core.store import store_from_settings
+from blastq.core.adapters.store import store_from_settings
 from blastq.trainer.train import TrainConfig
 from blastq.worker.submit import submit_training
 from blastq.worker.training import model_key, resume_key
@@ -175,7 +175,7 @@ class UnreachableStore:
     url = "s3://down"
 
     def get(self, key: str) -> bytes:
-        from blastq.core.errors import StoreUnavailable
+        from blastq.core.common.errors import StoreUnavailable
 
         raise StoreUnavailable(f"store s3://down not reachable reading {key}")
 
@@ -183,7 +183,7 @@ class UnreachableStore:
 def test_a_store_fault_retries_the_run_with_backoff_then_fails_it(tmp_path):
     from types import SimpleNamespace
 
-    from blastq.core.settings import load_settings
+    from blastq.core.adapters.settings import load_settings
     from blastq.worker.resources import WorkerResources
     from blastq.worker.training import run_training_job
 

@@ -25,9 +25,9 @@ import pytest
 from servicekit import Service, use_service, wait_until
 from sqlalchemy import select, update
 
-from blastq.core.db import JobRow, WatchLedgerRow, connect, job_counts, job_status, watched_files
-from blastq.core.errors import StoreUnavailable
-from blastq.core.settings import load_settings
+from blastq.core.adapters.db import JobRow, WatchLedgerRow, connect, job_counts, job_status, watched_files
+from blastq.core.adapters.settings import load_settings
+from blastq.core.common.errors import StoreUnavailable
 from blastq.worker import watch as watch_module
 from blastq.worker.submit import submit
 from blastq.worker.watch import Watcher, is_candidate, stop_on_signals
@@ -453,7 +453,7 @@ def ledger_db(migrated_db):
 
 
 def test_the_ledger_insert_is_the_claim_and_a_stale_claim_is_taken_over_once(ledger_db):
-    from blastq.core.db import claim_watched_file, record_watched_file, release_watched_file
+    from blastq.core.adapters.db import claim_watched_file, record_watched_file, release_watched_file
 
     stale_after = timedelta(minutes=5)
     version = ("/scans", "a.png", 1000, 1_700_000_000_123_456_789)
@@ -548,7 +548,7 @@ def test_one_watcher_run_keeps_one_batch_across_scans(make_watcher, folder, db):
 
 def job_samples(db) -> dict[str, str | None]:
     """file name -> the name of its job's sample (None: no sample)."""
-    from blastq.core.db import SampleRow
+    from blastq.core.adapters.db import SampleRow
 
     with db.connect() as c:
         rows = c.execute(

@@ -1,0 +1,246 @@
+"""The model registry: model versions in the database, their checkpoints in the object store.
+
+A version is registered as a candidate with its metrics, training config and data split; its
+checkpoint goes to the store under `models/<version>/<sha256>.pt`. Promotion makes it the model the
+workers load (`BLASTQ_MODEL=registry`); the version promoted before is retired, and `rollback` brings
+the most recently retired one back. A candidate is promoted only if it is not worse than the promoted
+one on the fixed validation set (its recorded `validation_score`), unless forced.
+
+Checkpoints are verified by sha256 before they are loaded: the bytes from the store before the local
+copy is written, and again as `load_checkpoint` reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from blastq.core.adapters.db import (
+    ModelVersion,
+    add_model,
+    get_model_row,
+    model_rows,
+    promote_model_row,
+    promoted_model_row,
+)
+from blastq.core.adapters.store import ObjectStore
+from blastq.core.common.errors import InvalidConfig, ModelNotFound
+from blastq.core.segment.unet import load_checkpoint
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+__all__ = [
+    "DEFAULT_METRIC",
+    "ModelVersion",
+    "checkpoint_key",
+    "fetch_checkpoint",
+    "get_model",
+    "list_models",
+    "promote",
+    "promoted",
+    "register_model",
+    "rollback",
+]
+
+DEFAULT_METRIC = "validation_score"  # higher is better; measured on the fixed validation set
+# A version names a store folder and a result path (slides/<sha256>/<version>/...).
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def checkpoint_key(version: str, sha256: str) -> str:
+    """The store key of a version's checkpoint."""
+    return f"models/{version}/{sha256}.pt"
+
+
+def register_model(
+    db: Engine,
+    store: ObjectStore,
+    checkpoint_path: str | Path,
+    *,
+    metrics: dict,
+    config: dict | None = None,
+    split: dict | None = None,
+) -> ModelVersion:
+    """Register a checkpoint as a candidate under the version it records; returns the registry's row.
+
+    The same version with the same bytes again returns the existing row (the upload is redone only if
+    the object is missing). The same version with other bytes is refused: versions name results.
+    """
+    path = Path(checkpoint_path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelNotFound(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise ModelNotFound(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    sha256 = hashlib.sha256(data).hexdigest()
+    _, info = load_checkpoint(path)  # a blastq U-Net, loadable with weights_only
+    if info.sha256 != sha256:
+        raise ModelNotFound(f"{path} changed while it was being registered; try again")
+    if not _VERSION.fullmatch(info.version):
+        raise InvalidConfig(
+            f"{path}: model version {info.version!r} cannot be registered: use 1-64 characters of "
+            "letters, digits and . _ + - (starting with a letter or digit)"
+        )
+    for name, value in (("metrics", metrics), ("config", config or {}), ("split", split or {})):
+        if not isinstance(value, dict):
+            raise InvalidConfig(f"model {name} must be a JSON object, got {type(value).__name__}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidConfig(f"model {name} cannot be stored as JSON: {exc}") from exc
+
+    key = checkpoint_key(info.version, sha256)
+    existing = get_model_row(db, info.version)
+    if existing is None:
+        # The object first: a row never names a checkpoint the store does not hold.
+        store.put(key, data)
+        existing = add_model(
+            db,
+            version=info.version,
+            sha256=sha256,
+            checkpoint_key=key,
+            metrics=metrics,
+            config=config or {},
+            split=split or {},
+        )
+        if existing is None:  # registered by someone else meanwhile
+            existing = _get(db, info.version)
+    if existing.sha256 != sha256:
+        raise InvalidConfig(
+            f"model version {info.version} is registered already with sha256 {existing.sha256[:12]}, and "
+            f"{path} has sha256 {sha256[:12]}: give the new model a version of its own"
+        )
+    if not store.exists(existing.checkpoint_key):
+        store.put(existing.checkpoint_key, data)
+    return existing
+
+
+def list_models(db: Engine) -> list[ModelVersion]:
+    """Every registered version, oldest first."""
+    return model_rows(db)
+
+
+def get_model(db: Engine, version: str) -> ModelVersion | None:
+    """The registered version; None for an unknown one."""
+    return get_model_row(db, version)
+
+
+def promoted(db: Engine) -> ModelVersion | None:
+    """The version the workers should run; None when nothing is promoted (they use the shipped model)."""
+    return promoted_model_row(db)
+
+
+def promote(db: Engine, version: str, *, force: bool = False, metric: str = DEFAULT_METRIC) -> ModelVersion:
+    """Promote `version` and retire the promoted one, in one locked transaction.
+
+    Refused when the candidate's `metric` is lower than the promoted version's, or either lacks it,
+    unless `force`. Promoting the promoted version changes nothing.
+    """
+
+    def check(target: ModelVersion | None, current: ModelVersion | None) -> None:
+        if target is None:
+            raise InvalidConfig(f"no model version {version} in the registry")
+        if force or current is None or current.version == target.version:
+            return
+        mine, theirs = _score(target, metric), _score(current, metric)
+        if mine is None or theirs is None:
+            lacking = target.version if mine is None else current.version
+            raise InvalidConfig(
+                f"model {lacking} has no numeric {metric} metric to compare; use --force to promote anyway"
+            )
+        if mine < theirs:
+            raise InvalidConfig(
+                f"model {target.version} is worse than the promoted {current.version} on {metric} "
+                f"({mine:g} < {theirs:g}); use --force to promote anyway"
+            )
+
+    return promote_model_row(db, version, check)
+
+
+def rollback(db: Engine) -> ModelVersion:
+    """Promote again the most recently retired version and retire the promoted one; returns it.
+
+    Two rollbacks in a row swap back: the version rolled back from is then the most recently retired.
+    """
+
+    def check(target: ModelVersion | None, current: ModelVersion | None) -> None:
+        if target is None:
+            raise InvalidConfig("no retired model version to roll back to")
+
+    return promote_model_row(db, None, check)
+
+
+def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | Path) -> Path:
+    """The version's checkpoint as a local file under `cache_dir`, named by its sha256, verified.
+
+    A cached file is reused when its sha256 matches. A download is checked before the file is written
+    and again by loading it; any mismatch raises ModelNotFound ("checksum mismatch").
+    """
+    path = Path(cache_dir) / f"{model.sha256}.pt"
+    if path.is_file() and _sha256_of(path) == model.sha256:
+        return path
+    try:
+        data = store.get(model.checkpoint_key)
+    except FileNotFoundError:
+        raise ModelNotFound(
+            f"model {model.version}: checkpoint {model.checkpoint_key} is missing from {store.url}"
+        ) from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != model.sha256:
+        raise ModelNotFound(
+            f"model {model.version}: checksum mismatch for {model.checkpoint_key} in {store.url} "
+            f"(sha256 {got[:12]}, the registry has {model.sha256[:12]})"
+        )
+    _write_atomic(path, data)
+    _, info = load_checkpoint(path)
+    if info.sha256 != model.sha256 or info.version != model.version:
+        path.unlink(missing_ok=True)
+        raise ModelNotFound(
+            f"model {model.version}: checksum mismatch for {path} (it holds {info.version}, "
+            f"sha256 {info.sha256[:12]})"
+        )
+    return path
+
+
+def _get(db: Engine, version: str) -> ModelVersion:
+    model = get_model_row(db, version)
+    if model is None:
+        raise InvalidConfig(f"no model version {version} in the registry")
+    return model
+
+
+def _score(model: ModelVersion, metric: str) -> float | None:
+    value = model.metrics.get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Several worker processes may fetch the same version at once: each writes a temporary file and
+    renames it, so a reader sees a whole checkpoint or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,357 @@
+"""A slide result as files: mask, nuclei, instances, overlay, cells.csv, cells.geojson, summary.json.
+
+Rendered to bytes here; where the bytes go (a folder, the object store) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import cv2
+import numpy as np
+import tifffile
+from skimage.segmentation import find_boundaries
+
+from blastq.core.cells.instances import CELL_COLUMNS, LABEL_BLAST, CellMaps, CellRecord
+from blastq.core.cells.stats import (
+    VERDICT_FLAGGED,
+    VERDICT_INSUFFICIENT,
+    VERDICT_NOT_FLAGGED,
+    SampleResult,
+    SlideStats,
+)
+from blastq.core.common.errors import BlastqError
+from blastq.core.pipeline.field import SlideResult
+
+ARTIFACT_NAMES = (
+    "mask.png",
+    "nuclei.png",
+    "instances.tif",
+    "overlay.png",
+    "cells.csv",
+    "cells.geojson",
+    "summary.json",
+    "report.html",
+)
+# Outline colours (RGB): blasts red, other white cells green; QuPath shows the same colours.
+COLOUR_WHITE_CELL = (0, 200, 0)
+COLOUR_BLAST = (230, 0, 0)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    data: bytes
+    content_type: str
+
+
+def blastq_version() -> str:
+    try:
+        return version("blastq")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise BlastqError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def summary_dict(result: SlideResult) -> dict:
+    """The summary.json fields (also the database row of a result)."""
+    return {
+        "image": result.name,
+        "sha256": result.sha256,
+        "width": result.width,
+        "height": result.height,
+        "mpp": result.mpp,
+        "mpp_source": result.mpp_source,
+        # 0..1 for an estimated scale (red cells measured, measures agreeing); null for a given one.
+        "mpp_confidence": result.mpp_confidence,
+        "model_version": result.model_version,
+        "params_key": result.params_key,
+        "white_cells": result.stats.white_cells,
+        "blasts": result.stats.blasts,
+        "blast_percent": result.stats.blast_percent,
+        "flagged": result.stats.flagged,
+        # "flagged", "not flagged", or "insufficient cells" (fewer white cells than min_white_cells).
+        "verdict": result.stats.verdict,
+        "threshold_percent": result.stats.threshold_percent,
+        "min_white_cells": result.stats.min_white_cells,
+        # Per type: count and percent of white cells; empty when no classifier ran.
+        "differential": result.stats.differential,
+        "review_cells": result.stats.review_cells,
+        "classifier_version": result.classifier_version,
+        "blast_call": result.blast_call,  # the rule that called blasts: the share's threshold or a caller
+        "seconds": result.seconds,
+        "tiles_total": result.tiles_total,
+        "tiles_run": result.tiles_run,
+        "blastq_version": blastq_version(),
+    }
+
+
+def overlay(rgb: np.ndarray, maps: CellMaps) -> np.ndarray:
+    """The image with each cell's outline coloured by its label (HWC uint8 RGB)."""
+    out = rgb.copy()
+    edges = find_boundaries(maps.instances, mode="inner")
+    # Thicken outlines on large images so they stay visible when the picture is shown scaled down.
+    thick = max(1, round(max(rgb.shape[:2]) / 1500))
+    if thick > 1:
+        edges = cv2.dilate(edges.astype(np.uint8), np.ones((thick, thick), np.uint8)).astype(bool)
+    edges &= maps.instances > 0
+    out[edges & (maps.classes == 2)] = COLOUR_BLAST
+    out[edges & (maps.classes == 1)] = COLOUR_WHITE_CELL
+    return out
+
+
+def cells_csv(maps: CellMaps) -> bytes:
+    return cells_csv_bytes(maps.cells)
+
+
+def cells_csv_bytes(cells: Sequence[CellRecord]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CELL_COLUMNS)
+    for cell in cells:
+        writer.writerow(asdict(cell).values())
+    return buf.getvalue().encode()
+
+
+def cells_geojson(maps: CellMaps) -> bytes:
+    """Cells as polygons in input-pixel coordinates, in the GeoJSON flavour QuPath imports."""
+    return geojson_bytes(maps.cells, [cell_ring(maps.instances, cell) for cell in maps.cells])
+
+
+def cell_ring(instances: np.ndarray, cell: CellRecord) -> list[list[int]]:
+    """The closed outline of one cell of an instance map, in its pixel coordinates."""
+    crop = instances[cell.bbox_y0 : cell.bbox_y1, cell.bbox_x0 : cell.bbox_x1] == cell.cell_id
+    contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    ring = []
+    if contours:
+        contour = max(contours, key=cv2.contourArea)[:, 0, :]
+        ring = [[int(x) + cell.bbox_x0, int(y) + cell.bbox_y0] for x, y in contour]
+    if len(ring) < 3:  # a one- or two-pixel-wide sliver: outline its bounding box
+        x0, y0, x1, y1 = cell.bbox_x0, cell.bbox_y0, cell.bbox_x1, cell.bbox_y1
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    ring.append(ring[0])
+    return ring
+
+
+def geojson_bytes(cells: Sequence[CellRecord], rings: Sequence[list]) -> bytes:
+    """A FeatureCollection of cells with their outlines (closed rings), as QuPath imports detections."""
+    features = []
+    for cell, ring in zip(cells, rings, strict=True):
+        is_blast = cell.label == LABEL_BLAST
+        colour = COLOUR_BLAST if is_blast else COLOUR_WHITE_CELL
+        props = asdict(cell)
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(cell.cell_id),
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": _class_name(cell), "color": list(colour)},
+                    "measurements": {
+                        k: v
+                        for k, v in props.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)
+                    },
+                    **props,
+                },
+            }
+        )
+    return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+def _class_name(cell) -> str:
+    if cell.label == LABEL_BLAST:
+        return "Blast"
+    return cell.cell_type.capitalize() if cell.cell_type else "White cell"
+
+
+REPORT_THUMB_PX = 1200  # longest side of the overlay picture embedded in report.html
+REPORT_MAX_ROWS = 5000  # cell table rows in report.html (a whole slide has tens of thousands of cells)
+
+
+def report_html(
+    result: SlideResult, overlay_rgb: np.ndarray, cells: Sequence[CellRecord] | None = None
+) -> bytes:
+    """A self-contained page for a person: the figures, the overlay, and the cell table.
+
+    `cells` defaults to the result's maps' cells (a whole slide's result has no maps); the table shows
+    the first REPORT_MAX_ROWS of them, cells.csv has all."""
+    cells = result.maps.cells if cells is None else cells
+    h, w = overlay_rgb.shape[:2]
+    scale = min(1.0, REPORT_THUMB_PX / max(h, w))
+    thumb = cv2.resize(
+        overlay_rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    picture = base64.b64encode(jpg.tobytes()).decode() if ok else ""
+    summary = summary_dict(result)
+    esc = html.escape
+    differential = summary.pop("differential")
+    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
+    if differential:
+        diff_rows = "".join(
+            f"<tr><th>{esc(name)}</th><td>{d['count']}</td><td>{d['percent']:.1f}%</td></tr>"
+            for name, d in differential.items()
+        )
+        diff_table = (
+            f"<h2>Differential</h2><table><tr><th>type</th><th>cells</th><th>%</th></tr>{diff_rows}</table>"
+            f"<p>{summary['review_cells']} cell(s) marked for review (the classifier was unsure or disagreed "
+            "with the blast call): see the <code>review</code> column.</p>"
+        )
+    else:
+        diff_table = ""
+    head = "".join(f"<th>{esc(c)}</th>" for c in CELL_COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in asdict(c).values()) + "</tr>"
+        for c in cells[:REPORT_MAX_ROWS]
+    )
+    if len(cells) > REPORT_MAX_ROWS:
+        rows += f"<tr><td colspan={len(CELL_COLUMNS)}>... the first {REPORT_MAX_ROWS} of {len(cells)} cells; all in cells.csv</td></tr>"
+    s = result.stats
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: {esc(result.name)}</title>
+<style>{_REPORT_STYLE}{_verdict_style(s)}</style></head><body>
+<h1>{esc(result.name)}</h1>
+{_verdict_html(s)}
+<p>Outlines: green white cells, red blasts. Research software, not a medical device: review every slide.</p>
+<img alt="overlay" src="data:image/jpeg;base64,{picture}">
+{diff_table}
+<h2>Summary</h2><table>{facts}</table>
+<h2>Cells</h2><table><tr>{head}</tr>{rows}</table>
+</body></html>"""
+    return page.encode()
+
+
+_REPORT_STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"""
+# Red for flagged, green for clear; grey for no verdict (too few cells), never green.
+_VERDICT_COLOURS = {VERDICT_FLAGGED: "#b00", VERDICT_NOT_FLAGGED: "#080", VERDICT_INSUFFICIENT: "#555"}
+
+
+def _verdict_style(s: SlideStats) -> str:
+    return f".flag{{color:{_VERDICT_COLOURS.get(s.verdict, '#555')};font-weight:bold}}"
+
+
+def _verdict_html(s: SlideStats) -> str:
+    """The verdict paragraph: figures and verdict, or why there is none."""
+    if s.verdict == VERDICT_INSUFFICIENT:
+        return (
+            f'<p class="flag">{s.white_cells} white cells, {s.blasts} blasts: insufficient cells '
+            f"({s.white_cells} &lt; {s.min_white_cells}): no verdict on so few cells</p>"
+        )
+    verdict = "FLAGGED" if s.flagged else "not flagged"
+    return (
+        f'<p class="flag">{s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts: '
+        f"{verdict} (threshold {s.threshold_percent:g}%, at least {s.min_white_cells} white cells)</p>"
+    )
+
+
+def sample_summary_dict(sample: SampleResult) -> dict:
+    """A sample's summary.json: the pooled figures and verdict, then each image's own."""
+    s = sample.stats
+    return {
+        "sample": sample.name,
+        "images": len(sample.images),
+        "pending": sample.pending,
+        "failed": sample.failed,
+        "white_cells": s.white_cells,
+        "blasts": s.blasts,
+        "blast_percent": s.blast_percent,
+        "flagged": s.flagged,
+        "verdict": s.verdict,
+        "threshold_percent": s.threshold_percent,
+        "min_white_cells": s.min_white_cells,
+        "differential": s.differential,
+        "review_cells": s.review_cells,
+        "members": [
+            {
+                "image": i.image,
+                "sha256": i.sha256,
+                "result_id": i.result_id,
+                "white_cells": i.stats.white_cells,
+                "blasts": i.stats.blasts,
+                "blast_percent": i.stats.blast_percent,
+                "verdict": i.stats.verdict,
+            }
+            for i in sample.images
+        ],
+        "blastq_version": blastq_version(),
+    }
+
+
+def sample_report_html(sample: SampleResult) -> bytes:
+    """A page for a person: the sample's pooled verdict and differential, and each image's figures."""
+    esc = html.escape
+    s = sample.stats
+    missing = ""
+    if sample.pending or sample.failed:
+        missing = (
+            f"<p>Not in these figures: {sample.pending} image(s) still pending, {sample.failed} failed.</p>"
+        )
+    diff_table = ""
+    if s.differential:
+        diff_rows = "".join(
+            f"<tr><th>{esc(name)}</th><td>{d['count']}</td><td>{d['percent']:.1f}%</td></tr>"
+            for name, d in s.differential.items()
+        )
+        diff_table = (
+            "<h2>Pooled differential</h2><table><tr><th>type</th><th>cells</th><th>%</th></tr>"
+            f"{diff_rows}</table><p>{s.review_cells} cell(s) marked for review.</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{esc(i.image)}</td><td>{i.stats.white_cells}</td><td>{i.stats.blasts}</td>"
+        f"<td>{i.stats.blast_percent:.1f}%</td><td>{esc(i.stats.verdict)}</td></tr>"
+        for i in sample.images
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: sample {esc(sample.name)}</title>
+<style>{_REPORT_STYLE}{_verdict_style(s)}</style></head><body>
+<h1>Sample {esc(sample.name)}</h1>
+{_verdict_html(s)}
+<p>The cells of {len(sample.images)} image(s), pooled. Research software, not a medical device: review every slide.</p>
+{missing}{diff_table}
+<h2>Images</h2><table><tr><th>image</th><th>white cells</th><th>blasts</th><th>blast %</th><th>verdict</th></tr>{rows}</table>
+</body></html>"""
+    return page.encode()
+
+
+def sample_artifacts(sample: SampleResult) -> list[Artifact]:
+    """A sample's files: summary.json and report.html."""
+    return [
+        Artifact(
+            "summary.json", json.dumps(sample_summary_dict(sample), indent=2).encode(), "application/json"
+        ),
+        Artifact("report.html", sample_report_html(sample), "text/html"),
+    ]
+
+
+def render_artifacts(result: SlideResult, rgb: np.ndarray) -> list[Artifact]:
+    """All output files of one slide, in ARTIFACT_NAMES order."""
+    maps = result.maps
+    tif = io.BytesIO()
+    tifffile.imwrite(tif, maps.instances.astype(np.uint32), compression="zlib")
+    outlined = overlay(rgb, maps)
+    return [
+        Artifact("mask.png", png_bytes(maps.classes), "image/png"),
+        Artifact("nuclei.png", png_bytes(np.where(maps.nuclei, 255, 0).astype(np.uint8)), "image/png"),
+        Artifact("instances.tif", tif.getvalue(), "image/tiff"),
+        Artifact("overlay.png", png_bytes(outlined), "image/png"),
+        Artifact("cells.csv", cells_csv(maps), "text/csv"),
+        Artifact("cells.geojson", cells_geojson(maps), "application/geo+json"),
+        Artifact("summary.json", json.dumps(summary_dict(result), indent=2).encode(), "application/json"),
+        Artifact("report.html", report_html(result, outlined), "text/html"),
+    ]

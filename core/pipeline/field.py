@@ -1,0 +1,269 @@
+"""One slide, start to end: scale -> preprocess -> tiles -> engine -> stitch -> cells -> stats.
+
+`blastq run` and the worker's task both call `process_slide`; the queue adds delivery, never
+different image logic. Nothing here touches files, databases or queues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from blastq.core.cells.blastcall import BlastCaller, call_rule
+from blastq.core.cells.classify import CellClassifier, type_cells
+from blastq.core.cells.instances import DEFAULT_BLAST_CELL_THRESHOLD, CellMaps, extract_cells
+from blastq.core.cells.stats import (
+    DEFAULT_BLAST_THRESHOLD_PERCENT,
+    DEFAULT_MIN_WHITE_CELLS,
+    SlideStats,
+    slide_stats,
+)
+from blastq.core.common.errors import InvalidConfig, SlideTooLarge
+from blastq.core.image.preprocess import PreprocessConfig, preprocess, resample, resampled_shape
+from blastq.core.image.slide import Slide
+from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key
+from blastq.core.segment.engines import Engine
+from blastq.core.segment.stitch import Stitcher, logits_to_probabilities
+from blastq.core.segment.tiling import Tile, is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+from blastq.core.segment.unet import N_OUTPUTS, ModelInfo, to_model_input
+
+Progress = Callable[[int, int], None]  # (tiles done, tiles total)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Parameters that change results; their hash is part of a result's identity."""
+
+    tile_px: int = 256  # at the model's scale
+    overlap_px: int = 64  # at least the radius of the largest cell, so every cell is whole in some tile
+    batch_size: int = 8
+    skip_empty_tiles: bool = True
+    blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+    # Below this many white cells the verdict is "insufficient cells" (core.cells.stats).
+    min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
+    # A cell's mean blast share at which it is a blast (core.cells.instances): the screening operating point.
+    blast_cell_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD
+    # The cell classifier setting ("default", "none" or a file): which file it is enters the result key
+    # by its sha256 (core.pipeline.resultkey), not by this name, which differs between machines.
+    classifier: str = "default"
+    # A fitted blast caller (BLASTQ_BLAST_CALLER) decides which cells are blasts instead of the share
+    # rule above; its coefficients enter the key.
+    blast_caller: BlastCaller | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.blast_cell_threshold < 1:
+            raise InvalidConfig(f"blast_cell_threshold must be in (0, 1), got {self.blast_cell_threshold}")
+        if self.tile_px < 32 or not 0 <= self.overlap_px < self.tile_px // 2 + 1 or self.batch_size < 1:
+            raise InvalidConfig(
+                f"bad tiling: tile_px={self.tile_px} (>= 32), overlap_px={self.overlap_px} "
+                f"(0..tile_px/2), batch_size={self.batch_size} (>= 1)"
+            )
+
+    def key(self) -> str:
+        """Short stable hash of the parameters that change a result (batch size does not).
+
+        One part of a result's key: `core.pipeline.resultkey.result_key` adds the model, classifier and scale."""
+        params = {
+            k: v for k, v in asdict(self).items() if k not in ("batch_size", "classifier", "blast_caller")
+        }
+        if self.blast_caller is not None:  # absent otherwise: keys of results without one stay as they were
+            params["blast_caller"] = self.blast_caller.key()
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    name: str
+    sha256: str
+    width: int
+    height: int
+    mpp: float
+    mpp_source: str
+    model_version: str
+    params_key: str
+    maps: CellMaps
+    stats: SlideStats
+    seconds: float
+    tiles_total: int
+    tiles_run: int
+    classifier_version: str = ""  # "" when no classifier typed the cells
+    mpp_confidence: float | None = None  # of an estimated scale (core.image.scale); None for a given one
+    blast_call: str = ""  # how blasts were called (core.cells.blastcall.call_rule)
+
+
+def check_slide(slide: Slide, info: ModelInfo) -> None:
+    """Refuse, before any model work, a slide whose image at the model's scale exceeds its pixel limit.
+
+    A 2000 x 2000 photo said to be at 5 um/px is 50000 x 50000 at 0.2 um/px: 7 GB before preprocessing.
+    The limit the slide was read under (BLASTQ_MAX_PIXELS) holds for what the model sees as well."""
+    height, width = slide.rgb.shape[:2]
+    work_h, work_w = resampled_shape(height, width, slide.mpp, info.mpp)
+    if work_h * work_w > slide.max_pixels:
+        raise SlideTooLarge(
+            f"{slide.name}: {width}x{height} pixels at {slide.mpp:.4g} um/px ({slide.mpp_source}) are "
+            f"{work_w}x{work_h} at the model's {info.mpp:g} um/px, over the maximum of {slide.max_pixels} "
+            "pixels (BLASTQ_MAX_PIXELS)"
+        )
+
+
+def prepare_image(rgb: np.ndarray, mpp: float, info: ModelInfo) -> np.ndarray:
+    """The image the model sees: resampled to its scale and preprocessed as it was trained (HWC uint8)."""
+    work = resample(rgb, mpp, info.mpp)
+    return preprocess(work, info.mpp, PreprocessConfig(**info.preprocess))
+
+
+def segment_probabilities(
+    rgb: np.ndarray,
+    mpp: float,
+    engine: Engine,
+    info: ModelInfo,
+    config: PipelineConfig = PipelineConfig(),
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """(C, H, W) float32 probabilities at the input's size, plus (tiles total, tiles run)."""
+    return segment_prepared(prepare_image(rgb, mpp, info), rgb.shape[:2], engine, config, progress)
+
+
+def segment_prepared(
+    work: np.ndarray,
+    out_shape: tuple[int, int],
+    engine: Engine,
+    config: PipelineConfig = PipelineConfig(),
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """Probabilities for a prepared image (`prepare_image`), resized to out_shape (the input's H, W)."""
+    if config.tile_px % engine.stride:
+        raise InvalidConfig(f"tile_px={config.tile_px} must be a multiple of {engine.stride} for this model")
+    height, width = out_shape
+    wh, ww = work.shape[:2]
+    work = pad_to_tiles(work, config.tile_px)
+    tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
+    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1], config.tile_px)
+    todo = []
+    for tile in tiles:
+        if config.skip_empty_tiles and is_empty_tile(work[tile.slices]):
+            stitcher.add_background(tile)
+        else:
+            todo.append(tile)
+    done = len(tiles) - len(todo)
+    if progress:
+        progress(done, len(tiles))
+    for n_stitched in _run_batches(work, todo, engine, stitcher, config.batch_size):
+        done += n_stitched
+        if progress:
+            progress(done, len(tiles))
+    probs = stitcher.result()[:, :wh, :ww]
+    if (wh, ww) != (height, width):
+        probs = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in probs])
+    return probs, len(tiles), len(todo)
+
+
+def _run_batches(
+    work: np.ndarray, todo: list[Tile], engine: Engine, stitcher: Stitcher, batch_size: int
+) -> Iterator[int]:
+    """Run the engine on `todo` in batches and stitch them in order; yields each stitched batch's size.
+
+    With the engine on a GPU, while it runs batch i one thread cuts batch i+1's input and another stitches
+    batch i-1 (ONNX Runtime and torch release the GIL; cutting and stitching are numpy copies and
+    arithmetic). At most one input ahead and two outputs behind are held, and the stitcher sees the
+    batches in order, one at a time, so the map is the same as from the plain loop. The first error of
+    any stage is raised here, after the threads stop.
+
+    A CPU engine already runs on every core (`engines.cpu_cores`), and its threads meet at a barrier after
+    every layer: a cutting or stitching thread taking one of the cores delays them all. On the 2-core
+    machine of benchmarks/bench_efficiency.py that made a 4096 px slide 10 s slower, so there the batches
+    run one after another.
+    """
+    batches = list(iter_batches(todo, batch_size))
+    if not batches:
+        return
+
+    def cut(batch: list[Tile]) -> np.ndarray:
+        return to_model_input(np.stack([work[t.slices] for t in batch]))
+
+    def stitch(batch: list[Tile], logits: np.ndarray) -> int:
+        for tile, probs in zip(batch, logits_to_probabilities(logits), strict=True):
+            stitcher.add(tile, probs)
+        return len(batch)
+
+    if not _engine_on_gpu(engine):
+        for batch in batches:
+            yield stitch(batch, engine.infer(cut(batch)))
+        return
+
+    cutter = ThreadPoolExecutor(1, thread_name_prefix="blastq-cut")
+    stitching = ThreadPoolExecutor(1, thread_name_prefix="blastq-stitch")
+    try:
+        next_input = cutter.submit(cut, batches[0])
+        behind: deque[Future[int]] = deque()
+        for i, batch in enumerate(batches):
+            x = next_input.result()
+            if i + 1 < len(batches):
+                next_input = cutter.submit(cut, batches[i + 1])
+            logits = engine.infer(x)
+            # Queued before waiting for the previous one: the stitch thread goes on while progress reports.
+            behind.append(stitching.submit(stitch, batch, logits))
+            if len(behind) > 1:
+                yield behind.popleft().result()
+        while behind:
+            yield behind.popleft().result()
+    finally:
+        cutter.shutdown(wait=True, cancel_futures=True)
+        stitching.shutdown(wait=True, cancel_futures=True)
+
+
+def _engine_on_gpu(engine: Engine) -> bool:
+    """True for engines that leave the CPU cores free (ONNX Runtime's device_type, torch's device)."""
+    kind = getattr(engine, "device_type", None) or getattr(getattr(engine, "device", None), "type", "cpu")
+    return kind == "cuda"
+
+
+def process_slide(
+    slide: Slide,
+    engine: Engine,
+    info: ModelInfo,
+    config: PipelineConfig = PipelineConfig(),
+    progress: Progress | None = None,
+    classifier: CellClassifier | None = None,
+) -> SlideResult:
+    """Segment one slide, measure its cells and, with a classifier, type them (the differential)."""
+    start = time.perf_counter()
+    check_slide(slide, info)
+    work = prepare_image(slide.rgb, slide.mpp, info)
+    probs, n_tiles, n_run = segment_prepared(work, slide.rgb.shape[:2], engine, config, progress)
+    maps = extract_cells(
+        probs, slide.rgb, slide.mpp, blast_threshold=config.blast_cell_threshold, caller=config.blast_caller
+    )
+    del probs
+    if classifier is not None:
+        # Crops come from the model's view of the slide: the classifiers were trained on that.
+        maps = type_cells(maps, work, info.mpp, classifier)
+    stats = slide_stats(maps.cells, config.blast_threshold_percent, config.min_white_cells)
+    height, width = slide.rgb.shape[:2]
+    model = ModelIdentity.of(info, classifier.info.sha256 if classifier is not None else "")
+    return SlideResult(
+        name=slide.name,
+        sha256=slide.sha256,
+        width=width,
+        height=height,
+        mpp=slide.mpp,
+        mpp_source=slide.mpp_source,
+        model_version=info.version,
+        params_key=result_key(config, model, scale_key(slide.mpp, slide.mpp_source)),
+        maps=maps,
+        stats=stats,
+        seconds=round(time.perf_counter() - start, 3),
+        tiles_total=n_tiles,
+        tiles_run=n_run,
+        classifier_version=classifier.info.version if classifier is not None else "",
+        blast_call=call_rule(config.blast_cell_threshold, config.blast_caller),
+        mpp_confidence=slide.mpp_confidence,
+    )
