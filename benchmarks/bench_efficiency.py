@@ -37,17 +37,25 @@ import cv2
 import numpy as np
 import torch
 
-from blastq.core.cells.classify import CellClassifier, load_cell_classifier, type_cells
-from blastq.core.cells.instances import extract_cells
-from blastq.core.cells.stats import slide_stats
-from blastq.core.image.slide import Slide
-from blastq.core.outputs.artifacts import render_artifacts
-from blastq.core.pipeline.field import PipelineConfig, prepare_image, process_slide, segment_prepared
-from blastq.core.segment.engines import Engine, cpu_cores, load_engine
-from blastq.core.segment.stitch import Stitcher, logits_to_probabilities
-from blastq.core.segment.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
-from blastq.core.segment.unet import N_OUTPUTS, ModelInfo, to_model_input
-from blastq.core.synth.field import generate_field
+from blastq.core.cells import CellClassifier, extract_cells, load_cell_classifier, slide_stats, type_cells
+from blastq.core.image import Slide
+from blastq.core.outputs import render_artifacts
+from blastq.core.pipeline import PipelineConfig, prepare_image, process_slide, segment_prepared
+from blastq.core.segment import (
+    N_OUTPUTS,
+    Engine,
+    ModelInfo,
+    Stitcher,
+    cpu_cores,
+    is_empty_tile,
+    iter_batches,
+    load_engine,
+    logits_to_probabilities,
+    pad_to_tiles,
+    tile_grid,
+    to_model_input,
+)
+from blastq.core.synth import generate_field
 
 MPP = 0.2
 SEGMENTATION_STAGES = ("prepare", "tiling", "batching", "engine", "stitching")

@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blastq.core.segment.engines import (
+from blastq.core.segment import (
     Engine,
     OnnxEngine,
     TensorRTEngine,
     TorchEngine,
     cached_onnx,
+    default_model_path,
+    load_checkpoint,
+    logits_to_probabilities,
     tensorrt_available,
+    to_model_input,
 )
-from blastq.core.segment.stitch import logits_to_probabilities
-from blastq.core.segment.unet import default_model_path, load_checkpoint, to_model_input
-from blastq.core.synth.field import generate_field
+from blastq.core.synth import generate_field
 
 
 def tiles_batch(n: int, tile_px: int) -> np.ndarray:

@@ -30,15 +30,23 @@ import torch
 from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 
-from blastq.core.cells.instances import extract_cells
-from blastq.core.cells.stats import slide_stats
-from blastq.core.image.slide import Slide
-from blastq.core.pipeline.field import PipelineConfig, prepare_image, process_slide, segment_probabilities
-from blastq.core.segment.engines import Engine, cpu_cores, load_engine
-from blastq.core.segment.stitch import blend_window, logits_to_probabilities
-from blastq.core.segment.tiling import tile_grid
-from blastq.core.segment.unet import N_CLASSES, ModelInfo, default_model_path, load_checkpoint, to_model_input
-from blastq.core.synth.field import generate_field
+from blastq.core.cells import extract_cells, slide_stats
+from blastq.core.image import Slide
+from blastq.core.pipeline import PipelineConfig, prepare_image, process_slide, segment_probabilities
+from blastq.core.segment import (
+    N_CLASSES,
+    Engine,
+    ModelInfo,
+    blend_window,
+    cpu_cores,
+    default_model_path,
+    load_checkpoint,
+    load_engine,
+    logits_to_probabilities,
+    tile_grid,
+    to_model_input,
+)
+from blastq.core.synth import generate_field
 
 MPP = 0.2
 Predictor = Callable[[torch.Tensor], torch.Tensor]

@@ -41,12 +41,20 @@ from pathlib import Path
 import cv2
 from sqlalchemy import select as sql_select
 
-from blastq.core.adapters.db import ResultRow, batch_jobs, batch_status, connect, job_status, upgrade
-from blastq.core.adapters.settings import load_settings, mask_secret
-from blastq.core.image.slide import Slide
-from blastq.core.pipeline.field import PipelineConfig, process_slide
-from blastq.core.segment.engines import load_engine
-from blastq.core.synth.field import generate_field
+from blastq.core.adapters import (
+    ResultRow,
+    batch_jobs,
+    batch_status,
+    connect,
+    job_status,
+    load_settings,
+    mask_secret,
+    upgrade,
+)
+from blastq.core.image import Slide
+from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.segment import load_engine
+from blastq.core.synth import generate_field
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import submit
 
@@ -402,7 +410,7 @@ def main() -> None:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blastq-bench-")))
         if not args.embedded:
-            from blastq.core.adapters.store import S3Store
+            from blastq.core.adapters import S3Store
 
             if not args.s3_endpoint:
                 base_env |= AWS_TEST_ENV

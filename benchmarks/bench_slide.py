@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from blastq.core.image.slide import Slide
-from blastq.core.pipeline.field import PipelineConfig, process_slide
-from blastq.core.segment.engines import load_engine
-from blastq.core.synth.field import generate_field
+from blastq.core.image import Slide
+from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.segment import load_engine
+from blastq.core.synth import generate_field
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ print(json.dumps({"seconds": seconds, "cells": cells, "tiles": tiles, "loaded_mb
 
 
 def ensure_slide(folder: Path, size: int) -> Path:
-    from blastq.core.synth.slide import write_synthetic_slide
+    from blastq.core.synth import write_synthetic_slide
 
     path = folder / f"synth_slide_{size}.tif"
     if not path.exists():

@@ -201,7 +201,7 @@ def blast_caller_fit(
 
     Example: blastq blast-caller fit out/*/cells.csv --out lab-caller.json
     """
-    from blastq.core.cells.blastcall import write_caller
+    from blastq.core.cells import write_caller
     from blastq.trainer.blastcaller import fit_caller, read_labelled_cells
 
     cells = read_labelled_cells(cells_csv, truth_column)

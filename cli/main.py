@@ -12,7 +12,7 @@ from blastq.cli.classify import register as register_classify_commands
 from blastq.cli.models import register as register_model_commands
 from blastq.cli.service import register as register_service_commands
 from blastq.cli.trainer import register as register_trainer_commands
-from blastq.core.common.errors import BlastqError
+from blastq.core.common import BlastqError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -129,16 +129,10 @@ def run(
     """
     from tqdm import tqdm
 
-    from blastq.core.adapters.settings import load_settings
-    from blastq.core.cells.stats import check_sample_name
-    from blastq.core.image.inputs import (
-        check_local_folders,
-        check_user_mpp,
-        check_writable_folder,
-        expand_inputs,
-        output_folder_name,
-    )
-    from blastq.core.pipeline.runner import SAMPLE_FILE_PREFIX, LocalRunner, write_sample
+    from blastq.core.adapters import check_local_folders, load_settings
+    from blastq.core.cells import check_sample_name
+    from blastq.core.image import check_user_mpp, check_writable_folder, expand_inputs, output_folder_name
+    from blastq.core.pipeline import SAMPLE_FILE_PREFIX, LocalRunner, write_sample
 
     # What can be checked is checked before the model loads (seconds) and the images are computed.
     check_user_mpp(mpp)
@@ -204,7 +198,7 @@ def run(
 
 def _scale_text(result) -> str:
     """ "0.200 um/px metadata", or for an estimate "0.200 um/px estimated, confidence 0.62"."""
-    from blastq.core.image.scale import LOW_CONFIDENCE
+    from blastq.core.image import LOW_CONFIDENCE
 
     text = f"{result.mpp:.3f} um/px {result.mpp_source}"
     if result.mpp_confidence is not None:
@@ -282,7 +276,7 @@ def synth(
     """
     from tqdm import tqdm
 
-    from blastq.core.synth.field import write_dataset
+    from blastq.core.synth import write_dataset
 
     with tqdm(total=count, desc="synth", unit="field", disable=None) as bar:
         paths = write_dataset(
@@ -324,7 +318,7 @@ def synth_slide(out: Path, width: int, height: int, seed: int, mpp: float, fmt: 
     """
     from tqdm import tqdm
 
-    from blastq.core.synth.slide import write_synthetic_slide
+    from blastq.core.synth import write_synthetic_slide
 
     with tqdm(desc=out.name, unit="field", disable=None) as bar:
 
@@ -376,8 +370,8 @@ def evaluate(
     With --report and --split all, the report's table shows the train, val and test splits side by side;
     the loss curves come from MODEL.history.json beside the checkpoint, when there is one.
     """
-    from blastq.core.adapters.settings import load_settings
-    from blastq.core.pipeline.runner import model_checkpoint
+    from blastq.core.adapters import load_settings
+    from blastq.core.pipeline import model_checkpoint
     from blastq.trainer.report import evaluate_folder, write_folder_report
 
     model = model_checkpoint(load_settings(), model) if model else None
@@ -550,7 +544,7 @@ def train(
         seed=seed,
     )
     if submit:
-        from blastq.core.adapters.settings import load_settings
+        from blastq.core.adapters import load_settings
         from blastq.worker.submit import submit_training
 
         cfg = TrainConfig.from_run(from_run, out=out) if from_run is not None else cfg
@@ -579,7 +573,7 @@ def export(model: Path, fmt: str, out: Path, opset: int) -> None:
 @main.command(context_settings=CONTEXT)
 def config() -> None:
     """Show the settings in force (passwords masked) and the variables that set them."""
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import load_settings
 
     for name, value in load_settings().describe().items():
         click.echo(f"{name:24} {value}    (BLASTQ_{name.upper()})")

@@ -26,8 +26,7 @@ def models() -> None:
 
 @contextmanager
 def _database() -> Iterator[Any]:
-    from blastq.core.adapters.db import connect
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import connect, load_settings
 
     db = connect(load_settings().database_url)
     try:
@@ -39,7 +38,7 @@ def _database() -> Iterator[Any]:
 @models.command("list", context_settings=CONTEXT)
 def list_command() -> None:
     """List the registered versions, oldest first."""
-    from blastq.core.adapters.registry import DEFAULT_METRIC, list_models
+    from blastq.core.adapters import DEFAULT_METRIC, list_models
 
     with _database() as db:
         rows = list_models(db)
@@ -66,8 +65,8 @@ def list_command() -> None:
 @click.argument("version")
 def show(version: str) -> None:
     """Print one version as JSON: state, sha256, checkpoint key, metrics, config, split, times."""
-    from blastq.core.adapters.registry import get_model
-    from blastq.core.common.errors import InvalidConfig
+    from blastq.core.adapters import get_model
+    from blastq.core.common import InvalidConfig
 
     with _database() as db:
         model = get_model(db, version)
@@ -101,14 +100,12 @@ def register_command(
 
     The JSON files hold objects; promotion compares the metrics' validation_score.
     """
-    from blastq.core.adapters.registry import register_model
-    from blastq.core.adapters.settings import load_settings
-    from blastq.core.adapters.store import store_from_settings
+    from blastq.core.adapters import load_settings, register_model, store_from_settings
 
     settings = load_settings()
     metrics = _json_file(metrics_json)
     if wbc_root is not None:
-        from blastq.core.segment.engines import load_engine
+        from blastq.core.segment import load_engine
         from blastq.trainer.evaluate import validation_metrics
 
         engine, info = load_engine(checkpoint, cache_dir=settings.engine_cache_dir)
@@ -131,7 +128,7 @@ def register_command(
 @click.option("--force", is_flag=True, help="Promote even if it scores worse than the promoted version.")
 def promote(version: str, force: bool) -> None:
     """Make VERSION the model the workers run; the version promoted before is retired."""
-    from blastq.core.adapters.registry import promote as promote_model
+    from blastq.core.adapters import promote as promote_model
 
     _report(lambda db: promote_model(db, version, force=force))
 
@@ -139,7 +136,7 @@ def promote(version: str, force: bool) -> None:
 @models.command(context_settings=CONTEXT)
 def rollback() -> None:
     """Promote again the most recently retired version; the promoted one is retired."""
-    from blastq.core.adapters.registry import rollback as rollback_model
+    from blastq.core.adapters import rollback as rollback_model
 
     _report(rollback_model)
 
@@ -151,7 +148,7 @@ def _report(action: Callable[[Any], Any]) -> None:
 
 
 def _json_file(path: Path | None) -> dict:
-    from blastq.core.common.errors import InvalidConfig
+    from blastq.core.common import InvalidConfig
 
     if path is None:
         return {}

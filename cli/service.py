@@ -67,7 +67,7 @@ def submit(
     Prints one line per slide with its job id, then the batch id. Content already processed with
     the current model and parameters is not queued again: its job points at the existing result.
     """
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import load_settings
     from blastq.worker.submit import submit as submit_slides
 
     settings = load_settings()
@@ -103,8 +103,8 @@ def submit(
 
 
 def _sample(settings, name: str):
-    from blastq.core.adapters.db import connect, get_sample
-    from blastq.core.common.errors import InvalidConfig
+    from blastq.core.adapters import connect, get_sample
+    from blastq.core.common import InvalidConfig
 
     db = connect(settings.database_url)
     try:
@@ -162,8 +162,7 @@ def worker(queues: str, concurrency: int | None, device: str | None, pool: str, 
     Point more machines at the same broker, database and store (BLASTQ_BROKER_URL,
     BLASTQ_DATABASE_URL, BLASTQ_STORE_URL) to add workers.
     """
-    from blastq.core.adapters.settings import load_settings
-    from blastq.core.image.inputs import check_local_folders
+    from blastq.core.adapters import check_local_folders, load_settings
     from blastq.worker.celery_app import make_app, run_worker
 
     settings = load_settings(device=device, worker_concurrency=concurrency)
@@ -183,16 +182,16 @@ def worker(queues: str, concurrency: int | None, device: str | None, pool: str, 
 )
 def status(job_id: str | None, batch_id: str | None) -> None:
     """Show a job, a batch (--batch), or without arguments the job counts and the latest batches."""
-    from blastq.core.adapters.db import (
+    from blastq.core.adapters import (
         batch_jobs,
         batch_status,
         connect,
         job_counts,
         job_status,
+        load_settings,
         recent_batches,
     )
-    from blastq.core.adapters.settings import load_settings
-    from blastq.core.common.errors import InvalidConfig
+    from blastq.core.common import InvalidConfig
 
     db = connect(load_settings().database_url)
     try:
@@ -225,7 +224,7 @@ def status(job_id: str | None, batch_id: str | None) -> None:
 
 def _batch_ids(db, ref: str) -> list[str]:
     """The batch with this id, else every batch given this name at submit, oldest first."""
-    from blastq.core.adapters.db import batch_status, batches_named
+    from blastq.core.adapters import batch_status, batches_named
 
     return [ref] if batch_status(db, ref) is not None else batches_named(db, ref)
 
@@ -278,10 +277,9 @@ def results(
     Each has a verdict: flagged, not flagged, or insufficient cells (fewer white cells than
     BLASTQ_MIN_WHITE_CELLS, default 100). With --samples, one row per sample: its images' cells pooled.
     """
-    from blastq.core.adapters.db import ResultInfo, connect, get_sample, list_results
-    from blastq.core.adapters.db import list_samples as all_samples
-    from blastq.core.adapters.settings import load_settings
-    from blastq.core.common.errors import InvalidConfig
+    from blastq.core.adapters import ResultInfo, connect, get_sample, list_results, load_settings
+    from blastq.core.adapters import list_samples as all_samples
+    from blastq.core.common import InvalidConfig
 
     db = connect(load_settings().database_url)
     try:
@@ -337,7 +335,7 @@ SAMPLE_COLUMNS = (
 
 
 def _print_samples(samples: list, fmt: str) -> None:
-    from blastq.core.outputs.artifacts import sample_summary_dict
+    from blastq.core.outputs import sample_summary_dict
 
     records = [sample_summary_dict(s) for s in samples]
     if fmt == "json":
@@ -418,7 +416,7 @@ def requeue(older_than_s: float | None) -> None:
     A job still being processed when it is sent again runs twice (its result is recorded once):
     keep --older-than above the longest slide unless the workers are stopped.
     """
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import load_settings
     from blastq.worker.submit import requeue as requeue_jobs
 
     settings = load_settings()
@@ -436,8 +434,8 @@ def db() -> None:
 @db.command(context_settings=CONTEXT)
 def upgrade() -> None:
     """Apply the schema migrations (safe to run twice, and from several machines at once)."""
-    from blastq.core.adapters.db import upgrade as upgrade_schema
-    from blastq.core.adapters.settings import load_settings, mask_secret
+    from blastq.core.adapters import load_settings, mask_secret
+    from blastq.core.adapters import upgrade as upgrade_schema
 
     settings = load_settings()
     revision = upgrade_schema(settings.database_url)
@@ -486,7 +484,7 @@ def watch(
     folder, does not submit a file again. With --once the exit status is 1 when a file was rejected
     or could not be submitted.
     """
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import load_settings
     from blastq.worker.watch import Watcher, stop_on_signals
 
     settings = load_settings(watch_settle_s=settle_s, watch_interval_s=interval_s)

@@ -41,7 +41,7 @@ def trainer(ctx: click.Context, concurrency: int, device: str | None, pool: str,
     """
     if ctx.invoked_subcommand is not None:
         return
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import load_settings
     from blastq.worker.celery_app import TRAIN_QUEUE, make_app, run_worker
 
     settings = load_settings(device=device, worker_concurrency=concurrency)
@@ -52,8 +52,7 @@ def trainer(ctx: click.Context, concurrency: int, device: str | None, pool: str,
 @click.argument("run_id", required=False)
 def status(run_id: str | None) -> None:
     """One training run in full (JSON), or the newest runs as a table."""
-    from blastq.core.adapters.db import connect, training_run_status, training_runs
-    from blastq.core.adapters.settings import load_settings
+    from blastq.core.adapters import connect, load_settings, training_run_status, training_runs
 
     db = connect(load_settings().database_url)
     try:

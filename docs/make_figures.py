@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from blastq.core.synth.field import generate_field
+from blastq.core.synth import generate_field
 
 HERE = Path(__file__).parent
 THUMB = 140
@@ -46,7 +46,7 @@ def wide_cells() -> list[np.ndarray]:
     """One crop per look of the wide generator: L1, L2 lymphoblasts and a monoblast, then the look-alikes
     (a large lymphocyte, a plasma cell, a large granular lymphocyte), colours mixed between mononuclear
     cells."""
-    from blastq.core.synth.field import LOOKS
+    from blastq.core.synth import LOOKS
 
     found: dict[str, np.ndarray] = {}
     for seed in range(400):
@@ -64,7 +64,7 @@ def wide_cells() -> list[np.ndarray]:
 def decoy_cells() -> list[np.ndarray]:
     """One crop per object of a wide field that is not a white cell (background in every mask): a
     nucleated red cell, a smudge cell, a platelet clump, stain debris; each in another stain family."""
-    from blastq.core.synth.field import DECOY_KINDS, STAIN_FAMILIES
+    from blastq.core.synth import DECOY_KINDS, STAIN_FAMILIES
 
     found: dict[str, np.ndarray] = {}
     for seed in range(400):
@@ -113,10 +113,10 @@ def main() -> None:
 
 def example_overlay() -> np.ndarray:
     """A synthetic smear beside the shipped model's overlay (green: white cells, red: blasts)."""
-    from blastq.core.image.slide import Slide
-    from blastq.core.outputs.artifacts import overlay
-    from blastq.core.pipeline.field import process_slide
-    from blastq.core.segment.engines import load_engine
+    from blastq.core.image import Slide
+    from blastq.core.outputs import overlay
+    from blastq.core.pipeline import process_slide
+    from blastq.core.segment import load_engine
 
     field = generate_field(2026, 640, 640, blast_fraction=0.4, wbc_per_10k_um2=12.0)
     engine, info = load_engine()

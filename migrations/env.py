@@ -11,7 +11,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from blastq.core.adapters.db import Base
+from blastq.core.adapters import Base
 
 config = context.config
 target_metadata = Base.metadata

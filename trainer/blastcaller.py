@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blastq.core.cells.blastcall import BlastCaller, features_of
-from blastq.core.cells.instances import CellRecord
-from blastq.core.common.errors import InvalidConfig, InvalidDataset
+from blastq.core.cells import BlastCaller, CellRecord, features_of
+from blastq.core.common import InvalidConfig, InvalidDataset
 
 NEEDED_COLUMNS = ("blast_probability", "area_um2", "nc_ratio", "circularity", "nucleus_area_um2")
 _THRESHOLDS = np.round(np.concatenate([np.arange(0.95, 0.05, -0.05), [0.05, 0.03, 0.02, 0.01]]), 3)
@@ -233,7 +232,7 @@ def developer_comparison(
     Fit: wide synthetic fields from CALLER_FIT_SEED0 and the normal cells of segmentation_wbc's train and
     validation splits. Test: the operating point's wide test fields and the test split's normal cells,
     which neither the U-Net nor the caller saw. No real blasts exist here: real cells are all normal."""
-    from blastq.core.segment.engines import load_engine
+    from blastq.core.segment import load_engine
     from blastq.trainer.operating import WIDE_TEST_SEED0, real_normal_cells, synthetic_cells
 
     engine, info = load_engine(model, kind="torch", device="cpu")
@@ -282,7 +281,7 @@ def developer_comparison(
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    from blastq.core.cells.blastcall import write_caller
+    from blastq.core.cells import write_caller
 
     parser = argparse.ArgumentParser(description=developer_comparison.__doc__)
     parser.add_argument("model", type=Path)

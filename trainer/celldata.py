@@ -18,16 +18,10 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.cells.cellcrops import CELL_TYPES, CROP_MPP, CellCrop, crops_from_instances, normalise_crop
-from blastq.core.common.errors import InvalidConfig, InvalidDataset
-from blastq.core.image.preprocess import (
-    DEFAULT_PREPROCESS,
-    PreprocessConfig,
-    preprocess,
-    resample,
-    resample_labels,
-)
-from blastq.core.synth.field import generate_field
+from blastq.core.cells import CELL_TYPES, CROP_MPP, CellCrop, crops_from_instances, normalise_crop
+from blastq.core.common import InvalidConfig, InvalidDataset
+from blastq.core.image import DEFAULT_PREPROCESS, PreprocessConfig, preprocess, resample, resample_labels
+from blastq.core.synth import generate_field
 from blastq.trainer.datasets import read_rgb, read_wbc_mask, segmentation_wbc_items
 
 # segmentation_wbc's CSV values 1..5, in this order; they are the first five CELL_TYPES.

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blastq.core.cells.cellcrops import CELL_TYPES, CellCrop, crops_to_array
-from blastq.core.cells.cellnets import CropCNN, EncoderFeatures
-from blastq.core.common.errors import InvalidConfig
-from blastq.core.segment.unet import UNet
+from blastq.core.cells import CELL_TYPES, CellCrop, CropCNN, EncoderFeatures, crops_to_array
+from blastq.core.common import InvalidConfig
+from blastq.core.segment import UNet
 
 Crops = Sequence[CellCrop] | np.ndarray
 

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blastq.core.cells.cellcrops import CELL_TYPES, CellCrop
-from blastq.core.common.errors import InvalidConfig
+from blastq.core.cells import CELL_TYPES, CellCrop
+from blastq.core.common import InvalidConfig
 
 if TYPE_CHECKING:
-    from blastq.core.cells.classify import CellClassifier, ClassifierInfo
-    from blastq.core.image.preprocess import PreprocessConfig
-    from blastq.core.segment.unet import UNet
+    from blastq.core.cells import CellClassifier, ClassifierInfo
+    from blastq.core.image import PreprocessConfig
+    from blastq.core.segment import UNet
     from blastq.trainer.celldata import LabelledCells
 
 MODELS: tuple[str, ...] = ("svm", "random_forest", "cnn", "unet_encoder_linear")
@@ -480,7 +480,7 @@ def _representations(
     features = encoder = None
     seconds: dict[str, float] = {"crops": 0.0}
     if "features" in needed:
-        from blastq.core.cells.features import features_matrix
+        from blastq.core.cells import features_matrix
 
         report("hand-made features")
         t0 = time.perf_counter()
@@ -661,8 +661,8 @@ def suspect_labels(dataset: DatasetResult, votes: int = SUSPECT_VOTES) -> tuple[
 
 def default_unet() -> tuple[UNet, PreprocessConfig]:
     """The shipped U-Net (for its encoder) and the preprocessing it was trained with (for the crops)."""
-    from blastq.core.image.preprocess import PreprocessConfig
-    from blastq.core.segment.unet import default_model_path, load_checkpoint
+    from blastq.core.image import PreprocessConfig
+    from blastq.core.segment import default_model_path, load_checkpoint
 
     unet, info = load_checkpoint(default_model_path())
     return unet, PreprocessConfig(**info.preprocess)
@@ -682,13 +682,13 @@ class FinalClassifier:
 
     def classifier(self) -> CellClassifier:
         """As the pipeline loads it: predict_proba(normalised crops) -> (N, len(CELL_TYPES))."""
-        from blastq.core.cells.classify import CellClassifier
+        from blastq.core.cells import CellClassifier
 
         return CellClassifier(self.info, self.sklearn_model, self.torch_model)
 
     def save(self, path: Path) -> str:
         """Write the classifier file; return its sha256."""
-        from blastq.core.cells.classify import save_classifier
+        from blastq.core.cells import save_classifier
 
         return save_classifier(
             Path(path),
@@ -710,7 +710,7 @@ def fit_final(
     metrics: Mapping[str, Any] | None = None,
 ) -> FinalClassifier:
     """Train `model` on the cells of every dataset together (usually Comparison.winner, real + synthetic)."""
-    from blastq.core.cells.classify import ClassifierInfo
+    from blastq.core.cells import ClassifierInfo
 
     if model not in MODELS:
         raise InvalidConfig(f"unknown model {model!r}: choose from {','.join(MODELS)}")
@@ -732,7 +732,7 @@ def fit_final(
         return FinalClassifier(info, torch_model=net.eval(), torch_arch=net.arch())
     estimator = make_estimator(model, seed)
     if model == "unet_encoder_linear":
-        from blastq.core.cells.cellnets import EncoderFeatures
+        from blastq.core.cells import EncoderFeatures
         from blastq.trainer.cellnets import encoder_features
 
         if unet is None:
@@ -741,7 +741,7 @@ def fit_final(
         return FinalClassifier(
             info, sklearn_model=estimator, torch_model=EncoderFeatures(unet).eval(), torch_arch=unet.arch()
         )
-    from blastq.core.cells.features import features_matrix
+    from blastq.core.cells import features_matrix
 
     _fit(estimator, features_matrix(crops), labels)
     return FinalClassifier(info, sklearn_model=estimator)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blastq.core.cells.cellcrops import CELL_TYPES
-from blastq.core.outputs.artifacts import blastq_version
+from blastq.core.cells import CELL_TYPES
+from blastq.core.outputs import blastq_version
 from blastq.trainer.compare import (
     MIN_MEANINGFUL_CELLS,
     REAL,
@@ -26,7 +26,7 @@ from blastq.trainer.compare import (
     DatasetResult,
     rare_mark,
 )
-from blastq.trainer.reporting import _agg_figure, _figure_png
+from blastq.trainer.reporting import agg_figure, figure_png
 
 PAGE = "index.html"
 JSON_NAME = "comparison.json"
@@ -54,7 +54,7 @@ def confusion_png(dataset: DatasetResult) -> bytes:
     shown = _shown_classes(dataset)
     names = [CELL_TYPES[i] for i in shown]
     n_models = max(1, len(dataset.results))
-    fig = _agg_figure(n_models * PANEL_PX + 80, PANEL_PX + 90)
+    fig = agg_figure(n_models * PANEL_PX + 80, PANEL_PX + 90)
     for k, r in enumerate(dataset.results):
         cm = np.array(r.scores.confusion)[np.ix_(shown, shown)]
         rows = cm.sum(axis=1, keepdims=True)
@@ -79,13 +79,13 @@ def confusion_png(dataset: DatasetResult) -> bytes:
             ax.set_ylabel("given label", fontsize=7)
     fig.suptitle(f"{dataset.name}: out-of-fold predictions, {len(dataset.labels)} cells", fontsize=9)
     fig.tight_layout()
-    return _figure_png(fig, {"Title": f"blastq confusion matrices: {dataset.name}"})
+    return figure_png(fig, {"Title": f"blastq confusion matrices: {dataset.name}"})
 
 
 def macro_f1_png(comparison: Comparison) -> bytes:
     """Bars of macro F1 per model, one per dataset, the winner's mean marked."""
     models = comparison.models
-    fig = _agg_figure(max(480, 150 * len(models) + 160), 380)
+    fig = agg_figure(max(480, 150 * len(models) + 160), 380)
     ax = fig.add_subplot()
     n = len(comparison.datasets)
     width = 0.8 / max(1, n)
@@ -106,7 +106,7 @@ def macro_f1_png(comparison: Comparison) -> bytes:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncol=len(comparison.datasets) + 1, frameon=False)
     fig.tight_layout()
-    return _figure_png(
+    return figure_png(
         fig, {"Title": "blastq classifier comparison: macro F1", "blastq:winner": comparison.winner}
     )
 

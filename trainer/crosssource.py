@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blastq.core.cells.instances import DEFAULT_BLAST_CELL_THRESHOLD
-from blastq.core.segment.engines import load_engine
+from blastq.core.cells import DEFAULT_BLAST_CELL_THRESHOLD
+from blastq.core.segment import load_engine
 from blastq.trainer.datasets import WBC_DATASETS, segmentation_wbc_items
 from blastq.trainer.evaluate import evaluate_wbc
 from blastq.trainer.operating import real_normal_cells

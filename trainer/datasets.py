@@ -26,18 +26,17 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.common.errors import BlastqError, InvalidDataset
-from blastq.core.image.preprocess import PreprocessConfig, preprocess, resample, resample_labels
-from blastq.core.image.slide import image_size
-from blastq.core.segment.unet import CLASS_NAMES
-from blastq.core.synth.field import (
-    STAIN_FAMILIES,
-    TRUTH_FOLDER,
+from blastq.core.common import BlastqError, InvalidDataset
+from blastq.core.image import (
     TRUTH_SUFFIXES,
-    find_truth,
-    generate_field,
-    read_field_masks,
+    PreprocessConfig,
+    image_size,
+    preprocess,
+    resample,
+    resample_labels,
 )
+from blastq.core.segment import CLASS_NAMES
+from blastq.core.synth import STAIN_FAMILIES, TRUTH_FOLDER, find_truth, generate_field, read_field_masks
 
 IGNORE = 255
 

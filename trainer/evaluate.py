@@ -16,13 +16,11 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from blastq.core.cells.cellcrops import CELL_TYPES
-from blastq.core.cells.classify import CellClassifier, load_cell_classifier
-from blastq.core.image.slide import Slide
-from blastq.core.pipeline.field import PipelineConfig, SlideResult, process_slide
-from blastq.core.segment.engines import Engine
-from blastq.core.segment.unet import CLASS_NAMES, ModelInfo
-from blastq.core.synth.field import SynthField, generate_field
+from blastq.core.cells import CELL_TYPES, CellClassifier, load_cell_classifier
+from blastq.core.image import Slide
+from blastq.core.pipeline import PipelineConfig, SlideResult, process_slide
+from blastq.core.segment import CLASS_NAMES, Engine, ModelInfo
+from blastq.core.synth import SynthField, generate_field
 from blastq.trainer.datasets import WbcItem, read_rgb, read_wbc_mask, wbc_split
 from blastq.trainer.metrics import (
     ObjectCounts,

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from blastq.core.segment.engines import DEFAULT_OPSET, export_onnx_file
-from blastq.core.segment.unet import load_checkpoint
+from blastq.core.segment import DEFAULT_OPSET, export_onnx_file, load_checkpoint
 
 
 def export_onnx(model_path: str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:

@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from blastq.core.image.slide import Slide
-from blastq.core.pipeline.field import PipelineConfig, process_slide
-from blastq.core.segment.engines import Engine, load_engine
-from blastq.core.segment.unet import ModelInfo
-from blastq.core.synth.field import STAIN_FAMILIES, generate_field
+from blastq.core.image import Slide
+from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.segment import Engine, ModelInfo, load_engine
+from blastq.core.synth import STAIN_FAMILIES, generate_field
 from blastq.trainer.metrics import matched_pairs
 
 HELDOUT_SEED0 = 9_400_000

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blastq.core.segment.unet import MARKER_CHANNEL, N_CLASSES, NUCLEUS_CHANNEL
+from blastq.core.segment import MARKER_CHANNEL, N_CLASSES, NUCLEUS_CHANNEL
 
 IGNORE = 255
 

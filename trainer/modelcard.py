@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from blastq.core.segment.engines import load_engine
+from blastq.core.segment import load_engine
 from blastq.trainer.datasets import SEGMENTATION_WBC_MPP, segmentation_wbc_items
 from blastq.trainer.evaluate import (
     SYNTH_TEST_FIELDS,

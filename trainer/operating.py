@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from blastq.core.cells.instances import CellRecord
-from blastq.core.image.slide import Slide, read_slide
-from blastq.core.pipeline.field import PipelineConfig, process_slide
-from blastq.core.segment.engines import Engine
-from blastq.core.segment.unet import ModelInfo
-from blastq.core.synth.field import generate_field
+from blastq.core.cells import CellRecord
+from blastq.core.image import Slide, read_slide
+from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.segment import Engine, ModelInfo
+from blastq.core.synth import generate_field
 from blastq.trainer.datasets import WBC_DATASETS, read_wbc_mask, segmentation_wbc_items, wbc_split
 from blastq.trainer.metrics import matched_pairs
 

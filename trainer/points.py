@@ -16,12 +16,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
-from blastq.core.cells.instances import LABEL_BLAST
-from blastq.core.common.errors import InvalidDataset
-from blastq.core.image.slide import read_slide
-from blastq.core.pipeline.field import PipelineConfig, process_slide
-from blastq.core.segment.engines import Engine
-from blastq.core.segment.unet import ModelInfo
+from blastq.core.cells import LABEL_BLAST
+from blastq.core.common import InvalidDataset
+from blastq.core.image import read_slide
+from blastq.core.pipeline import PipelineConfig, process_slide
+from blastq.core.segment import Engine, ModelInfo
 from blastq.trainer.metrics import ObjectCounts
 
 POINT_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from blastq.core.cells.classify import CellClassifier, load_cell_classifier
-from blastq.core.common.errors import InvalidDataset
-from blastq.core.segment.engines import Engine, load_engine
-from blastq.core.segment.unet import ModelInfo, default_model_path
-from blastq.core.synth.field import generate_field, read_field_masks
+from blastq.core.cells import CellClassifier, load_cell_classifier
+from blastq.core.common import InvalidDataset
+from blastq.core.segment import Engine, ModelInfo, default_model_path, load_engine
+from blastq.core.synth import generate_field, read_field_masks
 from blastq.trainer.datasets import read_rgb, segmentation_wbc_items, synth_folder_items
 from blastq.trainer.evaluate import (
     SYNTH_TEST_FIELDS,

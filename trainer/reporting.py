@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from blastq.core.common.errors import BlastqError
-from blastq.core.outputs.artifacts import COLOUR_BLAST, COLOUR_WHITE_CELL, blastq_version
+from blastq.core.common import BlastqError
+from blastq.core.outputs import COLOUR_BLAST, COLOUR_WHITE_CELL, blastq_version
 from blastq.trainer.evaluate import CASE_PX
 from blastq.trainer.train import EpochLog
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from blastq.core.segment.unet import ModelInfo
+    from blastq.core.segment import ModelInfo
     from blastq.trainer.evaluate import EvaluationReport, ExampleCases, ImageCase
 
 REPORT_FILES = ("report.html", "loss_curve.png", "examples.png", "metrics.json")
@@ -85,7 +85,7 @@ def best_epoch(history: Sequence[EpochLog | Mapping[str, Any]]) -> int:
     return epochs[int(np.argmin(val))]
 
 
-def _agg_figure(width_px: int, height_px: int) -> Figure:
+def agg_figure(width_px: int, height_px: int) -> Figure:
     # A bare Figure on an Agg canvas: no pyplot, no global backend switch, safe in threads and servers.
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -97,7 +97,7 @@ def _agg_figure(width_px: int, height_px: int) -> Figure:
     return fig
 
 
-def _figure_png(fig: Figure, metadata: Mapping[str, str] | None = None) -> bytes:
+def figure_png(fig: Figure, metadata: Mapping[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata=dict(metadata or {}))
     return buf.getvalue()
@@ -110,7 +110,7 @@ def loss_curve_png(
     epochs, train, val = _losses(history)
     best = best_epoch(history)
     best_val = val[epochs.index(best)]
-    fig = _agg_figure(width_px, height_px)
+    fig = agg_figure(width_px, height_px)
     ax = fig.add_subplot()
     style = {"marker": "o", "markersize": 3} if len(epochs) <= 60 else {}
     ax.plot(epochs, train, label="training loss", color="#1f77b4", **style)
@@ -139,7 +139,7 @@ def loss_curve_png(
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    return _figure_png(fig, {"Title": "blastq loss curve", "blastq:best_epoch": str(best)})
+    return figure_png(fig, {"Title": "blastq loss curve", "blastq:best_epoch": str(best)})
 
 
 # ---------------------------------------------------------------- examples grid
@@ -204,8 +204,8 @@ def examples_grid_png(cases: ExampleCases | Sequence[ExampleCases]) -> bytes:
         raise ValueError("no example images to draw")
     n_rows = max(len(g.best) + len(g.worst) for g in groups)
     height, width = grid_size_px(n_rows, len(groups))
-    fig = _agg_figure(width, height)
-    from matplotlib.patches import Patch  # after _agg_figure: its error says how to install matplotlib
+    fig = agg_figure(width, height)
+    from matplotlib.patches import Patch  # after agg_figure: its error says how to install matplotlib
 
     def text(x: float, y: float, s: str, **kw) -> None:  # pixel coordinates from the top left
         fig.text(x / width, 1 - y / height, s, va="top", **kw)
@@ -261,7 +261,7 @@ def examples_grid_png(cases: ExampleCases | Sequence[ExampleCases]) -> bytes:
             columnspacing=0.8,
             borderaxespad=0,
         )
-    return _figure_png(fig, {"Title": "blastq examples"})
+    return figure_png(fig, {"Title": "blastq examples"})
 
 
 def report_plots_png(

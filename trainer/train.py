@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from blastq.core.common.errors import InvalidConfig, InvalidDataset
-from blastq.core.image.preprocess import PreprocessConfig
-from blastq.core.image.wsi import file_sha256
-from blastq.core.segment.unet import ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
-from blastq.core.synth.field import STAIN_FAMILIES, VARIETIES
+from blastq.core.common import InvalidConfig, InvalidDataset
+from blastq.core.image import PreprocessConfig, file_sha256
+from blastq.core.segment import ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
+from blastq.core.synth import STAIN_FAMILIES, VARIETIES
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
     IGNORE,

@@ -20,7 +20,7 @@ from celery.signals import worker_process_init
 from kombu import Queue
 from kombu.transport import sqlalchemy as sqla_transport
 
-from blastq.core.adapters.settings import REGISTRY_MODEL, Settings
+from blastq.core.adapters import REGISTRY_MODEL, Settings
 from blastq.worker.resources import WorkerResources
 
 SLIDES_QUEUE = "slides"
@@ -71,7 +71,7 @@ def broker_transport_options(settings: Settings) -> dict:
 
 def make_app(settings: Settings) -> BlastqCelery:
     """The Celery app for these settings, with the blastq tasks registered."""
-    from blastq.core.adapters.settings import check_server_url
+    from blastq.core.adapters import check_server_url
     from blastq.worker.tasks import register_tasks
 
     check_server_url("BLASTQ_BROKER_URL", settings.broker_url)
@@ -216,8 +216,8 @@ def run_worker(
     """
     from celery.concurrency import get_implementation
 
-    from blastq.core.common.errors import InvalidConfig, ModelNotFound
-    from blastq.core.segment.unet import default_model_path
+    from blastq.core.common import InvalidConfig, ModelNotFound
+    from blastq.core.segment import default_model_path
 
     unknown = set(queues) - set(QUEUES)
     if unknown:

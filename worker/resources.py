@@ -20,15 +20,20 @@ from typing import Any
 
 from sqlalchemy.engine import Engine as DatabaseEngine
 
-from blastq.core.adapters.db import connect
-from blastq.core.adapters.registry import ModelVersion, fetch_checkpoint, promoted
-from blastq.core.adapters.settings import REGISTRY_MODEL, Settings, pipeline_config
-from blastq.core.adapters.store import ObjectStore, store_from_settings
-from blastq.core.cells.classify import CellClassifier, load_cell_classifier
-from blastq.core.common.errors import ModelNotFound
-from blastq.core.pipeline.field import PipelineConfig
-from blastq.core.segment.engines import Engine, load_engine
-from blastq.core.segment.unet import ModelInfo
+from blastq.core.adapters import (
+    REGISTRY_MODEL,
+    ModelVersion,
+    ObjectStore,
+    Settings,
+    connect,
+    fetch_checkpoint,
+    promoted,
+    store_from_settings,
+)
+from blastq.core.cells import CellClassifier, load_cell_classifier
+from blastq.core.common import ModelNotFound
+from blastq.core.pipeline import PipelineConfig, pipeline_config
+from blastq.core.segment import Engine, ModelInfo, load_engine
 
 log = logging.getLogger(__name__)
 

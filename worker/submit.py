@@ -14,10 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blastq.core.adapters.db import (
+from blastq.core.adapters import (
     BatchStatus,
+    Settings,
     add_to_sample,
     batch_status,
+    check_local_folders,
     connect,
     create_batch,
     create_job,
@@ -25,24 +27,23 @@ from blastq.core.adapters.db import (
     ensure_sample,
     find_result,
     finish_job,
+    hide_secrets,
     stale_jobs,
+    store_from_settings,
     touch_job,
 )
-from blastq.core.adapters.settings import Settings, hide_secrets, pipeline_config, whole_slide_config
-from blastq.core.adapters.store import store_from_settings
-from blastq.core.cells.stats import check_sample_name
-from blastq.core.common.errors import InvalidConfig, InvalidSlide, NoWorker
-from blastq.core.image.inputs import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # worker.watch takes it from here
-from blastq.core.image.inputs import (
-    Refused,
-    check_image_header,
-    check_local_folders,
-    check_user_mpp,
-    expand_inputs,
+from blastq.core.cells import check_sample_name
+from blastq.core.common import InvalidConfig, InvalidSlide, NoWorker
+from blastq.core.image import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # worker.watch takes it from here
+from blastq.core.image import Refused, check_image_header, check_user_mpp, expand_inputs, file_sha256
+from blastq.core.pipeline import (
+    ModelIdentity,
+    classifier_file_sha256,
+    file_result_key,
+    pipeline_config,
+    whole_slide_config,
 )
-from blastq.core.image.wsi import file_sha256
-from blastq.core.pipeline.resultkey import ModelIdentity, classifier_file_sha256, file_result_key
-from blastq.core.segment.unet import default_model_path, load_checkpoint
+from blastq.core.segment import default_model_path, load_checkpoint
 from blastq.worker.celery_app import SLIDES_QUEUE, TRAIN_QUEUE, BlastqCelery, make_app, workers_on_queue
 from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 
@@ -100,7 +101,7 @@ def model_identity(settings: Settings) -> ModelIdentity:
 
     A checkpoint file, a registered version, or "registry" (the promoted version now, fetched and
     verified; the shipped model when none is). The classifier file is hashed, not loaded."""
-    from blastq.core.pipeline.runner import model_checkpoint
+    from blastq.core.pipeline import model_checkpoint
 
     path = model_checkpoint(settings, settings.model) if settings.model else None
     _, info = load_checkpoint(path or default_model_path())

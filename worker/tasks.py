@@ -20,16 +20,17 @@ from pathlib import Path, PurePath
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
-from blastq.core.adapters.db import add_to_sample, claim_job, fail_job, finish_job, record_result
-from blastq.core.adapters.settings import whole_slide_config
-from blastq.core.adapters.store import slide_prefix
-from blastq.core.common.errors import BlastqError, TransientError
-from blastq.core.image.slide import decode_slide
-from blastq.core.image.wsi import is_whole_slide, open_slide_reader
-from blastq.core.outputs.artifacts import render_artifacts, summary_dict
-from blastq.core.pipeline.field import process_slide
-from blastq.core.pipeline.runner import store_files
-from blastq.core.pipeline.wholeslide import WholeSlideConfig, process_whole_slide
+from blastq.core.adapters import add_to_sample, claim_job, fail_job, finish_job, record_result, slide_prefix
+from blastq.core.common import BlastqError, TransientError
+from blastq.core.image import decode_slide, is_whole_slide, open_slide_reader
+from blastq.core.outputs import render_artifacts, summary_dict
+from blastq.core.pipeline import (
+    WholeSlideConfig,
+    process_slide,
+    process_whole_slide,
+    store_files,
+    whole_slide_config,
+)
 from blastq.worker.retry import backoff_s, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"

@@ -23,22 +23,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blastq.core.adapters.db import (
+from blastq.core.adapters import (
+    Settings,
     claim_training_run,
     fail_training_run,
     finish_training_run,
     record_epoch,
+    register_model,
 )
-from blastq.core.adapters.registry import register_model
-from blastq.core.adapters.settings import Settings
-from blastq.core.common.errors import BlastqError, InvalidConfig, TransientError
+from blastq.core.common import BlastqError, InvalidConfig, TransientError
 from blastq.trainer.train import TrainConfig, TrainResult, read_run_record, train
 from blastq.worker.retry import backoff_s, worker_name
 
 if TYPE_CHECKING:
     from celery import Task
 
-    from blastq.core.adapters.store import ObjectStore
+    from blastq.core.adapters import ObjectStore
 
 TRAIN_MODEL = "blastq.train_model"  # the task name worker/tasks.py registers
 
@@ -144,7 +144,7 @@ def _validation_metrics(cfg: TrainConfig, result: TrainResult, settings: Setting
     segmentation_wbc data; without it there is no fixed validation set to score on."""
     if cfg.wbc_root is None:
         return {}
-    from blastq.core.segment.engines import load_engine
+    from blastq.core.segment import load_engine
     from blastq.trainer.evaluate import validation_metrics
 
     engine, info = load_engine(result.checkpoint, kind="torch", device=settings.device)

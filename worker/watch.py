@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from blastq.core.adapters.db import (
+from blastq.core.adapters import (
+    Settings,
     claim_watched_file,
     connect,
     job_status,
@@ -35,9 +36,8 @@ from blastq.core.adapters.db import (
     release_watched_file,
     watched_files,
 )
-from blastq.core.adapters.settings import Settings
-from blastq.core.cells.stats import check_sample_name
-from blastq.core.common.errors import BlastqError, InvalidConfig, ModelNotFound, TransientError
+from blastq.core.cells import check_sample_name
+from blastq.core.common import BlastqError, InvalidConfig, ModelNotFound, TransientError
 from blastq.worker.celery_app import BlastqCelery, make_app
 from blastq.worker.submit import IMAGE_SUFFIXES, SubmitOutcome, SubmittedFile, send_job, submit
 

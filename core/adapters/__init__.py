@@ -1,1 +1,80 @@
-"""TBD"""
+"""adapters: the world outside blastq's own code.
+
+settings (BLASTQ_* variables over a TOML file over defaults), db (batches, jobs, results, cells, samples,
+training runs, the watcher's ledger), store (artifacts in a folder or S3), registry (model versions and
+their promotion).
+"""
+
+from blastq.core import room_api
+
+__all__, __getattr__, __dir__, _PUBLIC = room_api(
+    __name__,
+    {
+        "db": (
+            "Base",
+            "ModelVersion",
+            "BatchStatus",
+            "ResultInfo",
+            "ResultRow",
+            "add_to_sample",
+            "batch_jobs",
+            "batch_status",
+            "batches_named",
+            "claim_job",
+            "claim_training_run",
+            "claim_watched_file",
+            "connect",
+            "create_batch",
+            "create_job",
+            "create_training_run",
+            "ensure_sample",
+            "fail_job",
+            "fail_training_run",
+            "find_result",
+            "finish_job",
+            "finish_training_run",
+            "get_sample",
+            "job_counts",
+            "job_status",
+            "jobs_for_file",
+            "list_results",
+            "list_samples",
+            "recent_batches",
+            "record_epoch",
+            "record_result",
+            "record_watched_file",
+            "release_watched_file",
+            "stale_jobs",
+            "touch_job",
+            "training_run_status",
+            "training_runs",
+            "upgrade",
+            "watched_files",
+        ),
+        "registry": (
+            "DEFAULT_METRIC",
+            "fetch_checkpoint",
+            "get_model",
+            "list_models",
+            "promote",
+            "promoted",
+            "register_model",
+            "rollback",
+        ),
+        "settings": (
+            "REGISTRY_MODEL",
+            "Settings",
+            "check_local_folders",
+            "check_server_url",
+            "hide_secrets",
+            "load_settings",
+            "mask_secret",
+        ),
+        "store": (
+            "ObjectStore",
+            "S3Store",
+            "slide_prefix",
+            "store_from_settings",
+        ),
+    },
+)

@@ -58,7 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from blastq.core.adapters.settings import hide_secrets, mask_secret
-from blastq.core.common.errors import DatabaseUnavailable, InvalidConfig
+from blastq.core.common import DatabaseUnavailable, InvalidConfig
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 MODEL_STATES = ("candidate", "promoted", "retired")
@@ -515,7 +515,7 @@ _members = SampleResultRow.__table__
 def ensure_sample(engine: Engine, name: str, threshold_percent: float, min_white_cells: int) -> int:
     """The id of the sample `name`, made if new; its pool is judged by this threshold and minimum
     from now on (and judged again at once if they changed)."""
-    from blastq.core.cells.stats import check_sample_name
+    from blastq.core.cells import check_sample_name
 
     name = check_sample_name(name)
     rule = {"threshold_percent": threshold_percent, "min_white_cells": min_white_cells}
@@ -592,10 +592,7 @@ def _refresh_sample(conn: Connection, sample_id: int):
 
 
 def _sample_result(conn: Connection, sample):
-    from blastq.core.cells.stats import (  # torch (through core.cells.instances): only here
-        SampleImage,
-        sample_result,
-    )
+    from blastq.core.cells import SampleImage, sample_result
 
     names = [f.name for f in fields(ResultInfo)]
     rows = conn.execute(
@@ -902,9 +899,7 @@ class ResultInfo:
 
     def stats(self):
         """The figures as core.cells.stats.SlideStats (what samples pool)."""
-        from blastq.core.cells.stats import (
-            SlideStats,  # imports torch (through core.cells.instances): only when needed
-        )
+        from blastq.core.cells import SlideStats
 
         return SlideStats(
             white_cells=self.white_cells,

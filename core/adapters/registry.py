@@ -30,8 +30,8 @@ from blastq.core.adapters.db import (
     promoted_model_row,
 )
 from blastq.core.adapters.store import ObjectStore
-from blastq.core.common.errors import InvalidConfig, ModelNotFound
-from blastq.core.segment.unet import load_checkpoint
+from blastq.core.common import InvalidConfig, ModelNotFound
+from blastq.core.segment import load_checkpoint
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

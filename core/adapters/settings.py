@@ -10,18 +10,16 @@ import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from blastq.core.cells.instances import DEFAULT_BLAST_CELL_THRESHOLD
-from blastq.core.cells.stats import DEFAULT_BLAST_THRESHOLD_PERCENT, DEFAULT_MIN_WHITE_CELLS
-from blastq.core.common.errors import InvalidConfig
-from blastq.core.image.slide import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
-
-if TYPE_CHECKING:
-    from blastq.core.pipeline.field import PipelineConfig
-    from blastq.core.pipeline.wholeslide import WholeSlideConfig
-
+from blastq.core.cells import (
+    DEFAULT_BLAST_CELL_THRESHOLD,
+    DEFAULT_BLAST_THRESHOLD_PERCENT,
+    DEFAULT_MIN_WHITE_CELLS,
+)
+from blastq.core.common import InvalidConfig
+from blastq.core.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS, check_writable_folder
 
 REGISTRY_MODEL = "registry"
 
@@ -98,7 +96,7 @@ class Settings:
         if not 0 < self.blast_cell_threshold < 1:
             raise InvalidConfig(f"blast_cell_threshold must be in (0, 1), got {self.blast_cell_threshold}")
         if self.blast_caller not in ("", "share"):
-            from blastq.core.cells.blastcall import caller_setting
+            from blastq.core.cells import caller_setting
 
             caller_setting(self.blast_caller)  # a file that is not a caller stops every command up front
         if not 0 < self.blast_threshold_percent <= 100:
@@ -181,30 +179,6 @@ def mask_secret(url: str) -> str:
     return ";".join(parts)
 
 
-def pipeline_config(settings: Settings) -> PipelineConfig:
-    """The pipeline parameters these settings ask for; their key is part of a result's identity."""
-    from blastq.core.cells.blastcall import caller_setting
-    from blastq.core.pipeline.field import PipelineConfig  # torch-heavy: only when a slide is to be run
-
-    return PipelineConfig(
-        blast_caller=caller_setting(settings.blast_caller),
-        tile_px=settings.tile_px,
-        overlap_px=settings.overlap_px,
-        batch_size=settings.batch_size,
-        blast_threshold_percent=settings.blast_threshold_percent,
-        blast_cell_threshold=settings.blast_cell_threshold,
-        min_white_cells=settings.min_white_cells,
-        classifier=settings.classifier,
-    )
-
-
-def whole_slide_config(settings: Settings) -> WholeSlideConfig:
-    """How whole slides are cut into chunks; the chunking is part of a whole slide's result key."""
-    from blastq.core.pipeline.wholeslide import WholeSlideConfig
-
-    return WholeSlideConfig(chunk_px=settings.wsi_chunk_px, max_pixels=settings.max_slide_pixels)
-
-
 def _coerce(name: str, raw: Any, kind: type) -> Any:
     try:
         if kind is Path:
@@ -263,3 +237,34 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     values = {k: _coerce(k, v, _TYPES.get(k, str)) for k, v in values.items()}
     data_dir = values.pop("data_dir", None) or _default_data_dir()
     return replace(Settings(data_dir=data_dir), **values) if values else Settings(data_dir=data_dir)
+
+
+def check_local_folders(
+    settings: Settings, *, record: bool = True, engine: bool = True, queue: bool = False
+) -> None:
+    """Refuse, before any work, a local folder blastq will write into but cannot: the SQLite database's
+    and the file store's (`record`), the engine cache (`engine`), the embedded broker's (`queue`).
+
+    Otherwise a read-only data directory shows up late and as something else: "database not
+    reachable", or an engine silently falling back to torch for want of its cached export.
+    """
+    folders: list[tuple[Path, str]] = []
+    if record:
+        database = settings.database_url
+        if database.startswith("sqlite:///"):
+            file = database.removeprefix("sqlite:///").split("?")[0]
+            if file and file != ":memory:" and not file.startswith("file:"):
+                folders.append(
+                    (Path(file).parent, "the database folder (BLASTQ_DATA_DIR, BLASTQ_DATABASE_URL)")
+                )
+        if settings.store_url.startswith("file://"):
+            folders.append(
+                (Path(settings.store_url.removeprefix("file://")), "the store folder (BLASTQ_STORE_URL)")
+            )
+    if engine and settings.engine != "torch":  # the others export or build into the cache
+        folders.append((Path(settings.engine_cache_dir), "the engine cache (BLASTQ_ENGINE_CACHE_DIR)"))
+    if queue and settings.broker_url.startswith("sqla+sqlite:///"):
+        broker = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
+        folders.append((broker, "the embedded broker's folder (BLASTQ_BROKER_URL)"))
+    for folder, what in folders:
+        check_writable_folder(folder, what)

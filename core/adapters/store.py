@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from blastq.core.common.errors import InvalidConfig, StoreUnavailable
+from blastq.core.common import InvalidConfig, StoreUnavailable
 
 if TYPE_CHECKING:
     from blastq.core.adapters.settings import Settings

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from blastq.core.common.errors import InvalidConfig
+from blastq.core.common import InvalidConfig
 
 CALLER_FORMAT = "blastq-blast-caller-1"
 # What the model sees of a cell. The share enters as a logit (clipped at 1e-4): the U-Net's shares pile

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.image.preprocess import resample, resample_labels
+from blastq.core.image import resample, resample_labels
 
 # The labels of the differential. The first five are those of segmentation_wbc's CSVs (1..5).
 CELL_TYPES: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "blast")

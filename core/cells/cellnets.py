@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blastq.core.segment.unet import UNet
+from blastq.core.segment import UNet
 
 CNN_INPUT_PX = 64  # 0.4 um/px: nucleus lobes and cytoplasm colour survive; 4x less work than 128 px
 

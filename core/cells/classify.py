@@ -27,8 +27,8 @@ from blastq.core.cells.cellcrops import (
     normalise_crop,
 )
 from blastq.core.cells.instances import LABEL_BLAST, CellMaps, failure_reason, joined_reasons
-from blastq.core.common.errors import ModelNotFound
-from blastq.core.image.preprocess import resample_to_shape
+from blastq.core.common import ModelNotFound
+from blastq.core.image import resample_to_shape
 
 CLASSIFIER_FORMAT = "blastq-cell-classifier-1"
 KINDS = ("svm", "random_forest", "cnn", "unet_encoder_linear")
@@ -332,7 +332,7 @@ def _check_tree(path: Path, tree: Any, n_features: int) -> None:
 
 def _load_torch(path: Path, kind: str, payload: dict[str, Any], n_classes: int) -> Any:
     from blastq.core.cells.cellnets import CropCNN, EncoderFeatures
-    from blastq.core.segment.unet import UNet
+    from blastq.core.segment import UNet
 
     arch = dict(payload.get("arch", {}))
     try:

@@ -10,7 +10,7 @@ from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
 from blastq.core.cells.blastcall import BlastCaller, features_of
-from blastq.core.segment.unet import MARKER_CHANNEL, NUCLEUS_CHANNEL
+from blastq.core.segment import MARKER_CHANNEL, NUCLEUS_CHANNEL
 
 LABEL_WHITE_CELL = "white_cell"
 LABEL_BLAST = "blast"

@@ -167,7 +167,7 @@ SAMPLE_NAME_CHARS = 200  # the samples.name column
 
 def check_sample_name(name: str) -> str:
     """A sample name (a patient or accession id, a watched sub-folder's name), or InvalidConfig."""
-    from blastq.core.common.errors import InvalidConfig
+    from blastq.core.common import InvalidConfig
 
     if not name or not name.strip() or len(name) > SAMPLE_NAME_CHARS or not name.isprintable():
         raise InvalidConfig(

@@ -16,19 +16,16 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import tifffile
 
-from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
-from blastq.core.image.slide import DEFAULT_MAX_PIXELS, USER_MPP_RANGE, image_size
+from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.image.slide import DEFAULT_MAX_PIXELS, image_size
 from blastq.core.image.wsi import TIFF_MAGICS, is_whole_slide
-from blastq.core.synth.field import TRUTH_SUFFIXES
-
-if TYPE_CHECKING:
-    from blastq.core.adapters.settings import Settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# A labelled image's truth masks (core.synth.field writes them): beside an image, they are not images to run.
+TRUTH_SUFFIXES = (".mask.png", ".nuclei.png", ".instances.tif")
 # What `blastq run --out` writes into OUT/<name>/ (core.outputs.artifacts.ARTIFACT_NAMES, and the whole-slide
 # pyramidal TIFFs); skipped in a folder that holds a summary.json, i.e. a result folder.
 OUTPUT_NAMES = frozenset(
@@ -235,13 +232,6 @@ def check_image_header(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> N
         raise SlideTooLarge(f"{label}: {width}x{height} pixels exceeds the maximum of {max_pixels}")
 
 
-def check_user_mpp(mpp: float | None) -> None:
-    """Refuse a pixel size no microscope gives, before any model is loaded."""
-    lo, hi = USER_MPP_RANGE
-    if mpp is not None and not lo <= mpp <= hi:  # `not <=`: NaN is refused too
-        raise InvalidConfig(f"mpp={mpp} is not a plausible pixel size (expected {lo}..{hi} um/px)")
-
-
 def check_writable_folder(folder: Path, what: str) -> None:
     """Create `folder` if needed and write a scratch file into it; InvalidConfig naming it otherwise."""
     folder = Path(folder)
@@ -266,34 +256,3 @@ def output_folder_name(path: Path, used: set[str]) -> str:
         name, i = f"{stem}-{i}", i + 1
     used.add(name.lower())
     return name
-
-
-def check_local_folders(
-    settings: Settings, *, record: bool = True, engine: bool = True, queue: bool = False
-) -> None:
-    """Refuse, before any work, a local folder blastq will write into but cannot: the SQLite database's
-    and the file store's (`record`), the engine cache (`engine`), the embedded broker's (`queue`).
-
-    Otherwise a read-only data directory shows up late and as something else: "database not
-    reachable", or an engine silently falling back to torch for want of its cached export.
-    """
-    folders: list[tuple[Path, str]] = []
-    if record:
-        database = settings.database_url
-        if database.startswith("sqlite:///"):
-            file = database.removeprefix("sqlite:///").split("?")[0]
-            if file and file != ":memory:" and not file.startswith("file:"):
-                folders.append(
-                    (Path(file).parent, "the database folder (BLASTQ_DATA_DIR, BLASTQ_DATABASE_URL)")
-                )
-        if settings.store_url.startswith("file://"):
-            folders.append(
-                (Path(settings.store_url.removeprefix("file://")), "the store folder (BLASTQ_STORE_URL)")
-            )
-    if engine and settings.engine != "torch":  # the others export or build into the cache
-        folders.append((Path(settings.engine_cache_dir), "the engine cache (BLASTQ_ENGINE_CACHE_DIR)"))
-    if queue and settings.broker_url.startswith("sqla+sqlite:///"):
-        broker = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
-        folders.append((broker, "the embedded broker's folder (BLASTQ_BROKER_URL)"))
-    for folder, what in folders:
-        check_writable_folder(folder, what)

@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 from skimage import filters, measure, segmentation
 from skimage.feature import peak_local_max
 
-from blastq.core.common.errors import InvalidSlide
+from blastq.core.common import InvalidSlide
 
 # The diameter of a red cell on a dried smear, the yardstick of every estimate.
 RED_CELL_DIAMETER_UM = 7.5

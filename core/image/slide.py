@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.image.scale import ScaleEstimate, estimate_scale
 
 MppSource = Literal["metadata", "user", "estimated"]
@@ -81,7 +81,7 @@ class Slide:
 def read_slide(path: str | Path, *, mpp: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Slide:
     """Read an image file into a Slide (user mpp > metadata mpp > estimate from red cells)."""
     path = Path(path)
-    _check_user_mpp(mpp, str(path))
+    check_user_mpp(mpp, str(path))
     if max_pixels <= 0:
         raise InvalidConfig(f"{path}: max_pixels={max_pixels!r} must be positive")
     data = read_file(path, max_bytes=_MAX_BYTES_PER_PIXEL * max_pixels + (1 << 20))
@@ -158,7 +158,7 @@ def decode_slide(
     data: bytes, name: str, *, mpp: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Slide:
     """Decode image bytes (e.g. from an object store) into a Slide; `name` is used in messages."""
-    _check_user_mpp(mpp, name)
+    check_user_mpp(mpp, name)
     return _decode(data, name, name, mpp=mpp, max_pixels=max_pixels)
 
 
@@ -178,7 +178,7 @@ def metadata_mpp(data: bytes, name: str) -> float | None:
             value, where = _jpeg_mpp(data, name), "JPEG JFIF density"
         elif fmt == "tiff":
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                value, where = _tiff_mpp(tif), "TIFF resolution tags"
+                value, where = tiff_mpp(tif), "TIFF resolution tags"
         else:
             # BMP's pels-per-metre fields are almost always 0 or a screen default; not trusted.
             value, where = None, ""
@@ -274,7 +274,8 @@ _MIN_STAINED_SHARE = 0.001
 # --- decoding ---------------------------------------------------------------------------------------
 
 
-def _check_user_mpp(mpp: float | None, label: str) -> None:
+def check_user_mpp(mpp: float | None, label: str | None = None) -> None:
+    """Refuse a pixel size no microscope gives (NaN, bools and non-numbers too), naming `label` if given."""
     if mpp is None:
         return
     lo, hi = USER_MPP_RANGE
@@ -283,7 +284,8 @@ def _check_user_mpp(mpp: float | None, label: str) -> None:
     except (TypeError, ValueError):
         value = math.nan
     if isinstance(mpp, bool) or not (math.isfinite(value) and lo <= value <= hi):
-        raise InvalidConfig(f"{label}: mpp={mpp!r} is not a plausible pixel size (expected {lo}..{hi} um/px)")
+        where = f"{label}: " if label else ""
+        raise InvalidConfig(f"{where}mpp={mpp!r} is not a plausible pixel size (expected {lo}..{hi} um/px)")
 
 
 def _decode(data: bytes, name: str, label: str, *, mpp: float | None, max_pixels: int) -> Slide:
@@ -547,7 +549,7 @@ def _decode_cv2(data: bytes, label: str) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise InvalidSlide(f"{label}: cannot decode image (corrupt or unsupported variant)")
-    return _to_rgb8(arr, bgr=True)
+    return to_rgb8(arr, bgr=True)
 
 
 def _decode_tiff(data: bytes, label: str) -> np.ndarray:
@@ -561,7 +563,7 @@ def _decode_tiff(data: bytes, label: str) -> np.ndarray:
             if page.colormap is None:
                 raise InvalidSlide(f"{label}: palette TIFF without a colour map")
             arr = tifffile.apply_colormap(arr, page.colormap).astype(np.uint16)
-            return _to_rgb8(arr, bgr=False)
+            return to_rgb8(arr, bgr=False)
         if photometric not in (
             tifffile.PHOTOMETRIC.RGB,
             tifffile.PHOTOMETRIC.MINISBLACK,
@@ -575,11 +577,12 @@ def _decode_tiff(data: bytes, label: str) -> np.ndarray:
             # Unspecified extra samples (not alpha) carry nothing to show: keep the colour samples.
             arr = arr[:, :, : arr.shape[2] - len(extra)]
     if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
-        arr = _invert(arr)
-    return _to_rgb8(arr, bgr=False, premultiplied=premultiplied)
+        arr = invert(arr)
+    return to_rgb8(arr, bgr=False, premultiplied=premultiplied)
 
 
-def _invert(arr: np.ndarray) -> np.ndarray:
+def invert(arr: np.ndarray) -> np.ndarray:
+    """A MinIsWhite (or any inverted) raster as its ordinary, MinIsBlack values."""
     if arr.dtype == np.bool_:
         return ~arr
     if np.issubdtype(arr.dtype, np.integer):
@@ -608,7 +611,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     raise InvalidSlide(f"unsupported pixel type {arr.dtype}")
 
 
-def _to_rgb8(arr: np.ndarray, *, bgr: bool, premultiplied: bool = False) -> np.ndarray:
+def to_rgb8(arr: np.ndarray, *, bgr: bool, premultiplied: bool = False) -> np.ndarray:
     """Any decoded array (2-D grey, HW1/HW2/HW3/HW4, 8/16-bit/float) -> HWC uint8 RGB."""
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -668,7 +671,8 @@ def _jpeg_mpp(data: bytes, label: str) -> float | None:
     return None
 
 
-def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
+def tiff_mpp(tif: tifffile.TiffFile) -> float | None:
+    """The pixel size a TIFF's resolution tags state, in um/px; None where they state none."""
     page = tif.pages.first
     tags = page.tags
     if "XResolution" not in tags:

@@ -29,9 +29,9 @@ from types import TracebackType
 import numpy as np
 import tifffile
 
-from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.image import slide as slide_io
-from blastq.core.image.preprocess import check_rgb
+from blastq.core.image.preprocessing import check_rgb
 
 try:  # OpenSlide is optional at runtime: without it vendor formats are refused with a clear message.
     import openslide
@@ -139,7 +139,7 @@ class ArrayReader(SlideReader):
             check_rgb(rgb)
         except InvalidSlide as exc:
             raise InvalidSlide(f"{name}: {exc}") from exc
-        slide_io._check_user_mpp(mpp, name)
+        slide_io.check_user_mpp(mpp, name)
         self._rgb: np.ndarray | None = rgb
         self.name = name
         self.path = Path(path) if path is not None else Path(name)
@@ -363,9 +363,9 @@ class TiffRegionReader(SlideReader):
         if self._keep_samples < arr.shape[2]:
             arr = arr[:, :, : self._keep_samples]
         if self._invert:
-            arr = slide_io._invert(arr)
+            arr = slide_io.invert(arr)
         # uint16 is scaled by the dtype's max (65535 -> 255, rounded), as core.image.slide does.
-        return slide_io._to_rgb8(arr, bgr=False, premultiplied=self._premultiplied)
+        return slide_io.to_rgb8(arr, bgr=False, premultiplied=self._premultiplied)
 
     def cache_info(self) -> dict[str, int]:
         """Segments and bytes held by the decode cache, and its byte limit."""
@@ -411,7 +411,7 @@ def _tiff_level0_mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> tuple[f
             with contextlib.suppress(ValueError):  # e.g. "1.2.3": fall through to the resolution tags
                 return float(match.group(1)), "Aperio description's MPP"
     if page is tif.pages.first or page.offset == tif.pages.first.offset:
-        return slide_io._tiff_mpp(tif), "TIFF resolution tags"
+        return slide_io.tiff_mpp(tif), "TIFF resolution tags"
     return None, ""
 
 

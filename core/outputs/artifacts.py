@@ -13,22 +13,53 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 import cv2
 import numpy as np
 import tifffile
 from skimage.segmentation import find_boundaries
 
-from blastq.core.cells.instances import CELL_COLUMNS, LABEL_BLAST, CellMaps, CellRecord
-from blastq.core.cells.stats import (
+from blastq.core.cells import (
+    CELL_COLUMNS,
+    LABEL_BLAST,
     VERDICT_FLAGGED,
     VERDICT_INSUFFICIENT,
     VERDICT_NOT_FLAGGED,
+    CellMaps,
+    CellRecord,
     SampleResult,
     SlideStats,
 )
-from blastq.core.common.errors import BlastqError
-from blastq.core.pipeline.field import SlideResult
+from blastq.core.common import BlastqError
+
+
+class ResultFields(Protocol):
+    """What the files are made of: the fields core.pipeline's SlideResult and WholeSlideResult share. The
+    outputs know a result by its fields, not by the pipeline that made it."""
+
+    name: str
+    sha256: str
+    width: int
+    height: int
+    mpp: float
+    mpp_source: str
+    mpp_confidence: float | None
+    model_version: str
+    classifier_version: str
+    params_key: str
+    stats: SlideStats
+    seconds: float
+    tiles_total: int
+    tiles_run: int
+    blast_call: str
+
+
+class FieldResult(ResultFields, Protocol):
+    """A field's result (core.pipeline's SlideResult): the fields and the maps every file is drawn from."""
+
+    maps: CellMaps
+
 
 ARTIFACT_NAMES = (
     "mask.png",
@@ -68,7 +99,7 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def summary_dict(result: SlideResult) -> dict:
+def summary_dict(result: ResultFields) -> dict:
     """The summary.json fields (also the database row of a result)."""
     return {
         "image": result.name,
@@ -186,13 +217,13 @@ REPORT_MAX_ROWS = 5000  # cell table rows in report.html (a whole slide has tens
 
 
 def report_html(
-    result: SlideResult, overlay_rgb: np.ndarray, cells: Sequence[CellRecord] | None = None
+    result: ResultFields | FieldResult, overlay_rgb: np.ndarray, cells: Sequence[CellRecord] | None = None
 ) -> bytes:
     """A self-contained page for a person: the figures, the overlay, and the cell table.
 
     `cells` defaults to the result's maps' cells (a whole slide's result has no maps); the table shows
     the first REPORT_MAX_ROWS of them, cells.csv has all."""
-    cells = result.maps.cells if cells is None else cells
+    cells = result.maps.cells if cells is None else cells  # type: ignore[union-attr]
     h, w = overlay_rgb.shape[:2]
     scale = min(1.0, REPORT_THUMB_PX / max(h, w))
     thumb = cv2.resize(
@@ -339,7 +370,7 @@ def sample_artifacts(sample: SampleResult) -> list[Artifact]:
     ]
 
 
-def render_artifacts(result: SlideResult, rgb: np.ndarray) -> list[Artifact]:
+def render_artifacts(result: FieldResult, rgb: np.ndarray) -> list[Artifact]:
     """All output files of one slide, in ARTIFACT_NAMES order."""
     maps = result.maps
     tif = io.BytesIO()

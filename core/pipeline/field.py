@@ -17,23 +17,37 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from blastq.core.cells.blastcall import BlastCaller, call_rule
-from blastq.core.cells.classify import CellClassifier, type_cells
-from blastq.core.cells.instances import DEFAULT_BLAST_CELL_THRESHOLD, CellMaps, extract_cells
-from blastq.core.cells.stats import (
+from blastq.core.adapters import Settings
+from blastq.core.cells import (
+    DEFAULT_BLAST_CELL_THRESHOLD,
     DEFAULT_BLAST_THRESHOLD_PERCENT,
     DEFAULT_MIN_WHITE_CELLS,
+    BlastCaller,
+    CellClassifier,
+    CellMaps,
     SlideStats,
+    call_rule,
+    caller_setting,
+    extract_cells,
     slide_stats,
+    type_cells,
 )
-from blastq.core.common.errors import InvalidConfig, SlideTooLarge
-from blastq.core.image.preprocess import PreprocessConfig, preprocess, resample, resampled_shape
-from blastq.core.image.slide import Slide
+from blastq.core.common import InvalidConfig, SlideTooLarge
+from blastq.core.image import PreprocessConfig, Slide, preprocess, resample, resampled_shape
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key
-from blastq.core.segment.engines import Engine
-from blastq.core.segment.stitch import Stitcher, logits_to_probabilities
-from blastq.core.segment.tiling import Tile, is_empty_tile, iter_batches, pad_to_tiles, tile_grid
-from blastq.core.segment.unet import N_OUTPUTS, ModelInfo, to_model_input
+from blastq.core.segment import (
+    N_OUTPUTS,
+    Engine,
+    ModelInfo,
+    Stitcher,
+    Tile,
+    is_empty_tile,
+    iter_batches,
+    logits_to_probabilities,
+    pad_to_tiles,
+    tile_grid,
+    to_model_input,
+)
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
@@ -266,4 +280,18 @@ def process_slide(
         classifier_version=classifier.info.version if classifier is not None else "",
         blast_call=call_rule(config.blast_cell_threshold, config.blast_caller),
         mpp_confidence=slide.mpp_confidence,
+    )
+
+
+def pipeline_config(settings: Settings) -> PipelineConfig:
+    """The pipeline parameters these settings ask for; their key is part of a result's identity."""
+    return PipelineConfig(
+        blast_caller=caller_setting(settings.blast_caller),
+        tile_px=settings.tile_px,
+        overlap_px=settings.overlap_px,
+        batch_size=settings.batch_size,
+        blast_threshold_percent=settings.blast_threshold_percent,
+        blast_cell_threshold=settings.blast_cell_threshold,
+        min_white_cells=settings.min_white_cells,
+        classifier=settings.classifier,
     )

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from blastq.core.image.slide import MppSource
+from blastq.core.image import MppSource
 
 if TYPE_CHECKING:
-    from blastq.core.segment.unet import ModelInfo
+    from blastq.core.segment import ModelInfo
 
 
 # What a key needs of the pipeline's and the whole-slide chunking's configs (core.pipeline.field.PipelineConfig,
@@ -97,8 +97,8 @@ def classifier_file_sha256(setting: str) -> str:
 
     The same value `load_classifier` records in ClassifierInfo.sha256 (the file's bytes).
     """
-    from blastq.core.cells.classify import default_classifier_path
-    from blastq.core.common.errors import ModelNotFound
+    from blastq.core.cells import default_classifier_path
+    from blastq.core.common import ModelNotFound
 
     if setting == "none":
         return ""
@@ -111,8 +111,7 @@ def classifier_file_sha256(setting: str) -> str:
 
 def file_scale_key(path: str | Path, user_mpp: float | None) -> str:
     """The scale part of the key for a file, from its header only (what submit can know)."""
-    from blastq.core.image.slide import metadata_mpp, read_file
-    from blastq.core.image.wsi import is_whole_slide, open_slide_reader
+    from blastq.core.image import is_whole_slide, metadata_mpp, open_slide_reader, read_file
 
     if user_mpp is not None:
         return scale_key(user_mpp, "user")
@@ -133,7 +132,7 @@ def file_result_key(
     wsi: WholeSlideConfig,
 ) -> str:
     """The key the worker will give this file's result, from its header: what `blastq submit` looks up."""
-    from blastq.core.image.wsi import is_whole_slide
+    from blastq.core.image import is_whole_slide
 
     key = result_key(config, model, file_scale_key(path, user_mpp))
     return whole_slide_result_key(key, wsi) if is_whole_slide(path) else key

@@ -11,17 +11,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blastq.core.adapters.db import add_to_sample, connect, ensure_sample, get_sample, record_result
-from blastq.core.adapters.settings import REGISTRY_MODEL, Settings, pipeline_config, whole_slide_config
-from blastq.core.adapters.store import ObjectStore, slide_prefix, store_from_settings
-from blastq.core.cells.classify import CellClassifier, load_cell_classifier
-from blastq.core.cells.stats import SampleImage, SampleResult, check_sample_name, sample_result
-from blastq.core.image.slide import read_slide
-from blastq.core.outputs.artifacts import render_artifacts, sample_artifacts, summary_dict
-from blastq.core.pipeline.field import PipelineConfig, SlideResult, process_slide
-from blastq.core.pipeline.wholeslide import WholeSlideResult, process_whole_slide
-from blastq.core.segment.engines import Engine, load_engine
-from blastq.core.segment.unet import ModelInfo
+from blastq.core.adapters import (
+    REGISTRY_MODEL,
+    ObjectStore,
+    Settings,
+    add_to_sample,
+    connect,
+    ensure_sample,
+    get_sample,
+    record_result,
+    slide_prefix,
+    store_from_settings,
+)
+from blastq.core.cells import (
+    CellClassifier,
+    SampleImage,
+    SampleResult,
+    check_sample_name,
+    load_cell_classifier,
+    sample_result,
+)
+from blastq.core.image import read_slide
+from blastq.core.outputs import render_artifacts, sample_artifacts, summary_dict
+from blastq.core.pipeline.field import PipelineConfig, SlideResult, pipeline_config, process_slide
+from blastq.core.pipeline.wholeslide import WholeSlideResult, process_whole_slide, whole_slide_config
+from blastq.core.segment import Engine, ModelInfo, load_engine
 
 
 @dataclass
@@ -66,7 +80,7 @@ class LocalRunner:
         `core.pipeline.wholeslide` and give a WholeSlideResult, with the maps as pyramidal TIFFs.
         `sample`: the recorded result is counted in this sample (pooled again at once).
         """
-        from blastq.core.image.wsi import is_whole_slide
+        from blastq.core.image import is_whole_slide
 
         if sample is not None:
             check_sample_name(sample)
@@ -99,7 +113,7 @@ class LocalRunner:
         sample: str | None = None,
     ) -> WholeSlideResult:
         """A whole slide, read region by region; its files are written to a folder, then stored."""
-        from blastq.core.image.wsi import file_sha256, open_slide_reader
+        from blastq.core.image import file_sha256, open_slide_reader
 
         with open_slide_reader(path) as reader, tempfile.TemporaryDirectory(prefix="blastq-wsi-") as tmp:
             sha = file_sha256(path)
@@ -175,8 +189,8 @@ def model_checkpoint(settings: Settings, name: str) -> Path | None:
     Registered versions are fetched from the store and their sha256 verified; None means the shipped model
     ("registry" with nothing promoted).
     """
-    from blastq.core.adapters.registry import fetch_checkpoint, get_model
-    from blastq.core.common.errors import ModelNotFound
+    from blastq.core.adapters import fetch_checkpoint, get_model
+    from blastq.core.common import ModelNotFound
 
     if Path(name).is_file():
         return Path(name)
@@ -192,7 +206,7 @@ def model_checkpoint(settings: Settings, name: str) -> Path | None:
 
 def registry_checkpoint(settings: Settings) -> Path | None:
     """The registry's promoted checkpoint, fetched and verified (None: nothing promoted, the shipped model)."""
-    from blastq.core.adapters.registry import fetch_checkpoint, promoted
+    from blastq.core.adapters import fetch_checkpoint, promoted
 
     model = promoted(connect(settings.database_url))
     if model is None:

@@ -37,24 +37,31 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from blastq.core.cells.blastcall import call_rule
-from blastq.core.cells.classify import CellClassifier, type_cells
-from blastq.core.cells.instances import LABEL_BLAST, CellMaps, CellRecord, extract_cells
-from blastq.core.cells.stats import SlideStats, slide_stats
-from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
-from blastq.core.image.preprocess import PreprocessConfig, preprocess
-from blastq.core.image.slide import (
+from blastq.core.adapters import Settings
+from blastq.core.cells import (
+    LABEL_BLAST,
+    CellClassifier,
+    CellMaps,
+    CellRecord,
+    SlideStats,
+    call_rule,
+    extract_cells,
+    slide_stats,
+    type_cells,
+)
+from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.image import (
     DEFAULT_MAX_SLIDE_PIXELS,
     MppSource,
-    _check_user_mpp,
+    PreprocessConfig,
+    check_user_mpp,
     estimate_checked,
+    preprocess,
 )
 from blastq.core.pipeline.field import PipelineConfig, segment_prepared
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key, whole_slide_result_key
 from blastq.core.pipeline.scratch import new_scratch_folder
-from blastq.core.segment.engines import Engine
-from blastq.core.segment.tiling import tile_grid
-from blastq.core.segment.unet import ModelInfo
+from blastq.core.segment import Engine, ModelInfo, tile_grid
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
@@ -244,7 +251,7 @@ def read_window(reader, window: tuple[int, int, int, int], scale: float) -> np.n
 def resolve_mpp(reader, mpp: float | None) -> tuple[float, MppSource, float | None]:
     """User mpp > the slide's metadata > an estimate from red cells in the slide's centre; with the
     estimate's confidence (None for the others)."""
-    _check_user_mpp(mpp, reader.name)
+    check_user_mpp(mpp, reader.name)
     if mpp is not None:
         return float(mpp), "user", None
     if reader.mpp is not None:
@@ -278,7 +285,7 @@ def process_whole_slide(
 
     `reader` is a region reader (blastq.core.image.wsi): name, width, height, mpp and read_region(x, y, w, h).
     """
-    from blastq.core.outputs.tiffout import PyramidTiffSink
+    from blastq.core.outputs import PyramidTiffSink
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -547,7 +554,7 @@ def _write_cell_files(
     result: WholeSlideResult, rings: list, thumb: np.ndarray, thumb_per_px: float, out_dir: Path
 ) -> dict[str, Path]:
     """overlay.png (the overview with outlines), cells.csv, cells.geojson, summary.json, report.html."""
-    from blastq.core.outputs.artifacts import (
+    from blastq.core.outputs import (
         COLOUR_BLAST,
         COLOUR_WHITE_CELL,
         cells_csv_bytes,
@@ -576,3 +583,8 @@ def _write_cell_files(
         (out_dir / name).write_bytes(data)
         paths[name] = out_dir / name
     return paths
+
+
+def whole_slide_config(settings: Settings) -> WholeSlideConfig:
+    """How whole slides are cut into chunks; the chunking is part of a whole slide's result key."""
+    return WholeSlideConfig(chunk_px=settings.wsi_chunk_px, max_pixels=settings.max_slide_pixels)

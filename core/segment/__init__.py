@@ -1,1 +1,50 @@
-"""TBD"""
+"""segment: pixels -> per-pixel probability maps.
+
+unet (the network and its checkpoints) -> engines (torch, ONNX Runtime, TensorRT: one interface) run it on
+tiling's overlapping tiles -> stitch blends the tiles' predictions into one map without seams.
+"""
+
+from blastq.core import room_api
+
+__all__, __getattr__, __dir__, _PUBLIC = room_api(
+    __name__,
+    {
+        "engines": (
+            "DEFAULT_OPSET",
+            "Engine",
+            "OnnxEngine",
+            "TensorRTEngine",
+            "TorchEngine",
+            "cached_onnx",
+            "cpu_cores",
+            "export_onnx_file",
+            "load_engine",
+            "tensorrt_available",
+        ),
+        "stitch": (
+            "Stitcher",
+            "blend_window",
+            "logits_to_probabilities",
+        ),
+        "tiling": (
+            "Tile",
+            "is_empty_tile",
+            "iter_batches",
+            "pad_to_tiles",
+            "tile_grid",
+        ),
+        "unet": (
+            "CLASS_NAMES",
+            "MARKER_CHANNEL",
+            "ModelInfo",
+            "NUCLEUS_CHANNEL",
+            "N_CLASSES",
+            "N_OUTPUTS",
+            "UNet",
+            "default_model_path",
+            "load_checkpoint",
+            "save_checkpoint",
+            "to_model_input",
+        ),
+    },
+)

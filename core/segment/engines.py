@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from blastq.core.common.errors import InvalidConfig, ModelNotFound
+from blastq.core.common import InvalidConfig, ModelNotFound
 from blastq.core.segment.stitch import logits_to_probabilities
 from blastq.core.segment.unet import N_CLASSES, ModelInfo, UNet, default_model_path, load_checkpoint
 

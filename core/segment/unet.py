@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blastq.core.common.errors import ModelNotFound
+from blastq.core.common import ModelNotFound
 
 CLASS_NAMES: tuple[str, ...] = ("background", "white_cell", "blast")
 N_CLASSES = len(CLASS_NAMES)

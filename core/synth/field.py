@@ -21,7 +21,8 @@ import numpy as np
 import tifffile
 from scipy.spatial import cKDTree
 
-from blastq.core.common.errors import InvalidConfig
+from blastq.core.common import InvalidConfig
+from blastq.core.image import TRUTH_SUFFIXES
 
 CELL_KINDS: tuple[str, ...] = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "blast")
 
@@ -297,7 +298,6 @@ def generate_field(
 # `blastq submit` must find only smears (core.image.inputs also skips these names in folders from older
 # versions, which wrote them beside the image).
 TRUTH_FOLDER = "truth"
-TRUTH_SUFFIXES = (".mask.png", ".nuclei.png", ".instances.tif")
 
 
 def truth_paths(image_path: Path) -> tuple[Path, Path, Path]:

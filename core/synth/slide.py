@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import tifffile
 
-from blastq.core.common.errors import InvalidConfig
-from blastq.core.image.wsi import OUTSIDE_FILL, TiffRegionReader
+from blastq.core.common import InvalidConfig
+from blastq.core.image import OUTSIDE_FILL, TiffRegionReader
 from blastq.core.synth.field import generate_field
 
 # Reduced levels halve until the longer side is at most this many pixels.

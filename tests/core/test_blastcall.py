@@ -128,7 +128,8 @@ def test_a_missing_folder_or_huge_caller_path_is_refused(tmp_path):
 
 
 def test_settings_refuse_a_bad_caller_before_anything_runs(tmp_path):
-    from blastq.core.adapters.settings import load_settings, pipeline_config
+    from blastq.core.adapters.settings import load_settings
+    from blastq.core.pipeline.field import pipeline_config
 
     with pytest.raises(InvalidConfig, match="blast caller"):
         load_settings(

@@ -65,7 +65,8 @@ def test_the_screening_threshold_calls_a_doubtful_blast_and_marks_it_for_review(
 
 
 def test_the_blast_cell_threshold_reaches_the_pipeline_from_the_settings(monkeypatch):
-    from blastq.core.adapters.settings import load_settings, pipeline_config
+    from blastq.core.adapters.settings import load_settings
+    from blastq.core.pipeline.field import pipeline_config
 
     monkeypatch.setenv("BLASTQ_BLAST_CELL_THRESHOLD", "0.15")
     assert pipeline_config(load_settings()).blast_cell_threshold == 0.15

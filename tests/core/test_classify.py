@@ -194,8 +194,8 @@ def small_slide():
 def test_a_cell_whose_features_fail_is_reviewed_and_the_slide_goes_on(
     small_slide, shipped_engine, monkeypatch
 ):
-    from blastq.core.cells.classify import load_cell_classifier
     from blastq.core.cells import features
+    from blastq.core.cells.classify import load_cell_classifier
     from blastq.core.pipeline.field import process_slide
 
     engine, info = shipped_engine

@@ -10,17 +10,16 @@ import cv2
 import numpy as np
 import pytest
 
-from blastq.core.adapters.settings import load_settings
+from blastq.core.adapters.settings import check_local_folders, load_settings
 from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.image.inputs import (
     OUTPUT_NAMES,
     check_image_header,
-    check_local_folders,
-    check_user_mpp,
     check_writable_folder,
     expand_inputs,
     output_folder_name,
 )
+from blastq.core.image.slide import check_user_mpp
 from blastq.core.synth.field import generate_field, write_dataset
 
 

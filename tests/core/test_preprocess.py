@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from blastq.core.common.errors import InvalidConfig, InvalidSlide
-from blastq.core.image.preprocess import (
+from blastq.core.image.preprocessing import (
     BACKGROUND_LEVEL,
     DEFAULT_PREPROCESS,
     PreprocessConfig,
@@ -297,7 +297,7 @@ def test_resample_refuses_nonpositive_mpp() -> None:
     ("src", "dst"), [(0.2, 0.2), (0.201, 0.2), (0.5, 0.2), (0.1, 0.2), (5.0, 0.2), (0.07, 0.33)]
 )
 def test_resampled_shape_is_what_resample_gives_without_resizing(src: float, dst: float) -> None:
-    from blastq.core.image.preprocess import resampled_shape
+    from blastq.core.image.preprocessing import resampled_shape
 
     rgb = np.zeros((37, 53, 3), np.uint8)
     assert resampled_shape(37, 53, src, dst) == resample(rgb, src, dst).shape[:2]

@@ -59,8 +59,7 @@ def test_passwords_never_printed():
 
 
 def test_whole_slide_chunking_comes_from_the_settings(tmp_path):
-    from blastq.core.adapters.settings import whole_slide_config
-    from blastq.core.pipeline.wholeslide import whole_slide_key
+    from blastq.core.pipeline.wholeslide import whole_slide_config, whole_slide_key
 
     base = {"BLASTQ_DATA_DIR": str(tmp_path)}
     small = whole_slide_config(load_settings({**base, "BLASTQ_WSI_CHUNK_PX": "1536"}))

@@ -272,8 +272,9 @@ def test_slide_over_the_pixel_cap_at_the_models_scale_is_refused_before_any_work
 ):
     from hostile import sparse_tiff
 
-    from blastq.core.adapters.settings import load_settings, whole_slide_config
+    from blastq.core.adapters.settings import load_settings
     from blastq.core.image.wsi import open_slide_reader
+    from blastq.core.pipeline.wholeslide import whole_slide_config
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where scratch folders would go
     _, info = shipped_engine

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blastq.core.image.preprocess import PreprocessConfig
+from blastq.core.image.preprocessing import PreprocessConfig
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
     IGNORE,

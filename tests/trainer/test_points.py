@@ -106,7 +106,7 @@ class _DarkIsBlast:
 
 
 def test_evaluate_points_runs_the_pipeline_on_each_image(tmp_path):
-    from blastq.core.image.preprocess import PreprocessConfig
+    from blastq.core.image.preprocessing import PreprocessConfig
     from blastq.core.segment.unet import ModelInfo
 
     centres = [(60, 60), (180, 70), (100, 190)]

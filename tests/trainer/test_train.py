@@ -257,7 +257,7 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_shape(tmp_path):
 
 
 def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent_targets():
-    from blastq.core.image.preprocess import PreprocessConfig
+    from blastq.core.image.preprocessing import PreprocessConfig
     from blastq.trainer.datasets import synth_sample
 
     with pytest.raises(InvalidConfig, match="synth_variety"):
@@ -272,7 +272,7 @@ def test_wide_synthetic_training_fields_come_at_the_models_scale_with_consistent
 
 
 def test_wide_training_fields_can_leave_stain_families_and_magnifications_out():
-    from blastq.core.image.preprocess import PreprocessConfig
+    from blastq.core.image.preprocessing import PreprocessConfig
     from blastq.trainer.datasets import synth_sample
 
     with pytest.raises(InvalidConfig, match="synth_families"):

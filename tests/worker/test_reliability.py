@@ -46,10 +46,10 @@ from blastq.core.adapters.db import (
     record_result,
     upgrade,
 )
-from blastq.core.adapters.settings import pipeline_config
 from blastq.core.adapters.store import open_store, slide_prefix
 from blastq.core.cells.instances import CellRecord
 from blastq.core.outputs.artifacts import ARTIFACT_NAMES
+from blastq.core.pipeline.field import pipeline_config
 from blastq.core.pipeline.resultkey import result_key, scale_key
 from blastq.worker.submit import model_identity, submit, wait_for_batch
 

@@ -7,9 +7,10 @@ import hashlib
 import pytest
 
 from blastq.core.adapters.db import connect, create_job, job_status
-from blastq.core.adapters.settings import load_settings, pipeline_config
+from blastq.core.adapters.settings import load_settings
 from blastq.core.adapters.store import FileStore
 from blastq.core.common.errors import StoreUnavailable
+from blastq.core.pipeline.field import pipeline_config
 from blastq.core.pipeline.resultkey import result_key, scale_key
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import model_identity

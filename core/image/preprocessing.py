@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.common.errors import InvalidConfig, InvalidSlide
+from blastq.core.common import InvalidConfig, InvalidSlide
 
 StainMethod = Literal["none", "reinhard", "macenko"]
 STAIN_METHODS: tuple[str, ...] = ("none", "reinhard", "macenko")
