@@ -37,19 +37,19 @@ def rss_mb():
     return float("nan")
 
 mode, path, chunk_px = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-from blastq.core.cells.classify import load_cell_classifier
-from blastq.core.segment.engines import load_engine
+from blastq.core.cells import load_cell_classifier
+from blastq.core.segment import load_engine
 engine, info = load_engine(None)
 classifier = load_cell_classifier("default")
 import numpy as np
-from blastq.core.segment.unet import to_model_input
+from blastq.core.segment import to_model_input
 engine.infer(to_model_input(np.full((1, 256, 256, 3), 245, np.uint8)))  # engine warm: its arenas exist
 loaded = rss_mb()
 start = time.perf_counter()
 with tempfile.TemporaryDirectory() as out:
     if mode == "wsi":
-        from blastq.core.pipeline.wholeslide import WholeSlideConfig, process_whole_slide
-        from blastq.core.image.wsi import file_sha256, open_slide_reader
+        from blastq.core.pipeline import WholeSlideConfig, process_whole_slide
+        from blastq.core.image import file_sha256, open_slide_reader
         with open_slide_reader(path) as reader:
             result = process_whole_slide(
                 reader, engine, info, out, sha256=file_sha256(path), wsi=WholeSlideConfig(chunk_px=chunk_px),
@@ -58,9 +58,9 @@ with tempfile.TemporaryDirectory() as out:
         cells, tiles = len(result.cells), result.tiles_run
     else:
         import tifffile
-        from blastq.core.outputs.artifacts import render_artifacts
-        from blastq.core.pipeline.field import process_slide
-        from blastq.core.image.slide import Slide
+        from blastq.core.outputs import render_artifacts
+        from blastq.core.pipeline import process_slide
+        from blastq.core.image import Slide
         rgb = tifffile.imread(path, level=0)
         result = process_slide(Slide(rgb, 0.2, "user", path.name, "0"), engine, info, classifier=classifier)
         for a in render_artifacts(result, rgb):

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from blastq.core.common import BlastqError, InvalidDataset
+from blastq.core.common import BlastqError, InvalidDataset, file_sha256
 from blastq.core.image import (
     TRUTH_SUFFIXES,
     PreprocessConfig,
@@ -267,7 +267,7 @@ class LabelMap:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return file_sha256(self.path)
 
 
 @dataclass(frozen=True)

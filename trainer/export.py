@@ -8,13 +8,12 @@ TensorRT version, so `core.segment.engines.TensorRTEngine` builds and caches it 
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from blastq.core.common import atomic_path
 from blastq.core.segment import DEFAULT_OPSET, export_onnx_file, load_checkpoint
 
 
@@ -44,14 +43,8 @@ def export_torchscript(model_path: str | Path, out_path: str | Path) -> Path:
         if not torch.allclose(traced(probe), model(probe), atol=1e-4):
             raise RuntimeError("TorchScript trace does not reproduce the model at a second input size")
         out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-        os.close(fd)
-        try:
-            # The provenance travels inside the archive: torch.jit.load(path, _extra_files={...}) reads it.
-            provenance = {"blastq.checkpoint_sha256": info.sha256, "blastq.stride": str(model.stride)}
-            torch.jit.save(traced, tmp, _extra_files=provenance)
-            os.replace(tmp, out_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # The provenance travels inside the archive: torch.jit.load(path, _extra_files={...}) reads it.
+        provenance = {"blastq.checkpoint_sha256": info.sha256, "blastq.stride": str(model.stride)}
+        with atomic_path(out_path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files=provenance)
     return out_path

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from blastq.core.common import InvalidConfig, InvalidDataset
-from blastq.core.image import PreprocessConfig, file_sha256
+from blastq.core.common import InvalidConfig, InvalidDataset, atomic_write, file_sha256
+from blastq.core.image import PreprocessConfig
 from blastq.core.segment import ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
 from blastq.core.synth import STAIN_FAMILIES, VARIETIES
 from blastq.trainer.augment import random_patch
@@ -345,10 +345,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=1))
 
 
 def _pool(cfg: TrainConfig, split: str, progress: Callable[[str], None]) -> list[Sample]:

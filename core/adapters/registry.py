@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +28,7 @@ from blastq.core.adapters.db import (
     promoted_model_row,
 )
 from blastq.core.adapters.store import ObjectStore
-from blastq.core.common import InvalidConfig, ModelNotFound
+from blastq.core.common import InvalidConfig, ModelNotFound, atomic_write, file_sha256
 from blastq.core.segment import load_checkpoint
 
 if TYPE_CHECKING:
@@ -185,7 +183,7 @@ def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | P
     and again by loading it; any mismatch raises ModelNotFound ("checksum mismatch").
     """
     path = Path(cache_dir) / f"{model.sha256}.pt"
-    if path.is_file() and _sha256_of(path) == model.sha256:
+    if path.is_file() and file_sha256(path) == model.sha256:
         return path
     try:
         data = store.get(model.checkpoint_key)
@@ -199,7 +197,7 @@ def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | P
             f"model {model.version}: checksum mismatch for {model.checkpoint_key} in {store.url} "
             f"(sha256 {got[:12]}, the registry has {model.sha256[:12]})"
         )
-    _write_atomic(path, data)
+    atomic_write(path, data)
     _, info = load_checkpoint(path)
     if info.sha256 != model.sha256 or info.version != model.version:
         path.unlink(missing_ok=True)
@@ -222,25 +220,3 @@ def _score(model: ModelVersion, metric: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None
     return float(value)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Several worker processes may fetch the same version at once: each writes a temporary file and
-    renames it, so a reader sees a whole checkpoint or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

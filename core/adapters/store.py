@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from blastq.core.common import InvalidConfig, StoreUnavailable
+from blastq.core.common import (
+    InvalidConfig,
+    StoreUnavailable,
+    atomic_path,
+    atomic_write,
+    file_sha256,
+    is_part_file,
+)
 
 if TYPE_CHECKING:
     from blastq.core.adapters.settings import Settings
@@ -69,13 +74,8 @@ class FileStore:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Write `data` under `key`, replacing any object there."""
-        path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)  # atomic: readers see the old object or the new one, never half
+            atomic_write(self._path(key), data)  # readers see the old object or the new one, never half
         except OSError as exc:
             raise StoreUnavailable(f"cannot write {key} to {self.url}: {exc.strerror or exc}") from exc
 
@@ -90,13 +90,9 @@ class FileStore:
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         """Copy the file at `path` under `key` (atomically, as put)."""
-        target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            with atomic_path(self._path(key)) as tmp:
+                shutil.copyfile(path, tmp)
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -124,7 +120,7 @@ class FileStore:
             return sorted(
                 p.relative_to(self.root).as_posix()
                 for p in folder.rglob("*")
-                if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".part"))  # half-written
+                if p.is_file() and not is_part_file(p.name)  # half-written
             )
         except OSError as exc:
             raise StoreUnavailable(
@@ -133,25 +129,13 @@ class FileStore:
 
 
 def _copy_into(source: Path, path: Path, key: str, url: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
     try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(source, tmp)
     except FileNotFoundError:
-        tmp.unlink(missing_ok=True)
         raise
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StoreUnavailable(f"cannot read {key} from {url}: {exc.strerror or exc}") from exc
-
-
-def file_digest(path: Path, chunk: int = 8 * 1024 * 1024) -> bytes:
-    """SHA-256 of a file, read in chunks (bounded memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.digest()
 
 
 # S3 error codes by what a caller can do about them. A HEAD has no body, so it reports a bare status.
@@ -287,7 +271,7 @@ class S3Store:
         """Upload the file at `path` under `key`, in parts above 8 MB (boto3's managed transfer), each
         part with its SHA-256 checksum; skipped, as put, when the same content is there already."""
         name = self._name(key)
-        digest = file_digest(Path(path))
+        digest = bytes.fromhex(file_sha256(path))
         size = Path(path).stat().st_size
         head = self._head(name, f"write {key} to")
         if (
@@ -310,17 +294,13 @@ class S3Store:
         """Download the object under `key` to the file `path` (checksums checked; in parts when large);
         FileNotFoundError if there is none. The file appears whole or not at all."""
         name, path = self._name(key), Path(path)
-        tmp = path.with_name(f".{path.name}.part")
-        try:
+        with atomic_path(path) as tmp:
             self._call(
                 f"read {key} from",
                 lambda: self.client.download_file(
                     self.bucket, name, str(tmp), ExtraArgs={"ChecksumMode": "ENABLED"}
                 ),
             )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._head(self._name(key), f"check {key} in") is not None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from blastq.core.common import InvalidConfig
+from blastq.core.common import InvalidConfig, atomic_write
 
 CALLER_FORMAT = "blastq-blast-caller-1"
 # What the model sees of a cell. The share enters as a logit (clipped at 1e-4): the U-Net's shares pile
@@ -170,12 +170,7 @@ def read_caller(path: Path) -> BlastCaller:
 
 
 def write_caller(caller: BlastCaller, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(caller.to_json(), indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(caller.to_json(), indent=1) + "\n")
 
 
 def caller_setting(setting: str) -> BlastCaller | None:

@@ -27,7 +27,7 @@ from blastq.core.cells.cellcrops import (
     normalise_crop,
 )
 from blastq.core.cells.instances import LABEL_BLAST, CellMaps, failure_reason, joined_reasons
-from blastq.core.common import ModelNotFound
+from blastq.core.common import ModelNotFound, atomic_write
 from blastq.core.image import resample_to_shape
 
 CLASSIFIER_FORMAT = "blastq-cell-classifier-1"
@@ -205,11 +205,7 @@ def save_classifier(
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

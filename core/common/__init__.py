@@ -1,4 +1,5 @@
-"""common: what every room shares: the error hierarchy."""
+"""common: what every room shares: the error hierarchy (errors) and files written whole with their sha256
+(files)."""
 
 from blastq.core import room_api
 
@@ -17,5 +18,6 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "StoreUnavailable",
             "TransientError",
         ),
+        "files": ("PART_SUFFIX", "atomic_path", "atomic_write", "file_sha256", "is_part_file"),
     },
 )

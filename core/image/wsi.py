@@ -17,7 +17,6 @@ margin at the slide edge.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import threading
 import xml.etree.ElementTree as ET
@@ -30,6 +29,7 @@ import numpy as np
 import tifffile
 
 from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.common import file_sha256 as streamed_sha256
 from blastq.core.image import slide as slide_io
 from blastq.core.image.preprocessing import check_rgb
 
@@ -558,22 +558,15 @@ def is_whole_slide(path: str | Path) -> bool:
     return _classify(path, head) in ("openslide", "tiff-regions")
 
 
-def file_sha256(path: str | Path, chunk: int = 8 * 1024 * 1024) -> str:
-    """Hex sha256 of a regular file, read in chunks so memory stays bounded, never past its size."""
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of an image file, streamed (core.common.files); InvalidSlide, naming the file, for what is
+    not a readable regular file or changes size while it is read."""
     path = Path(path)
-    size = slide_io.check_regular_file(path).st_size
-    digest = hashlib.sha256()
+    slide_io.check_regular_file(path)
     try:
-        with path.open("rb") as fh:
-            left = size
-            while left > 0 and (block := fh.read(min(chunk, left))):
-                digest.update(block)
-                left -= len(block)
-            if left or fh.read(1):
-                raise InvalidSlide(f"{path}: file changed size while being read (was {size} bytes)")
+        return streamed_sha256(path)
     except OSError as exc:
         raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return digest.hexdigest()
 
 
 def _check_file(path: Path) -> bytes:

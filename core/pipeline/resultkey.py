@@ -98,13 +98,13 @@ def classifier_file_sha256(setting: str) -> str:
     The same value `load_classifier` records in ClassifierInfo.sha256 (the file's bytes).
     """
     from blastq.core.cells import default_classifier_path
-    from blastq.core.common import ModelNotFound
+    from blastq.core.common import ModelNotFound, file_sha256
 
     if setting == "none":
         return ""
     path = default_classifier_path() if setting in ("", "default") else Path(setting)
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as exc:
         raise ModelNotFound(f"classifier file not readable: {path} ({exc.strerror or exc})") from exc
 

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from blastq.core.common import InvalidConfig, ModelNotFound
+from blastq.core.common import InvalidConfig, ModelNotFound, atomic_write
 from blastq.core.segment.stitch import logits_to_probabilities
 from blastq.core.segment.unet import N_CLASSES, ModelInfo, UNet, default_model_path, load_checkpoint
 
@@ -172,7 +171,7 @@ def export_onnx_file(
     onnx.helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
     out_path = Path(out_path)
-    _write_atomic(out_path, proto.SerializeToString())
+    atomic_write(out_path, proto.SerializeToString())
     return out_path
 
 
@@ -371,7 +370,7 @@ class TensorRTEngine:
             tmp.replace(self.path)
         finally:
             tmp.unlink(missing_ok=True)
-        _write_atomic(self.path.with_suffix(".json"), json.dumps(self.built_for, indent=2).encode())
+        atomic_write(self.path.with_suffix(".json"), json.dumps(self.built_for, indent=2))
         return module
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -530,20 +529,3 @@ def _build(kind: str, model: UNet, info: ModelInfo, device: str, cache: Path, th
             export_onnx_file(model, path, sha256=info.sha256, version=info.version)
             return OnnxEngine(path, info, device=device, threads=threads)
     return TensorRTEngine(model, info, device, cache_dir=cache)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a shared engine cache must be readable by all
-            os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

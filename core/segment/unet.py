@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blastq.core.common import ModelNotFound
+from blastq.core.common import ModelNotFound, atomic_path, file_sha256
 
 CLASS_NAMES: tuple[str, ...] = ("background", "white_cell", "blast")
 N_CLASSES = len(CLASS_NAMES)
@@ -123,12 +123,9 @@ def save_checkpoint(path: Path, model: UNet, info: ModelInfo) -> str:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "info": {k: v for k, v in asdict(info).items() if k != "sha256"},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return file_sha256(path)
 
 
 def load_checkpoint(path: Path) -> tuple[UNet, ModelInfo]:
