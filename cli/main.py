@@ -171,10 +171,7 @@ def run(
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
             failed += 1
             bar.close()
-            reason = (
-                str(exc) if isinstance(exc, BlastqError) else f"internal error ({type(exc).__name__}: {exc})"
-            )
-            click.echo(_failure_line(path, reason), err=True)
+            click.echo(_failure_line(path, exc), err=True)
             continue
         bar.close()
         done.append(result)
@@ -208,12 +205,13 @@ def _scale_text(result) -> str:
     return text
 
 
-def _failure_line(path: Path, reason: str) -> str:
-    """`FAILED path: reason`, naming the file once: slide errors start with its path or its name."""
-    if str(path) in reason:
-        return f"FAILED {reason}"
-    prefix = f"{path.name}: "
-    return f"FAILED {path}: {reason.removeprefix(prefix)}"
+def _failure_line(path: Path, exc: Exception) -> str:
+    """`FAILED path: reason`, naming the image once: an error about the image itself (its `path` field is
+    the image, by path or name) gives its reason; one about another file (a model, say) names that file."""
+    if not isinstance(exc, BlastqError):
+        return f"FAILED {path}: internal error ({type(exc).__name__}: {exc})"
+    about_image = exc.path in (str(path), path.name)
+    return f"FAILED {path}: {exc.reason if about_image else exc}"
 
 
 @main.command(context_settings=CONTEXT)

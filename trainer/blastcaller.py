@@ -54,14 +54,15 @@ def read_labelled_cells(paths: Sequence[Path], truth_column: str = "truth") -> L
         path = Path(path)
         try:
             if path.stat().st_size > _MAX_CSV_BYTES:
-                raise InvalidDataset(f"{path}: larger than {_MAX_CSV_BYTES >> 20} MiB; not a cells.csv")
+                raise InvalidDataset(f"larger than {_MAX_CSV_BYTES >> 20} MiB; not a cells.csv", path=path)
             with path.open(newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
                 missing = [c for c in (*NEEDED_COLUMNS, truth_column) if c not in (reader.fieldnames or ())]
                 if missing:
                     raise InvalidDataset(
-                        f"{path}: no column {', '.join(missing)} (a blastq cells.csv with a "
-                        f"{truth_column!r} column saying which cells are blasts)"
+                        f"no column {', '.join(missing)} (a blastq cells.csv with a "
+                        f"{truth_column!r} column saying which cells are blasts)",
+                        path=path,
                     )
                 for line, row in enumerate(reader, start=2):
                     truth = (row.get(truth_column) or "").strip().lower()
@@ -79,7 +80,7 @@ def read_labelled_cells(paths: Sequence[Path], truth_column: str = "truth") -> L
         except OSError as exc:
             raise InvalidDataset(f"cannot read {path}: {exc.strerror or exc}") from exc
         except (UnicodeDecodeError, csv.Error) as exc:
-            raise InvalidDataset(f"{path}: not a CSV file ({exc})") from exc
+            raise InvalidDataset(f"not a CSV file ({exc})", path=path) from exc
     if not rows:
         raise InvalidDataset(f"no labelled cells: every {truth_column!r} value in the files is empty")
     data = np.asarray(rows, np.float64)

@@ -110,7 +110,7 @@ def read_wbc_labels(path: Path) -> dict[int, int]:
     except OSError as exc:
         raise InvalidDataset(f"cannot read cell labels {path}: {exc}") from exc
     if not rows or len(rows[0]) < 2 or rows[0][0].strip().lower() != "image id":
-        raise InvalidDataset(f"{path}: expected a header 'image ID,class label' (or 'image ID,class')")
+        raise InvalidDataset("expected a header 'image ID,class label' (or 'image ID,class')", path=path)
     labels = {}
     for line, row in enumerate(rows[1:], start=2):
         try:
@@ -146,7 +146,7 @@ def wbc_cells(
             read_rgb(item.image_path), read_wbc_mask(item.mask_path), item.mpp, preprocess_config
         )
         if not crop.cell.any():
-            raise InvalidDataset(f"{item.mask_path}: the mask marks no cell")
+            raise InvalidDataset("the mask marks no cell", path=item.mask_path)
         crops.append(crop)
         labels.append(label)
         names.append(f"{item.dataset}/{item.image_path.stem}")

@@ -311,12 +311,12 @@ def read_labelmap(folder: Path) -> LabelMap:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, TOMLDecodeError
-        raise InvalidDataset(f"{path}: not a readable label map ({exc})") from exc
+        raise InvalidDataset(f"not a readable label map ({exc})", path=path) from exc
     if not isinstance(raw, dict):
-        raise InvalidDataset(f"{path}: a label map is an object with a 'classes' table")
+        raise InvalidDataset("a label map is an object with a 'classes' table", path=path)
     unknown = sorted(set(raw) - _LABELMAP_KEYS)
     if unknown:
-        raise InvalidDataset(f"{path}: unknown key(s) {unknown}; known: {sorted(_LABELMAP_KEYS)}")
+        raise InvalidDataset(f"unknown key(s) {unknown}; known: {sorted(_LABELMAP_KEYS)}", path=path)
 
     def value(key: Any, what: str) -> int:
         # JSON object keys are strings ("128"), list entries numbers; 1.5 or "1e2" is a mistake.
@@ -327,18 +327,18 @@ def read_labelmap(folder: Path) -> LabelMap:
         else:
             v = -1
         if not 0 <= v <= 65535:
-            raise InvalidDataset(f"{path}: {what} {key!r} is not a mask value (an integer 0..65535)")
+            raise InvalidDataset(f"{what} {key!r} is not a mask value (an integer 0..65535)", path=path)
         return v
 
     def class_index(name: Any, where: str, allowed=CLASS_NAMES) -> int:
         if name not in allowed:
-            raise InvalidDataset(f"{path}: unknown class {name!r} in {where}; known: {', '.join(allowed)}")
+            raise InvalidDataset(f"unknown class {name!r} in {where}; known: {', '.join(allowed)}", path=path)
         return _CLASS_INDEX[name]
 
     classes_raw = raw.get("classes")
     if not isinstance(classes_raw, dict) or not classes_raw:
         raise InvalidDataset(
-            f'{path}: \'classes\' must map mask values to class names, e.g. {{"0": "background"}}'
+            '\'classes\' must map mask values to class names, e.g. {"0": "background"}', path=path
         )
     classes = tuple(
         sorted((value(k, "class key"), class_index(n, "classes")) for k, n in classes_raw.items())
@@ -354,10 +354,10 @@ def read_labelmap(folder: Path) -> LabelMap:
             )
         )
     else:
-        raise InvalidDataset(f"{path}: 'nucleus' must be a list of mask values or map values to {cells}")
+        raise InvalidDataset(f"'nucleus' must be a list of mask values or map values to {cells}", path=path)
     ignore_raw = raw.get("ignore", [])
     if not isinstance(ignore_raw, list):
-        raise InvalidDataset(f"{path}: 'ignore' must be a list of mask values")
+        raise InvalidDataset("'ignore' must be a list of mask values", path=path)
     ignore = [value(v, "ignore value") for v in ignore_raw]
     seen: dict[int, str] = {}
     for what, vals in (
@@ -367,30 +367,30 @@ def read_labelmap(folder: Path) -> LabelMap:
     ):
         for v in vals:
             if v in seen:
-                raise InvalidDataset(f"{path}: mask value {v} is listed twice ({seen[v]} and {what})")
+                raise InvalidDataset(f"mask value {v} is listed twice ({seen[v]} and {what})", path=path)
             seen[v] = what
 
     mpp = raw.get("mpp")
     if isinstance(mpp, bool) or not isinstance(mpp, int | float) or not 0.01 <= mpp <= 10.0:
         raise InvalidDataset(
-            f"{path}: 'mpp' (microns per pixel of the images, 0.01..10) is required, got {mpp!r}"
+            f"'mpp' (microns per pixel of the images, 0.01..10) is required, got {mpp!r}", path=path
         )
     labels_raw = raw.get("labels", ["classes", "nucleus"] if nucleus else ["classes"])
     if not isinstance(labels_raw, list) or not all(isinstance(x, str) for x in labels_raw):
-        raise InvalidDataset(f"{path}: 'labels' must be a list of target names from {list(PAIR_TARGETS)}")
+        raise InvalidDataset(f"'labels' must be a list of target names from {list(PAIR_TARGETS)}", path=path)
     bad = sorted(set(labels_raw) - set(PAIR_TARGETS))
     if bad:
-        raise InvalidDataset(f"{path}: unknown target(s) {bad} in 'labels'; known: {list(PAIR_TARGETS)}")
+        raise InvalidDataset(f"unknown target(s) {bad} in 'labels'; known: {list(PAIR_TARGETS)}", path=path)
     if "classes" not in labels_raw:
-        raise InvalidDataset(f"{path}: 'labels' must include 'classes' (the masks say where cells are)")
+        raise InvalidDataset("'labels' must include 'classes' (the masks say where cells are)", path=path)
     if "nucleus" in labels_raw and not nucleus:
-        raise InvalidDataset(f"{path}: 'labels' includes 'nucleus' but no mask value is listed as nucleus")
+        raise InvalidDataset("'labels' includes 'nucleus' but no mask value is listed as nucleus", path=path)
     blast_unknown = raw.get("blast_unknown", False)
     if not isinstance(blast_unknown, bool):
-        raise InvalidDataset(f"{path}: 'blast_unknown' must be true or false, got {blast_unknown!r}")
+        raise InvalidDataset(f"'blast_unknown' must be true or false, got {blast_unknown!r}", path=path)
     suffix = raw.get("mask_suffix", "_mask.png")
     if not isinstance(suffix, str) or not suffix.lower().endswith(PAIR_IMAGE_SUFFIXES):
-        raise InvalidDataset(f"{path}: 'mask_suffix' must end with an image extension, got {suffix!r}")
+        raise InvalidDataset(f"'mask_suffix' must end with an image extension, got {suffix!r}", path=path)
     return LabelMap(
         path=path,
         mpp=float(mpp),

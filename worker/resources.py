@@ -31,7 +31,7 @@ from blastq.core.adapters import (
     store_from_settings,
 )
 from blastq.core.cells import CellClassifier, load_cell_classifier
-from blastq.core.common import ModelNotFound
+from blastq.core.common import ModelInvalid
 from blastq.core.pipeline import PipelineConfig, pipeline_config
 from blastq.core.segment import Engine, ModelInfo, load_engine
 
@@ -92,7 +92,7 @@ class WorkerResources:
             path = fetch_checkpoint(self.store(), model, self.settings.data_dir / "models")
             loaded = self._load(path, model.version)
             if loaded.info.sha256 != model.sha256:  # the cached file changed after it was verified
-                raise ModelNotFound(
+                raise ModelInvalid(
                     f"model {model.version}: checksum mismatch for {path} when loading it "
                     f"(sha256 {loaded.info.sha256[:12]}, the registry has {model.sha256[:12]})"
                 )

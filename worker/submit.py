@@ -72,7 +72,12 @@ class SubmittedFile:
     job_id: str | None
     state: str  # "queued", "succeeded" (reused_result_id is set) or "error"
     reused_result_id: int | None = None
-    error: str | None = None
+    reason: str | None = None  # why the file failed, or what went wrong after it was queued; without the path
+
+    @property
+    def error(self) -> str | None:
+        """The one line for a person: "path: reason"; None when nothing went wrong."""
+        return None if self.reason is None else f"{self.path}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[Submitte
 
 
 def _refused(refused: Refused) -> SubmittedFile:
-    return SubmittedFile(refused.path, None, "error", error=str(refused))
+    return SubmittedFile(refused.path, None, "error", reason=refused.reason)
 
 
 def model_identity(settings: Settings) -> ModelIdentity:
@@ -165,7 +170,8 @@ def submit(
                 # Read from the header (the scale from metadata): the worker's key for the same inputs.
                 key = result_key_of(settings, model, path, mpp)
             except InvalidSlide as exc:
-                entries.append(SubmittedFile(str(path), None, "error", error=str(exc)))
+                reason = exc.reason if exc.path == str(path) else str(exc)
+                entries.append(SubmittedFile(str(path), None, "error", reason=reason))
                 continue
             suffix = path.suffix.lower()
             input_key = f"inputs/{sha256}{suffix if suffix[1:].isalnum() else '.bin'}"
@@ -192,11 +198,11 @@ def submit(
             try:
                 send_job(app, job.id)
             except Exception as exc:  # noqa: BLE001 - the row is there; `blastq requeue` sends it later
-                error = hide_secrets(
-                    f"{path}: queued, but the broker did not take it ({type(exc).__name__}: {exc})",
+                reason = hide_secrets(
+                    f"queued, but the broker did not take it ({type(exc).__name__}: {exc})",
                     settings.broker_url,
                 )
-                entries.append(SubmittedFile(str(path), job.id, "queued", error=" ".join(error.split())))
+                entries.append(SubmittedFile(str(path), job.id, "queued", reason=" ".join(reason.split())))
                 continue
             entries.append(SubmittedFile(str(path), job.id, "queued"))
     finally:

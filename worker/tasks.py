@@ -139,6 +139,8 @@ def _naming(filename: str, copy: Path) -> Iterator[None]:
             return value.replace(str(copy), filename).replace(str(copy.parent), "(worker scratch folder)")
 
         exc.args = tuple(renamed(a) for a in exc.args)
+        if isinstance(exc, BlastqError):
+            exc.path, exc.reason = renamed(exc.path), renamed(exc.reason)
         if isinstance(exc, OSError):
             exc.filename, exc.filename2 = renamed(exc.filename), renamed(exc.filename2)
         raise

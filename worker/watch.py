@@ -37,7 +37,7 @@ from blastq.core.adapters import (
     watched_files,
 )
 from blastq.core.cells import check_sample_name
-from blastq.core.common import BlastqError, InvalidConfig, ModelNotFound, TransientError
+from blastq.core.common import BlastqError, InvalidConfig, ModelInvalid, ModelNotFound, TransientError
 from blastq.worker.celery_app import BlastqCelery, make_app
 from blastq.worker.submit import IMAGE_SUFFIXES, SubmitOutcome, SubmittedFile, send_job, submit
 
@@ -449,7 +449,7 @@ class Watcher:
                 app=self._app(),
                 **extra,
             )
-        except (ModelNotFound, InvalidConfig):  # no file can be submitted: stop, and say why
+        except (ModelNotFound, ModelInvalid, InvalidConfig):  # no file can be submitted: stop, and say why
             self._orphans.extend(claims)
             raise
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
@@ -471,7 +471,7 @@ class Watcher:
             # the same call. Submitted alone on the next scan.
             release_watched_file(db, claim.entry_id)
         elif outcome.job_id is None:
-            reason = _without_prefix(outcome.error or "not submitted", path)
+            reason = outcome.reason or "not submitted"
             record_watched_file(db, claim.entry_id, "rejected", reason=reason)
             self._done.add(claim.key)
             events.append(WatchEvent(path, "rejected", reason=reason))
@@ -483,7 +483,7 @@ class Watcher:
             warning = None
             if outcome.error:  # the row is written, the broker did not take the message
                 self._unsent[outcome.job_id] = path
-                warning = _without_prefix(outcome.error, path) + "; sent again on the next scan"
+                warning = f"{outcome.reason}; sent again on the next scan"
             events.append(WatchEvent(path, "submitted", outcome.job_id, warning, outcome.reused_result_id))
 
     def _recover(self, db, claims: list[_Claim], exc: Exception, events: list[WatchEvent]) -> None:
@@ -607,8 +607,3 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:  # undecodable bytes in a file name (os.fsdecode's surrogates)
         return False
     return True
-
-
-def _without_prefix(error: str, path: str) -> str:
-    """submit()'s errors start with the path; the event carries it already."""
-    return error.removeprefix(f"{path}: ")

@@ -58,7 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from blastq.core.adapters.settings import hide_secrets, mask_secret
-from blastq.core.common import DatabaseUnavailable, InvalidConfig
+from blastq.core.common import DatabaseUnavailable, InvalidConfig, NotFound
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 MODEL_STATES = ("candidate", "promoted", "retired")
@@ -554,10 +554,10 @@ def add_to_sample(engine: Engine, sample_id: int, result_id: int):
     with _reachable(engine), engine.begin() as conn:
         locked = conn.execute(update(_samples).where(_samples.c.id == sample_id).values(updated_at=_now()))
         if locked.rowcount != 1:
-            raise LookupError(f"no sample {sample_id}")
+            raise NotFound(f"no sample {sample_id}", value=sample_id)
         sha256 = conn.scalar(select(ResultRow.sha256).where(ResultRow.id == result_id))
         if sha256 is None:
-            raise LookupError(f"no result {result_id}")
+            raise NotFound(f"no result {result_id}", value=result_id)
         member = (_members.c.sample_id == sample_id, _members.c.sha256 == sha256)
         if conn.execute(select(_members.c.result_id).where(*member)).first() is None:
             conn.execute(
@@ -799,7 +799,7 @@ def finish_job(engine: Engine, job_id: str, result_id: int) -> None:
             )
         )
         if done.rowcount != 1:
-            raise LookupError(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}", value=job_id)
 
 
 def fail_job(engine: Engine, job_id: str, error: str) -> None:
@@ -813,7 +813,7 @@ def fail_job(engine: Engine, job_id: str, error: str) -> None:
             .values(state="failed", error=error[:MAX_ERROR_CHARS], finished_at=now, updated_at=now)
         )
         if failed.rowcount != 1 and conn.scalar(select(_jobs.c.id).where(_jobs.c.id == job_id)) is None:
-            raise LookupError(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}", value=job_id)
 
 
 def stale_jobs(engine: Engine, older_than: timedelta) -> list[JobInfo]:
@@ -1101,7 +1101,7 @@ def record_watched_file(
             )
         )
         if done.rowcount != 1:
-            raise LookupError(f"no watch ledger entry {entry_id}")
+            raise NotFound(f"no watch ledger entry {entry_id}", value=entry_id)
 
 
 def release_watched_file(engine: Engine, entry_id: int) -> None:
@@ -1268,7 +1268,7 @@ def promote_model_row(
         target_info = None if target is None else ModelVersion._from_row(target)
         check(target_info, None if current is None else ModelVersion._from_row(current))
         if target_info is None:
-            raise LookupError(f"no model version {version}")
+            raise NotFound(f"no model version {version}", value=version)
         if current is not None and current.version == target_info.version:
             return target_info
         now = _now()
@@ -1422,7 +1422,7 @@ def record_epoch(engine: Engine, run_id: str, epoch: int, history: list, checkpo
             )
         )
         if done.rowcount != 1:
-            raise LookupError(f"no running training run {run_id}")
+            raise NotFound(f"no running training run {run_id}", value=run_id)
 
 
 def finish_training_run(engine: Engine, run_id: str, *, model_key: str, model_sha256: str) -> None:
@@ -1442,7 +1442,7 @@ def finish_training_run(engine: Engine, run_id: str, *, model_key: str, model_sh
             )
         )
         if done.rowcount != 1:
-            raise LookupError(f"no training run {run_id}")
+            raise NotFound(f"no training run {run_id}", value=run_id)
 
 
 def fail_training_run(engine: Engine, run_id: str, error: str) -> None:
@@ -1455,7 +1455,7 @@ def fail_training_run(engine: Engine, run_id: str, error: str) -> None:
             .values(state="failed", error=error[:MAX_ERROR_CHARS], finished_at=now, updated_at=now)
         )
         if failed.rowcount != 1 and conn.scalar(select(_runs.c.id).where(_runs.c.id == run_id)) is None:
-            raise LookupError(f"no training run {run_id}")
+            raise NotFound(f"no training run {run_id}", value=run_id)
 
 
 def training_run_status(engine: Engine, run_id: str) -> TrainingRunInfo | None:

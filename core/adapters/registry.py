@@ -28,7 +28,7 @@ from blastq.core.adapters.db import (
     promoted_model_row,
 )
 from blastq.core.adapters.store import ObjectStore
-from blastq.core.common import InvalidConfig, ModelNotFound, atomic_write, file_sha256
+from blastq.core.common import InvalidConfig, ModelInvalid, ModelNotFound, atomic_write, file_sha256
 from blastq.core.segment import load_checkpoint
 
 if TYPE_CHECKING:
@@ -77,15 +77,16 @@ def register_model(
     except FileNotFoundError:
         raise ModelNotFound(f"model file not found: {path}") from None
     except OSError as exc:
-        raise ModelNotFound(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+        raise ModelInvalid(f"cannot read model file {path}: {exc.strerror or exc}") from exc
     sha256 = hashlib.sha256(data).hexdigest()
     _, info = load_checkpoint(path)  # a blastq U-Net, loadable with weights_only
     if info.sha256 != sha256:
-        raise ModelNotFound(f"{path} changed while it was being registered; try again")
+        raise ModelInvalid(f"{path} changed while it was being registered; try again")
     if not _VERSION.fullmatch(info.version):
         raise InvalidConfig(
-            f"{path}: model version {info.version!r} cannot be registered: use 1-64 characters of "
-            "letters, digits and . _ + - (starting with a letter or digit)"
+            f"model version {info.version!r} cannot be registered: use 1-64 characters of "
+            "letters, digits and . _ + - (starting with a letter or digit)",
+            path=path,
         )
     for name, value in (("metrics", metrics), ("config", config or {}), ("split", split or {})):
         if not isinstance(value, dict):
@@ -193,7 +194,7 @@ def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | P
         ) from None
     got = hashlib.sha256(data).hexdigest()
     if got != model.sha256:
-        raise ModelNotFound(
+        raise ModelInvalid(
             f"model {model.version}: checksum mismatch for {model.checkpoint_key} in {store.url} "
             f"(sha256 {got[:12]}, the registry has {model.sha256[:12]})"
         )
@@ -201,7 +202,7 @@ def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | P
     _, info = load_checkpoint(path)
     if info.sha256 != model.sha256 or info.version != model.version:
         path.unlink(missing_ok=True)
-        raise ModelNotFound(
+        raise ModelInvalid(
             f"model {model.version}: checksum mismatch for {path} (it holds {info.version}, "
             f"sha256 {info.sha256[:12]})"
         )

@@ -164,7 +164,7 @@ def read_caller(path: Path) -> BlastCaller:
             metrics=metrics if isinstance(metrics, dict) else {},
         )
     except InvalidConfig as exc:
-        raise InvalidConfig(f"{path}: {exc}") from exc
+        raise InvalidConfig(f"{exc}", path=path) from exc
     except TypeError as exc:
         raise InvalidConfig(f"blast caller {path}: {exc}") from exc
 

@@ -27,7 +27,7 @@ from blastq.core.cells.cellcrops import (
     normalise_crop,
 )
 from blastq.core.cells.instances import LABEL_BLAST, CellMaps, failure_reason, joined_reasons
-from blastq.core.common import ModelNotFound, atomic_write
+from blastq.core.common import ModelInvalid, ModelNotFound, atomic_write
 from blastq.core.image import resample_to_shape
 
 CLASSIFIER_FORMAT = "blastq-cell-classifier-1"
@@ -220,20 +220,20 @@ def load_classifier(path: Path) -> CellClassifier:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise ModelNotFound(f"{path}: not a blastq cell classifier ({type(exc).__name__})") from None
+        raise ModelInvalid(f"not a blastq cell classifier ({type(exc).__name__})", path=path) from None
     if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
-        raise ModelNotFound(f"{path}: not a blastq cell classifier (format {CLASSIFIER_FORMAT} expected)")
+        raise ModelInvalid(f"not a blastq cell classifier (format {CLASSIFIER_FORMAT} expected)", path=path)
     kind = payload.get("kind")
     if kind not in KINDS:
-        raise ModelNotFound(f"{path}: unknown classifier kind {kind!r}")
+        raise ModelInvalid(f"unknown classifier kind {kind!r}", path=path)
     needed = ("cell_types", "version") + (("sklearn",) if kind in SKLEARN_KINDS else ())
     missing = [key for key in needed if key not in payload]
     if missing:
-        raise ModelNotFound(f"{path}: not a blastq cell classifier (no {', '.join(missing)})")
+        raise ModelInvalid(f"not a blastq cell classifier (no {', '.join(missing)})", path=path)
     cell_types = tuple(payload["cell_types"])
     unknown = set(cell_types) - set(CELL_TYPES)
     if unknown:
-        raise ModelNotFound(f"{path}: unknown cell types {sorted(unknown)}")
+        raise ModelInvalid(f"unknown cell types {sorted(unknown)}", path=path)
     info = ClassifierInfo(
         version=str(payload["version"]),
         kind=kind,
@@ -254,22 +254,25 @@ def _load_sklearn(path: Path, data: Any, kind: str, n_types: int) -> Any:
     import skops.io as sio
 
     if not isinstance(data, bytes):
-        raise ModelNotFound(f"{path}: the scikit-learn part is not skops bytes")
+        raise ModelInvalid("the scikit-learn part is not skops bytes", path=path)
     try:
         untrusted = sio.get_untrusted_types(data=data)
     except Exception as exc:  # not a zip, no schema, a schema skops cannot read
-        raise ModelNotFound(
-            f"{path}: the scikit-learn part is not a skops file ({type(exc).__name__})"
+        raise ModelInvalid(
+            f"the scikit-learn part is not a skops file ({type(exc).__name__})", path=path
         ) from None
     # Checked before loading: skops constructs (calls) the types a file names while it loads.
     refused = sorted(set(untrusted) - ALLOWED_SKLEARN_TYPES)
     if refused:
-        raise ModelNotFound(f"{path}: the classifier holds types blastq does not load: {', '.join(refused)}")
+        raise ModelInvalid(
+            f"the classifier holds types blastq does not load: {', '.join(refused)}", path=path
+        )
     try:
         model = sio.loads(data, trusted=list(untrusted))
     except Exception as exc:
-        raise ModelNotFound(
-            f"{path}: the scikit-learn part does not load ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        raise ModelInvalid(
+            f"the scikit-learn part does not load ({type(exc).__name__}: {' '.join(str(exc).split())})",
+            path=path,
         ) from None
     _check_sklearn_model(path, model, kind, n_types)
     return model
@@ -278,19 +281,19 @@ def _load_sklearn(path: Path, data: Any, kind: str, n_types: int) -> Any:
 def _check_sklearn_model(path: Path, model: Any, kind: str, n_types: int) -> None:
     """Refuse a model that would fail, or read out of bounds, on the first cell rather than at load."""
     if not callable(getattr(model, "predict_proba", None)):
-        raise ModelNotFound(f"{path}: the scikit-learn model gives no probabilities (no predict_proba)")
+        raise ModelInvalid("the scikit-learn model gives no probabilities (no predict_proba)", path=path)
     classes = np.asarray(getattr(model, "classes_", []))
     if classes.size == 0 or classes.dtype.kind not in "iu" or classes.min() < 0 or classes.max() >= n_types:
-        raise ModelNotFound(
-            f"{path}: the model's classes {classes.tolist()} are not indices of its {n_types} cell types"
+        raise ModelInvalid(
+            f"the model's classes {classes.tolist()} are not indices of its {n_types} cell types", path=path
         )
     if kind in FEATURE_KINDS:
         from blastq.core.cells.features import FEATURE_NAMES
 
         n_in = getattr(model, "n_features_in_", None)
         if n_in != len(FEATURE_NAMES):
-            raise ModelNotFound(
-                f"{path}: the model takes {n_in} features, blastq measures {len(FEATURE_NAMES)}"
+            raise ModelInvalid(
+                f"the model takes {n_in} features, blastq measures {len(FEATURE_NAMES)}", path=path
             )
     # Prediction checks the width of its input against the model's, not against each tree's.
     n_columns = int(getattr(model, "n_features_in_", 0) or 0)
@@ -323,7 +326,7 @@ def _check_tree(path: Path, tree: Any, n_features: int) -> None:
         (left > node) & (left < n) & (right > node) & (right < n) & (feature >= 0) & (feature < n_features)
     )
     if not (len(left) == len(right) == len(feature) == n and np.all(leaf | inner_ok)):
-        raise ModelNotFound(f"{path}: a decision tree of the classifier has out-of-range node indices")
+        raise ModelInvalid("a decision tree of the classifier has out-of-range node indices", path=path)
 
 
 def _load_torch(path: Path, kind: str, payload: dict[str, Any], n_classes: int) -> Any:
@@ -340,7 +343,7 @@ def _load_torch(path: Path, kind: str, payload: dict[str, Any], n_classes: int) 
             unet.load_state_dict(payload["state_dict"])
             model = EncoderFeatures(unet)
     except (RuntimeError, TypeError, KeyError) as exc:
-        raise ModelNotFound(f"{path}: weights do not fit the {kind} architecture ({exc})") from None
+        raise ModelInvalid(f"weights do not fit the {kind} architecture ({exc})", path=path) from None
     return model.eval()
 
 

@@ -209,12 +209,12 @@ def check_image_header(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> N
     """
     label = str(path)
     if reason := _not_regular(path):
-        raise InvalidSlide(f"{label}: {reason}")
+        raise InvalidSlide(f"{reason}", path=label)
     try:
         with Path(path).open("rb") as fh:
             head = fh.read(HEADER_BYTES)
     except OSError as exc:
-        raise InvalidSlide(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+        raise InvalidSlide(f"cannot read file ({exc.strerror or exc})", path=label) from exc
     if is_whole_slide(path):
         return
     if head.startswith(TIFF_MAGICS):
@@ -223,13 +223,13 @@ def check_image_header(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> N
                 page = tif.pages.first
                 width, height = int(page.imagewidth), int(page.imagelength)
         except Exception as exc:
-            raise InvalidSlide(f"{label}: unreadable TIFF header ({exc})") from exc
+            raise InvalidSlide(f"unreadable TIFF header ({exc})", path=label) from exc
     else:
         width, height = image_size(head, label)
     if width <= 0 or height <= 0:
-        raise InvalidSlide(f"{label}: zero-size image ({width}x{height})")
+        raise InvalidSlide(f"zero-size image ({width}x{height})", path=label)
     if width * height > max_pixels:
-        raise SlideTooLarge(f"{label}: {width}x{height} pixels exceeds the maximum of {max_pixels}")
+        raise SlideTooLarge(f"{width}x{height} pixels exceeds the maximum of {max_pixels}", path=label)
 
 
 def check_writable_folder(folder: Path, what: str) -> None:

@@ -83,7 +83,7 @@ def read_slide(path: str | Path, *, mpp: float | None = None, max_pixels: int = 
     path = Path(path)
     check_user_mpp(mpp, str(path))
     if max_pixels <= 0:
-        raise InvalidConfig(f"{path}: max_pixels={max_pixels!r} must be positive")
+        raise InvalidConfig(f"max_pixels={max_pixels!r} must be positive", path=path)
     data = read_file(path, max_bytes=_MAX_BYTES_PER_PIXEL * max_pixels + (1 << 20))
     return _decode(data, path.name, str(path), mpp=mpp, max_pixels=max_pixels)
 
@@ -97,14 +97,14 @@ def check_regular_file(path: str | Path) -> os.stat_result:
     try:
         info = path.stat()  # follows symlinks: what a read would get
     except FileNotFoundError as exc:
-        raise InvalidSlide(f"{path}: no such file") from exc
+        raise InvalidSlide("no such file", path=path) from exc
     except OSError as exc:
-        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise InvalidSlide(f"cannot read file ({exc.strerror or exc})", path=path) from exc
     if stat.S_ISDIR(info.st_mode):
-        raise InvalidSlide(f"{path}: is a directory, not an image file")
+        raise InvalidSlide("is a directory, not an image file", path=path)
     if not stat.S_ISREG(info.st_mode):
         via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
-        raise InvalidSlide(f"{path}: is a {_file_kind(info.st_mode)}{via}, not a regular image file")
+        raise InvalidSlide(f"is a {_file_kind(info.st_mode)}{via}, not a regular image file", path=path)
     return info
 
 
@@ -113,30 +113,32 @@ def read_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
     path = Path(path)
     size = check_regular_file(path).st_size
     if max_bytes is not None and size > max_bytes:
-        raise SlideTooLarge(f"{path}: file of {size} bytes is larger than any image within the pixel limit")
+        raise SlideTooLarge(
+            f"file of {size} bytes is larger than any image within the pixel limit", path=path
+        )
     try:
         # O_NONBLOCK: should the path have become a pipe since the check, opening it must not hang.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise InvalidSlide(f"cannot read file ({exc.strerror or exc})", path=path) from exc
     try:
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
-            raise InvalidSlide(f"{path}: is a {_file_kind(opened.st_mode)}, not a regular image file")
+            raise InvalidSlide(f"is a {_file_kind(opened.st_mode)}, not a regular image file", path=path)
         size = opened.st_size
         chunks, left = [], size
         while left > 0:
             block = os.read(fd, min(left, 1 << 24))
             if not block:
-                raise InvalidSlide(f"{path}: file shrank while being read ({size - left} of {size} bytes)")
+                raise InvalidSlide(f"file shrank while being read ({size - left} of {size} bytes)", path=path)
             chunks.append(block)
             left -= len(block)
         if os.read(fd, 1):
             raise InvalidSlide(
-                f"{path}: file grew while being read (past its {size} bytes); is it still being written?"
+                f"file grew while being read (past its {size} bytes); is it still being written?", path=path
             )
     except OSError as exc:
-        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise InvalidSlide(f"cannot read file ({exc.strerror or exc})", path=path) from exc
     finally:
         os.close(fd)
     return b"".join(chunks)
@@ -185,7 +187,7 @@ def metadata_mpp(data: bytes, name: str) -> float | None:
     except InvalidSlide:
         raise
     except Exception as exc:
-        raise InvalidSlide(f"{name}: cannot read resolution metadata ({exc})") from exc
+        raise InvalidSlide(f"cannot read resolution metadata ({exc})", path=name) from exc
     return plausible_metadata_mpp(value, name, where)
 
 
@@ -198,8 +200,9 @@ def plausible_metadata_mpp(value: float | None, label: str, where: str) -> float
     lo, hi = METADATA_MPP_RANGE
     if not lo <= value <= hi:
         raise InvalidSlide(
-            f"{label}: the pixel size in the {where} is {value:.4g} um/px, outside the {lo}..{hi} um/px of a "
-            "smear photographed through a microscope; pass --mpp with the real pixel size"
+            f"the pixel size in the {where} is {value:.4g} um/px, outside the {lo}..{hi} um/px of a "
+            "smear photographed through a microscope; pass --mpp with the real pixel size",
+            path=label,
         )
     return float(value)
 
@@ -213,7 +216,7 @@ def check_smear(rgb: np.ndarray, label: str) -> None:
     grey levels) must pass; what is refused would only give a meaningless verdict.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise InvalidSlide(f"{label}: expected HWC uint8 RGB, got shape {rgb.shape} dtype {rgb.dtype}")
+        raise InvalidSlide(f"expected HWC uint8 RGB, got shape {rgb.shape} dtype {rgb.dtype}", path=label)
     height, width = rgb.shape[:2]
     step = max(1, math.isqrt(height * width // _SMEAR_SAMPLE_PX))
     sample = rgb[::step, ::step].reshape(-1, 3)
@@ -228,32 +231,36 @@ def check_smear(rgb: np.ndarray, label: str) -> None:
         what = f"uniform (RGB {r}, {g}, {b})"
         if max(r, g, b) < 32 or min(r, g, b) > 223:
             what = "black" if max(r, g, b) < 32 else "white"
-        raise InvalidSlide(f"{label}: not a smear photo: the image is {what}, with no stained cells")
+        raise InvalidSlide(f"not a smear photo: the image is {what}, with no stained cells", path=label)
     if sample.shape[0] >= _SMEAR_MIN_JUDGED_PX:
         if distinct <= _SMEAR_MIN_VALUES:
             raise InvalidSlide(
-                f"{label}: not a smear photo: only {distinct} distinct {kind} (a label mask or drawing?); "
-                "a photo of a smear has thousands"
+                f"not a smear photo: only {distinct} distinct {kind} (a label mask or drawing?); "
+                "a photo of a smear has thousands",
+                path=label,
             )
         # Photos have noise and smooth edges; masks and drawings are flat regions with sharp steps.
         rows = rgb[::step]
         flat = float((rows[:, 1:width:step] == rows[:, 0 : width - 1 : step]).all(axis=-1).mean())
         if width > 1 and flat >= _SMEAR_MAX_FLAT:
             raise InvalidSlide(
-                f"{label}: not a smear photo: {flat:.0%} of neighbouring pixels are identical {kind} "
-                "(a label mask or drawing?)"
+                f"not a smear photo: {flat:.0%} of neighbouring pixels are identical {kind} "
+                "(a label mask or drawing?)",
+                path=label,
             )
     if high - low < _MIN_CONTRAST:
         raise InvalidSlide(
-            f"{label}: not a smear photo: no contrast (green levels {low:.0f}..{high:.0f}), so no stained cells"
+            f"not a smear photo: no contrast (green levels {low:.0f}..{high:.0f}), so no stained cells",
+            path=label,
         )
     # Stained cells (red cells, nuclei) absorb green: some pixels must be clearly darker than the plasma.
     plasma = float(np.percentile(green, 99))
     stained = float(np.count_nonzero(green < _STAINED_FRACTION_OF_PLASMA * plasma)) / green.size
     if stained < _MIN_STAINED_SHARE:
         raise InvalidSlide(
-            f"{label}: not a smear photo: no stained cells (only {stained:.2%} of pixels are darker than "
-            f"{_STAINED_FRACTION_OF_PLASMA:.0%} of the background)"
+            f"not a smear photo: no stained cells (only {stained:.2%} of pixels are darker than "
+            f"{_STAINED_FRACTION_OF_PLASMA:.0%} of the background)",
+            path=label,
         )
 
 
@@ -290,26 +297,26 @@ def check_user_mpp(mpp: float | None, label: str | None = None) -> None:
 
 def _decode(data: bytes, name: str, label: str, *, mpp: float | None, max_pixels: int) -> Slide:
     if max_pixels <= 0:
-        raise InvalidConfig(f"{label}: max_pixels={max_pixels!r} must be positive")
+        raise InvalidConfig(f"max_pixels={max_pixels!r} must be positive", path=label)
     fmt = _detect_format(data, label)
     width, height = _header_size(data, fmt, label)
     if width <= 0 or height <= 0:
-        raise InvalidSlide(f"{label}: zero-size image ({width}x{height})")
+        raise InvalidSlide(f"zero-size image ({width}x{height})", path=label)
     if width * height > max_pixels:
-        raise SlideTooLarge(f"{label}: {width}x{height} pixels exceeds the maximum of {max_pixels}")
+        raise SlideTooLarge(f"{width}x{height} pixels exceeds the maximum of {max_pixels}", path=label)
     end = _check_complete(data, fmt, label)
     # The metadata scale is read (and an implausible one refused) from the header, before any pixel.
     found = metadata_mpp(data, label) if mpp is None else None
     try:
         rgb = _decode_tiff(data, label) if fmt == "tiff" else _decode_cv2(data[:end], label)
     except InvalidSlide as exc:
-        if str(exc).startswith(f"{label}:"):
+        if exc.path is not None:
             raise
-        raise InvalidSlide(f"{label}: {exc}") from exc
+        raise InvalidSlide(exc.reason, path=label) from exc
     except Exception as exc:
-        raise InvalidSlide(f"{label}: cannot decode {fmt.upper()} ({exc})") from exc
+        raise InvalidSlide(f"cannot decode {fmt.upper()} ({exc})", path=label) from exc
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise InvalidSlide(f"{label}: zero-size image")
+        raise InvalidSlide("zero-size image", path=label)
 
     # Before any scale is estimated or model run: a mask or a blank image gets its own reason.
     check_smear(rgb, label)
@@ -339,19 +346,20 @@ def estimate_checked(rgb: np.ndarray, label: str, option: str) -> ScaleEstimate:
     try:
         estimate = estimate_scale(rgb)
     except InvalidSlide as exc:
-        raise InvalidSlide(f"{label}: no pixel size in the metadata and {exc}; pass {option}") from exc
+        raise InvalidSlide(f"no pixel size in the metadata and {exc}; pass {option}", path=label) from exc
     lo, hi = METADATA_MPP_RANGE
     if not lo <= estimate.mpp <= hi:
         raise InvalidSlide(
-            f"{label}: no pixel size in the metadata, and the red cells give an implausible "
-            f"{estimate.mpp:.4g} um/px (expected {lo}..{hi}); pass {option}"
+            f"no pixel size in the metadata, and the red cells give an implausible "
+            f"{estimate.mpp:.4g} um/px (expected {lo}..{hi}); pass {option}",
+            path=label,
         )
     return estimate
 
 
 def _detect_format(data: bytes, label: str) -> ImageFormat:
     if not data:
-        raise InvalidSlide(f"{label}: empty file")
+        raise InvalidSlide("empty file", path=label)
     if data.startswith(_PNG_MAGIC):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
@@ -360,20 +368,20 @@ def _detect_format(data: bytes, label: str) -> ImageFormat:
         return "bmp"
     if data.startswith(_TIFF_MAGICS):
         return "tiff"
-    raise InvalidSlide(f"{label}: not a PNG, JPEG, BMP or TIFF image (unrecognised leading bytes)")
+    raise InvalidSlide("not a PNG, JPEG, BMP or TIFF image (unrecognised leading bytes)", path=label)
 
 
 def _header_size(data: bytes, fmt: ImageFormat, label: str) -> tuple[int, int]:
     try:
         if fmt == "png":
             if len(data) < 24 or data[12:16] != b"IHDR":
-                raise InvalidSlide(f"{label}: PNG without an IHDR header")
+                raise InvalidSlide("PNG without an IHDR header", path=label)
             return struct.unpack(">II", data[16:24])
         if fmt == "jpeg":
             return _jpeg_size(data, label)
         if fmt == "bmp":
             if len(data) < 26:
-                raise InvalidSlide(f"{label}: BMP shorter than its header")
+                raise InvalidSlide("BMP shorter than its header", path=label)
             (dib_size,) = struct.unpack("<I", data[14:18])
             if dib_size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit unsigned sizes
                 return struct.unpack("<HH", data[18:22])
@@ -385,7 +393,7 @@ def _header_size(data: bytes, fmt: ImageFormat, label: str) -> tuple[int, int]:
     except InvalidSlide:
         raise
     except Exception as exc:
-        raise InvalidSlide(f"{label}: unreadable {fmt.upper()} header ({exc})") from exc
+        raise InvalidSlide(f"unreadable {fmt.upper()} header ({exc})", path=label) from exc
 
 
 def _jpeg_segments(data: bytes, label: str):
@@ -394,7 +402,7 @@ def _jpeg_segments(data: bytes, label: str):
     n = len(data)
     while i < n:
         if data[i] != 0xFF:
-            raise InvalidSlide(f"{label}: corrupt JPEG header at byte {i}")
+            raise InvalidSlide(f"corrupt JPEG header at byte {i}", path=label)
         while i < n and data[i] == 0xFF:  # fill bytes
             i += 1
         if i >= n:
@@ -407,24 +415,24 @@ def _jpeg_segments(data: bytes, label: str):
             break
         (length,) = struct.unpack(">H", data[i : i + 2])
         if length < 2 or i + length > n:
-            raise InvalidSlide(f"{label}: truncated JPEG header")
+            raise InvalidSlide("truncated JPEG header", path=label)
         yield marker, data[i + 2 : i + length]
         if marker == 0xDA:
             return
         i += length
-    raise InvalidSlide(f"{label}: truncated JPEG (no image data)")
+    raise InvalidSlide("truncated JPEG (no image data)", path=label)
 
 
 def _jpeg_size(data: bytes, label: str) -> tuple[int, int]:
     for marker, payload in _jpeg_segments(data, label):
         if marker in _JPEG_SOF:
             if len(payload) < 5:
-                raise InvalidSlide(f"{label}: corrupt JPEG frame header")
+                raise InvalidSlide("corrupt JPEG frame header", path=label)
             height, width = struct.unpack(">HH", payload[1:5])
             return width, height
         if marker == 0xDA:
             break
-    raise InvalidSlide(f"{label}: JPEG without a frame header")
+    raise InvalidSlide("JPEG without a frame header", path=label)
 
 
 def _check_complete(data: bytes, fmt: ImageFormat, label: str) -> int:
@@ -452,7 +460,7 @@ def _jpeg_end(data: bytes, label: str) -> int:
     i = 2
     while i < n:
         if data[i] != 0xFF:
-            raise InvalidSlide(f"{label}: corrupt JPEG (no marker at byte {i})")
+            raise InvalidSlide(f"corrupt JPEG (no marker at byte {i})", path=label)
         while i < n and data[i] == 0xFF:  # fill bytes
             i += 1
         if i >= n:
@@ -480,7 +488,7 @@ def _jpeg_end(data: bytes, label: str) -> int:
                     i += 2
                     continue
                 break
-    raise InvalidSlide(f"{label}: truncated JPEG (no end-of-image marker)")
+    raise InvalidSlide("truncated JPEG (no end-of-image marker)", path=label)
 
 
 def _png_chunks(data: bytes, label: str, *, verify: bool) -> dict[bytes, bytes]:
@@ -494,13 +502,13 @@ def _png_chunks(data: bytes, label: str, *, verify: bool) -> dict[bytes, bytes]:
         end = i + 12 + length
         if end > n:
             raise InvalidSlide(
-                f"{label}: truncated PNG ({kind.decode('ascii', 'replace')} chunk runs past the end)"
+                f"truncated PNG ({kind.decode('ascii', 'replace')} chunk runs past the end)", path=label
             )
         if verify:
             (crc,) = struct.unpack(">I", data[end - 4 : end])
             if zlib.crc32(data[i + 4 : end - 4]) != crc:
                 raise InvalidSlide(
-                    f"{label}: corrupt PNG (bad CRC in {kind.decode('ascii', 'replace')} chunk)"
+                    f"corrupt PNG (bad CRC in {kind.decode('ascii', 'replace')} chunk)", path=label
                 )
         if kind == b"IEND":
             return found
@@ -511,17 +519,17 @@ def _png_chunks(data: bytes, label: str, *, verify: bool) -> dict[bytes, bytes]:
             return found
         i = end
     if verify:
-        raise InvalidSlide(f"{label}: truncated PNG (no IEND chunk)")
+        raise InvalidSlide("truncated PNG (no IEND chunk)", path=label)
     return found
 
 
 def _check_bmp_length(data: bytes, label: str) -> None:
     if len(data) < 34:
-        raise InvalidSlide(f"{label}: BMP shorter than its header")
+        raise InvalidSlide("BMP shorter than its header", path=label)
     (declared,) = struct.unpack("<I", data[2:6])
     (pixel_offset,) = struct.unpack("<I", data[10:14])
     if declared and len(data) < declared:
-        raise InvalidSlide(f"{label}: truncated BMP ({len(data)} of {declared} bytes)")
+        raise InvalidSlide(f"truncated BMP ({len(data)} of {declared} bytes)", path=label)
     (dib_size,) = struct.unpack("<I", data[14:18])
     if dib_size >= 40:
         w, h = struct.unpack("<ii", data[18:26])
@@ -529,7 +537,7 @@ def _check_bmp_length(data: bytes, label: str) -> None:
         if compression in (0, 3):  # uncompressed rows: the pixel data size follows from the header
             needed = pixel_offset + ((abs(w) * bpp + 31) // 32) * 4 * abs(h)
             if len(data) < needed:
-                raise InvalidSlide(f"{label}: truncated BMP ({len(data)} of {needed} bytes)")
+                raise InvalidSlide(f"truncated BMP ({len(data)} of {needed} bytes)", path=label)
 
 
 def _check_tiff_extent(data: bytes, label: str) -> None:
@@ -538,17 +546,17 @@ def _check_tiff_extent(data: bytes, label: str) -> None:
             page = tif.pages.first
             extents = list(zip(page.dataoffsets, page.databytecounts, strict=False))
     except Exception as exc:
-        raise InvalidSlide(f"{label}: unreadable TIFF header ({exc})") from exc
+        raise InvalidSlide(f"unreadable TIFF header ({exc})", path=label) from exc
     for offset, count in extents:
         if count and offset + count > len(data):
-            raise InvalidSlide(f"{label}: truncated TIFF (image data runs past the end of the file)")
+            raise InvalidSlide("truncated TIFF (image data runs past the end of the file)", path=label)
 
 
 def _decode_cv2(data: bytes, label: str) -> np.ndarray:
     # IMREAD_UNCHANGED keeps 16-bit depth and alpha, which we normalise ourselves.
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
-        raise InvalidSlide(f"{label}: cannot decode image (corrupt or unsupported variant)")
+        raise InvalidSlide("cannot decode image (corrupt or unsupported variant)", path=label)
     return to_rgb8(arr, bgr=True)
 
 
@@ -561,7 +569,7 @@ def _decode_tiff(data: bytes, label: str) -> np.ndarray:
             arr = np.moveaxis(arr, 0, -1)
         if photometric == tifffile.PHOTOMETRIC.PALETTE:
             if page.colormap is None:
-                raise InvalidSlide(f"{label}: palette TIFF without a colour map")
+                raise InvalidSlide("palette TIFF without a colour map", path=label)
             arr = tifffile.apply_colormap(arr, page.colormap).astype(np.uint16)
             return to_rgb8(arr, bgr=False)
         if photometric not in (
@@ -570,7 +578,7 @@ def _decode_tiff(data: bytes, label: str) -> np.ndarray:
             tifffile.PHOTOMETRIC.MINISWHITE,
             tifffile.PHOTOMETRIC.YCBCR,  # tifffile returns RGB for JPEG-compressed YCbCr
         ):
-            raise InvalidSlide(f"{label}: unsupported TIFF colour space {photometric.name}")
+            raise InvalidSlide(f"unsupported TIFF colour space {photometric.name}", path=label)
         extra = tuple(page.extrasamples or ())
         premultiplied = bool(extra) and extra[0] == 1
         if extra and extra[0] == 0 and arr.ndim == 3:

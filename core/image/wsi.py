@@ -109,13 +109,14 @@ def _check_window(name: str, x: int, y: int, width: int, height: int) -> tuple[i
     values = []
     for label, value in (("x", x), ("y", y), ("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise InvalidConfig(f"{name}: read_region {label}={value!r} must be an integer")
+            raise InvalidConfig(f"read_region {label}={value!r} must be an integer", path=name)
         values.append(int(value))
     if values[2] < 0 or values[3] < 0:
-        raise InvalidConfig(f"{name}: read_region size {values[2]}x{values[3]} must not be negative")
+        raise InvalidConfig(f"read_region size {values[2]}x{values[3]} must not be negative", path=name)
     if values[2] * values[3] > MAX_REGION_PIXELS:
         raise InvalidConfig(
-            f"{name}: read_region of {values[2]}x{values[3]} exceeds {MAX_REGION_PIXELS} pixels; read smaller windows"
+            f"read_region of {values[2]}x{values[3]} exceeds {MAX_REGION_PIXELS} pixels; read smaller windows",
+            path=name,
         )
     return values[0], values[1], values[2], values[3]
 
@@ -138,7 +139,7 @@ class ArrayReader(SlideReader):
         try:
             check_rgb(rgb)
         except InvalidSlide as exc:
-            raise InvalidSlide(f"{name}: {exc}") from exc
+            raise InvalidSlide(f"{exc}", path=name) from exc
         slide_io.check_user_mpp(mpp, name)
         self._rgb: np.ndarray | None = rgb
         self.name = name
@@ -150,7 +151,7 @@ class ArrayReader(SlideReader):
 
     def _fill(self, dest: np.ndarray, x: int, y: int) -> None:
         if self._rgb is None:
-            raise InvalidSlide(f"{self.name}: reader is closed")
+            raise InvalidSlide("reader is closed", path=self.name)
         dest[...] = self._rgb[y : y + dest.shape[0], x : x + dest.shape[1]]
 
     def close(self) -> None:
@@ -178,7 +179,7 @@ class TiffRegionReader(SlideReader):
         try:
             self._tif = tifffile.TiffFile(self.path)
         except Exception as exc:
-            raise InvalidSlide(f"{label}: unreadable TIFF header ({_reason(exc)})") from exc
+            raise InvalidSlide(f"unreadable TIFF header ({_reason(exc)})", path=label) from exc
         try:
             self._open(label, max_pixels)
         except BaseException:
@@ -196,10 +197,10 @@ class TiffRegionReader(SlideReader):
             page = _level0_page(tif, label)
             self.width, self.height = int(page.imagewidth), int(page.imagelength)
             if self.width <= 0 or self.height <= 0:
-                raise InvalidSlide(f"{label}: zero-size image ({self.width}x{self.height})")
+                raise InvalidSlide(f"zero-size image ({self.width}x{self.height})", path=label)
             if self.width * self.height > max_pixels:
                 raise SlideTooLarge(
-                    f"{label}: {self.width}x{self.height} pixels exceeds the maximum of {max_pixels}"
+                    f"{self.width}x{self.height} pixels exceeds the maximum of {max_pixels}", path=label
                 )
             self._check_pixels(page, label)
             self._layout(page, label)
@@ -207,16 +208,17 @@ class TiffRegionReader(SlideReader):
             counts = np.asarray(page.databytecounts, np.int64)
             if offsets.size != self._n_segments or counts.size != self._n_segments:
                 raise InvalidSlide(
-                    f"{label}: corrupt TIFF ({offsets.size} data offsets for {self._n_segments} tiles/strips)"
+                    f"corrupt TIFF ({offsets.size} data offsets for {self._n_segments} tiles/strips)",
+                    path=label,
                 )
             size = self.path.stat().st_size
             if offsets.size and int((offsets + counts)[counts > 0].max(initial=0)) > size:
-                raise InvalidSlide(f"{label}: truncated TIFF (image data runs past the end of the file)")
+                raise InvalidSlide("truncated TIFF (image data runs past the end of the file)", path=label)
             self.mpp, self.mpp_refused = _checked_mpp(*_tiff_level0_mpp(tif, page), label)
         except InvalidSlide:
             raise
         except Exception as exc:
-            raise InvalidSlide(f"{label}: unreadable TIFF ({_reason(exc)})") from exc
+            raise InvalidSlide(f"unreadable TIFF ({_reason(exc)})", path=label) from exc
         self._page = page
         self._offsets, self._counts = offsets, counts
         # Per tile/strip of a plane: whether the file holds its data (offset and byte count not 0); with
@@ -233,22 +235,24 @@ class TiffRegionReader(SlideReader):
         grey = photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
         if photometric == tifffile.PHOTOMETRIC.YCBCR and page.compression not in _JPEG_COMPRESSIONS:
             # tifffile converts YCbCr to RGB only inside JPEG tiles.
-            raise InvalidSlide(f"{label}: unsupported TIFF: YCbCr pixels without JPEG compression")
+            raise InvalidSlide("unsupported TIFF: YCbCr pixels without JPEG compression", path=label)
         if not (colour or grey):
             raise InvalidSlide(
-                f"{label}: unsupported TIFF colour space {photometric.name} (need RGB or greyscale)"
+                f"unsupported TIFF colour space {photometric.name} (need RGB or greyscale)", path=label
             )
         if page.dtype not in (np.uint8, np.uint16) or page.bitspersample not in (8, 16):
             raise InvalidSlide(
-                f"{label}: unsupported TIFF pixel type {page.bitspersample}-bit {page.dtype} (need 8- or 16-bit unsigned)"
+                f"unsupported TIFF pixel type {page.bitspersample}-bit {page.dtype} (need 8- or 16-bit unsigned)",
+                path=label,
             )
         spp = int(page.samplesperpixel)
         if (colour and spp not in (3, 4)) or (grey and spp not in (1, 2)):
             raise InvalidSlide(
-                f"{label}: unsupported TIFF with {spp} samples per pixel in {photometric.name} (need RGB, RGBA or grey)"
+                f"unsupported TIFF with {spp} samples per pixel in {photometric.name} (need RGB, RGBA or grey)",
+                path=label,
             )
         if int(page.imagedepth) != 1:
-            raise InvalidSlide(f"{label}: unsupported volumetric TIFF (image depth {page.imagedepth})")
+            raise InvalidSlide(f"unsupported volumetric TIFF (image depth {page.imagedepth})", path=label)
         extra = tuple(page.extrasamples or ())
         self._invert = photometric == tifffile.PHOTOMETRIC.MINISWHITE
         self._premultiplied = bool(extra) and extra[0] == 1
@@ -276,7 +280,7 @@ class TiffRegionReader(SlideReader):
             else:
                 what = f"a TIFF of {self.width}x{self.height} in segments of {self._seg_w}x{self._seg_h}"
             raise InvalidSlide(
-                f"{label}: {what} cannot be read region by region; save it tiled (e.g. tile 512)"
+                f"{what} cannot be read region by region; save it tiled (e.g. tile 512)", path=label
             )
 
     def has_data(self, x: int, y: int, width: int, height: int) -> bool:
@@ -294,7 +298,7 @@ class TiffRegionReader(SlideReader):
         sw, sh = self._seg_w, self._seg_h
         with self._lock:
             if self._tif.filehandle.closed:
-                raise InvalidSlide(f"{self.name}: reader is closed")
+                raise InvalidSlide("reader is closed", path=self.name)
             for ty in range(y // sh, (y + h - 1) // sh + 1):
                 for tx in range(x // sw, (x + w - 1) // sw + 1):
                     sx0, sy0 = tx * sw, ty * sh
@@ -345,7 +349,7 @@ class TiffRegionReader(SlideReader):
         fh.seek(offset)
         data = fh.read(count)
         if len(data) != count:
-            raise InvalidSlide(f"{self.path}: truncated TIFF (tile {index} runs past the end of the file)")
+            raise InvalidSlide(f"truncated TIFF (tile {index} runs past the end of the file)", path=self.path)
         kwargs = (
             {"jpegtables": self._page.jpegtables, "jpegheader": self._page.jpegheader} if self._jpeg else {}
         )
@@ -353,7 +357,7 @@ class TiffRegionReader(SlideReader):
             segment, _, _ = self._decode(data, index, **kwargs)
         except Exception as exc:
             raise InvalidSlide(
-                f"{self.path}: cannot decode TIFF tile/strip {index} ({_reason(exc)})"
+                f"cannot decode TIFF tile/strip {index} ({_reason(exc)})", path=self.path
             ) from exc
         if segment is None:
             return None
@@ -386,12 +390,13 @@ def _level0_page(tif: tifffile.TiffFile, label: str) -> tifffile.TiffPage:
         level = tif.series[0].levels[0]
         if len(level.pages) > 1:
             raise InvalidSlide(
-                f"{label}: unsupported TIFF with {len(level.pages)} image planes per level "
-                f"(series shape {level.shape}, axes {level.axes}); need one RGB or grey plane"
+                f"unsupported TIFF with {len(level.pages)} image planes per level "
+                f"(series shape {level.shape}, axes {level.axes}); need one RGB or grey plane",
+                path=label,
             )
         page = level.pages[0]
     if page is None:
-        raise InvalidSlide(f"{label}: TIFF without image data")
+        raise InvalidSlide("TIFF without image data", path=label)
     if not isinstance(page, tifffile.TiffPage):
         page = page.aspage()
     return page
@@ -455,21 +460,22 @@ class OpenSlideReader(SlideReader):
         _check_file(self.path)
         if openslide is None:
             raise InvalidSlide(
-                f"{label}: reading vendor slides needs OpenSlide (pip install openslide-python openslide-bin)"
+                "reading vendor slides needs OpenSlide (pip install openslide-python openslide-bin)",
+                path=label,
             )
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise InvalidSlide(f"{label}: not a slide format OpenSlide can read") from exc
+            raise InvalidSlide("not a slide format OpenSlide can read", path=label) from exc
         except (openslide.OpenSlideError, OSError) as exc:
-            raise InvalidSlide(f"{label}: OpenSlide cannot open the slide ({_reason(exc)})") from exc
+            raise InvalidSlide(f"OpenSlide cannot open the slide ({_reason(exc)})", path=label) from exc
         try:
             self.width, self.height = (int(v) for v in self._slide.dimensions)
             if self.width <= 0 or self.height <= 0:
-                raise InvalidSlide(f"{label}: zero-size slide ({self.width}x{self.height})")
+                raise InvalidSlide(f"zero-size slide ({self.width}x{self.height})", path=label)
             if self.width * self.height > max_pixels:
                 raise SlideTooLarge(
-                    f"{label}: {self.width}x{self.height} pixels exceeds the maximum of {max_pixels}"
+                    f"{self.width}x{self.height} pixels exceeds the maximum of {max_pixels}", path=label
                 )
             properties = self._slide.properties
             vendor = properties.get(openslide.PROPERTY_NAME_VENDOR) or "unknown"
@@ -489,12 +495,12 @@ class OpenSlideReader(SlideReader):
         h, w = dest.shape[:2]
         with self._lock:
             if self._closed:
-                raise InvalidSlide(f"{self.name}: reader is closed")
+                raise InvalidSlide("reader is closed", path=self.name)
             try:
                 rgba = np.asarray(self._slide.read_region((x, y), 0, (w, h)))
             except openslide.OpenSlideError as exc:
                 raise InvalidSlide(
-                    f"{self.path}: OpenSlide cannot read region ({x}, {y}, {w}x{h}) ({_reason(exc)})"
+                    f"OpenSlide cannot read region ({x}, {y}, {w}x{h}) ({_reason(exc)})", path=self.path
                 ) from exc
         # Transparent pixels lie outside the scanned area: composite over white, as OpenSlide advises.
         alpha = rgba[:, :, 3:4].astype(np.uint16)
@@ -527,7 +533,7 @@ def open_slide_reader(path: str | Path, *, max_pixels: int | None = None) -> Sli
     path = Path(path)
     limit = WSI_MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise InvalidConfig(f"{path}: max_pixels={max_pixels!r} must be a positive integer")
+        raise InvalidConfig(f"max_pixels={max_pixels!r} must be a positive integer", path=path)
     head = _check_file(path)
     kind = _classify(path, head)
     if kind == "openslide":
@@ -544,7 +550,7 @@ def open_slide_reader(path: str | Path, *, max_pixels: int | None = None) -> Sli
         else " (OpenSlide is not installed, so vendor formats such as MRXS are not recognised)"
     )
     raise InvalidSlide(
-        f"{path}: not a PNG, JPEG, BMP, TIFF or whole-slide image (unrecognised leading bytes){hint}"
+        f"not a PNG, JPEG, BMP, TIFF or whole-slide image (unrecognised leading bytes){hint}", path=path
     )
 
 
@@ -566,7 +572,7 @@ def file_sha256(path: str | Path) -> str:
     try:
         return streamed_sha256(path)
     except OSError as exc:
-        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise InvalidSlide(f"cannot read file ({exc.strerror or exc})", path=path) from exc
 
 
 def _check_file(path: Path) -> bytes:
@@ -577,9 +583,9 @@ def _check_file(path: Path) -> bytes:
         with path.open("rb") as fh:
             head = fh.read(16)
     except OSError as exc:
-        raise InvalidSlide(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise InvalidSlide(f"cannot read file ({exc.strerror or exc})", path=path) from exc
     if not head:
-        raise InvalidSlide(f"{path}: empty file")
+        raise InvalidSlide("empty file", path=path)
     return head
 
 
@@ -615,7 +621,7 @@ def _check_tiff_extent(path: Path) -> None:
     except Exception:
         return  # not parseable by tifffile (some vendor quirk): OpenSlide decides
     if ends.size and int(ends.max()) > path.stat().st_size:
-        raise InvalidSlide(f"{path}: truncated slide (image data runs past the end of the file)")
+        raise InvalidSlide("truncated slide (image data runs past the end of the file)", path=path)
 
 
 def _read_whole(path: Path, max_pixels: int) -> ArrayReader:
@@ -626,15 +632,17 @@ def _read_whole(path: Path, max_pixels: int) -> ArrayReader:
     size = slide_io.check_regular_file(path).st_size
     if size > 4 * limit + (1 << 20):
         raise SlideTooLarge(
-            f"{label}: file of {size} bytes is too large to decode whole "
-            f"(over {limit} pixels); convert it to a tiled TIFF"
+            f"file of {size} bytes is too large to decode whole "
+            f"(over {limit} pixels); convert it to a tiled TIFF",
+            path=label,
         )
     data = slide_io.read_file(path)
     width, height = slide_io.image_size(data, label)
     if width * height > limit:
         raise SlideTooLarge(
-            f"{label}: {width}x{height} pixels exceeds the maximum of {limit} for an image decoded whole; "
-            "convert it to a tiled TIFF"
+            f"{width}x{height} pixels exceeds the maximum of {limit} for an image decoded whole; "
+            "convert it to a tiled TIFF",
+            path=label,
         )
     # A placeholder mpp skips the red-cell estimate: here the caller decides what to do without one.
     decoded = slide_io.decode_slide(data, label, mpp=1.0, max_pixels=limit)

@@ -122,9 +122,10 @@ def check_slide(slide: Slide, info: ModelInfo) -> None:
     work_h, work_w = resampled_shape(height, width, slide.mpp, info.mpp)
     if work_h * work_w > slide.max_pixels:
         raise SlideTooLarge(
-            f"{slide.name}: {width}x{height} pixels at {slide.mpp:.4g} um/px ({slide.mpp_source}) are "
+            f"{width}x{height} pixels at {slide.mpp:.4g} um/px ({slide.mpp_source}) are "
             f"{work_w}x{work_h} at the model's {info.mpp:g} um/px, over the maximum of {slide.max_pixels} "
-            "pixels (BLASTQ_MAX_PIXELS)"
+            "pixels (BLASTQ_MAX_PIXELS)",
+            path=slide.name,
         )
 
 

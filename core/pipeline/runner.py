@@ -200,7 +200,9 @@ def model_checkpoint(settings: Settings, name: str) -> Path | None:
         raise ModelNotFound(f"model file not found: {name}")
     model = get_model(connect(settings.database_url), name)
     if model is None:
-        raise ModelNotFound(f"{name}: no such checkpoint file, and no registered model version of that name")
+        raise ModelNotFound(
+            "no such checkpoint file, and no registered model version of that name", path=name
+        )
     return fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "models")
 
 

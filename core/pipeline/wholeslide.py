@@ -294,9 +294,10 @@ def process_whole_slide(
     height, width = max(1, round(reader.height * scale)), max(1, round(reader.width * scale))
     if height * width > wsi.max_pixels:
         raise SlideTooLarge(
-            f"{reader.name}: {reader.width}x{reader.height} pixels at {slide_mpp:.4g} um/px ({mpp_source}) "
+            f"{reader.width}x{reader.height} pixels at {slide_mpp:.4g} um/px ({mpp_source}) "
             f"are {width}x{height} at the model's {info.mpp:g} um/px, over the maximum of "
-            f"{wsi.max_pixels} pixels (BLASTQ_MAX_SLIDE_PIXELS)"
+            f"{wsi.max_pixels} pixels (BLASTQ_MAX_SLIDE_PIXELS)",
+            path=reader.name,
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     chunk_px, margin = wsi.grid(info.mpp, config)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from blastq.core.common import InvalidConfig, ModelNotFound, atomic_write
+from blastq.core.common import InvalidConfig, ModelInvalid, ModelNotFound, atomic_write
 from blastq.core.segment.stitch import logits_to_probabilities
 from blastq.core.segment.unet import N_CLASSES, ModelInfo, UNet, default_model_path, load_checkpoint
 
@@ -205,16 +205,16 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ModelNotFound(f"not a usable ONNX model: {onnx_path} ({exc})") from exc
+            raise ModelInvalid(f"not a usable ONNX model: {onnx_path} ({exc})") from exc
         meta = self.session.get_modelmeta().custom_metadata_map
         source = meta.get("blastq.checkpoint_sha256", "")
         if info.sha256 and source != info.sha256:
-            raise ModelNotFound(
+            raise ModelInvalid(
                 f"{onnx_path} was exported from checkpoint {source[:12] or '(unknown)'}, "
                 f"not {info.sha256[:12]}: re-export it"
             )
         if "blastq.stride" not in meta:
-            raise ModelNotFound(f"{onnx_path} has no blastq.stride metadata: export it with blastq")
+            raise ModelInvalid(f"{onnx_path} has no blastq.stride metadata: export it with blastq")
         self.stride = int(meta["blastq.stride"])
         self.precision = "fp32"
         self.path = onnx_path
@@ -524,7 +524,10 @@ def _build(kind: str, model: UNet, info: ModelInfo, device: str, cache: Path, th
         path = cached_onnx(model, info, cache)
         try:
             return OnnxEngine(path, info, device=device, threads=threads)
-        except ModelNotFound as exc:  # truncated by a full disk, or written by another exporter: redo it
+        except (
+            ModelNotFound,
+            ModelInvalid,
+        ) as exc:  # truncated by a full disk, or written by another exporter: redo it
             log.warning("cached ONNX export unusable (%s); exporting it again", exc)
             export_onnx_file(model, path, sha256=info.sha256, version=info.version)
             return OnnxEngine(path, info, device=device, threads=threads)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blastq.core.common import ModelNotFound, atomic_path, file_sha256
+from blastq.core.common import ModelInvalid, ModelNotFound, atomic_path, file_sha256
 
 CLASS_NAMES: tuple[str, ...] = ("background", "white_cell", "blast")
 N_CLASSES = len(CLASS_NAMES)
@@ -139,9 +139,9 @@ def load_checkpoint(path: Path) -> tuple[UNet, ModelInfo]:
 
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ModelNotFound(f"not a readable model checkpoint: {path} ({type(exc).__name__})") from exc
+        raise ModelInvalid(f"not a readable model checkpoint: {path} ({type(exc).__name__})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelNotFound(f"not a blastq model checkpoint (expected format {CHECKPOINT_FORMAT}): {path}")
+        raise ModelInvalid(f"not a blastq model checkpoint (expected format {CHECKPOINT_FORMAT}): {path}")
     try:
         model = UNet(**payload["arch"])
         model.load_state_dict(payload["state_dict"])
@@ -149,7 +149,7 @@ def load_checkpoint(path: Path) -> tuple[UNet, ModelInfo]:
         raw["class_names"] = tuple(raw.get("class_names", CLASS_NAMES))
         info = ModelInfo(**raw, sha256=hashlib.sha256(data).hexdigest())
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise ModelNotFound(f"model checkpoint does not match the blastq U-Net: {path} ({exc})") from exc
+        raise ModelInvalid(f"model checkpoint does not match the blastq U-Net: {path} ({exc})") from exc
     model.eval()
     return model, info
 

@@ -26,7 +26,7 @@ from blastq.core.cells.classify import (
     save_classifier,
 )
 from blastq.core.cells.features import FEATURE_NAMES
-from blastq.core.common.errors import ModelNotFound
+from blastq.core.common.errors import ModelInvalid
 
 
 def _node(module: str, name: str, loader: str, node_id: int, **rest) -> dict:
@@ -90,7 +90,7 @@ def test_a_skops_file_naming_a_callable_is_refused_before_anything_runs(tmp_path
     }
     for type_name, data in hostile.items():
         path = classifier_file(tmp_path / "hostile.pt", data)
-        with pytest.raises(ModelNotFound) as refused:
+        with pytest.raises(ModelInvalid) as refused:
             load_classifier(path)
         message = str(refused.value)
         assert type_name in message and "types blastq does not load" in message
@@ -142,5 +142,5 @@ def test_a_forest_whose_tree_points_outside_its_nodes_is_refused(tmp_path):
     tree.__setstate__(state)
     path = tmp_path / "forest.pt"
     save_classifier(path, ClassifierInfo(version="rf", kind="random_forest"), sklearn_model=estimator)
-    with pytest.raises(ModelNotFound, match="out-of-range node indices"):
+    with pytest.raises(ModelInvalid, match="out-of-range node indices"):
         load_classifier(path)

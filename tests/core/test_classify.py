@@ -18,7 +18,7 @@ from blastq.core.cells.classify import (
     load_classifier,
     reconcile,
 )
-from blastq.core.common.errors import ModelNotFound
+from blastq.core.common.errors import ModelInvalid, ModelNotFound
 from blastq.core.segment.unet import default_model_path
 
 BLAST = CELL_TYPES.index("blast")
@@ -69,12 +69,12 @@ def test_files_that_are_not_classifiers_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ModelNotFound, match="not found"):
         load_classifier(tmp_path / "missing.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(ModelNotFound, match="not a blastq cell classifier"):
+    with pytest.raises(ModelInvalid, match="not a blastq cell classifier"):
         load_classifier(tmp_path / "text.pt")
-    with pytest.raises(ModelNotFound, match="not a blastq cell classifier"):
+    with pytest.raises(ModelInvalid, match="not a blastq cell classifier"):
         load_classifier(default_model_path())  # a U-Net checkpoint
     bad_kind = _payload_file(tmp_path / "kind.pt", format=CLASSIFIER_FORMAT, kind="xgboost")
-    with pytest.raises(ModelNotFound, match="unknown classifier kind"):
+    with pytest.raises(ModelInvalid, match="unknown classifier kind"):
         load_classifier(bad_kind)
 
 
@@ -94,7 +94,7 @@ def test_a_scikit_learn_model_holding_other_types_is_refused(tmp_path):
         cell_types=list(CELL_TYPES),
         sklearn=sio.dumps(model),
     )
-    with pytest.raises(ModelNotFound, match="getcwd"):
+    with pytest.raises(ModelInvalid, match="getcwd"):
         load_classifier(path)
 
 
@@ -266,13 +266,13 @@ def test_a_feature_model_of_another_width_is_refused_at_load(field_crops, tmp_pa
     save_classifier(
         tmp_path / "narrow.pt", ClassifierInfo(version="n", kind="random_forest"), sklearn_model=model
     )
-    with pytest.raises(ModelNotFound, match="takes 10 features, blastq measures"):
+    with pytest.raises(ModelInvalid, match="takes 10 features, blastq measures"):
         load_classifier(tmp_path / "narrow.pt")
 
 
 def test_a_classifier_file_missing_its_parts_is_refused_with_the_reason(tmp_path):
     path = _payload_file(tmp_path / "bare.pt", format=CLASSIFIER_FORMAT, kind="svm", version="x")
-    with pytest.raises(ModelNotFound, match=r"no cell_types, sklearn"):
+    with pytest.raises(ModelInvalid, match=r"no cell_types, sklearn"):
         load_classifier(path)
     path = _payload_file(
         tmp_path / "junk.pt",
@@ -282,7 +282,7 @@ def test_a_classifier_file_missing_its_parts_is_refused_with_the_reason(tmp_path
         cell_types=[],
         sklearn=b"junk",
     )
-    with pytest.raises(ModelNotFound, match="not a skops file"):
+    with pytest.raises(ModelInvalid, match="not a skops file"):
         load_classifier(path)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.common.errors import InvalidConfig, ModelNotFound
+from blastq.core.common.errors import InvalidConfig, ModelInvalid
 from blastq.core.image.slide import Slide
 from blastq.core.pipeline.field import process_slide
 from blastq.core.segment import engines
@@ -128,7 +128,7 @@ def test_a_damaged_cached_export_is_made_again(tmp_path, caplog):
 
 def test_onnx_file_from_another_checkpoint_is_refused(onnx_engine):
     engine, info = onnx_engine
-    with pytest.raises(ModelNotFound, match="re-export"):
+    with pytest.raises(ModelInvalid, match="re-export"):
         OnnxEngine(engine.path, dataclasses.replace(info, sha256="f" * 64))
 
 

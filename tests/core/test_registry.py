@@ -23,7 +23,7 @@ from blastq.core.adapters.registry import (
     rollback,
 )
 from blastq.core.adapters.store import FileStore
-from blastq.core.common.errors import InvalidConfig, ModelNotFound
+from blastq.core.common.errors import InvalidConfig, ModelInvalid
 from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
 
 
@@ -130,7 +130,7 @@ def test_fetch_verifies_the_checksum_and_reuses_a_good_cached_copy(db, store, ma
 
     store.put(model.checkpoint_key, make_checkpoint("fetched", seed=9).read_bytes())  # tampered object
     path.unlink()
-    with pytest.raises(ModelNotFound, match="checksum mismatch"):
+    with pytest.raises(ModelInvalid, match="checksum mismatch"):
         fetch_checkpoint(store, model, cache)
     assert not path.exists()
 

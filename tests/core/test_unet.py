@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from blastq.core.common.errors import ModelNotFound
+from blastq.core.common.errors import ModelInvalid, ModelNotFound
 from blastq.core.segment.unet import (
     N_OUTPUTS,
     ModelInfo,
@@ -47,14 +47,14 @@ def test_missing_checkpoint_is_model_not_found(tmp_path):
 def test_garbage_checkpoint_is_model_not_found(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ModelNotFound, match="bad.pt"):
+    with pytest.raises(ModelInvalid, match="bad.pt"):
         load_checkpoint(bad)
 
 
 def test_foreign_torch_file_is_refused(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
-    with pytest.raises(ModelNotFound, match="not a blastq model"):
+    with pytest.raises(ModelInvalid, match="not a blastq model"):
         load_checkpoint(other)
 
 
