@@ -26,9 +26,9 @@ from blastq.core.segment import (
     OnnxEngine,
     TensorRTEngine,
     TorchEngine,
+    UNet,
     cached_onnx,
     default_model_path,
-    load_checkpoint,
     logits_to_probabilities,
     tensorrt_available,
     to_model_input,
@@ -50,7 +50,7 @@ def tiles_batch(n: int, tile_px: int) -> np.ndarray:
 def engines_present(
     model_path: Path, threads: int, cache_dir: Path
 ) -> list[tuple[str, Callable[[], Engine]]]:
-    model, info = load_checkpoint(model_path)
+    model, info = UNet.from_checkpoint(model_path)
     onnx_path = None
     try:
         onnx_path = cached_onnx(model, info, cache_dir)

@@ -37,10 +37,10 @@ from blastq.core.segment import (
     N_CLASSES,
     Engine,
     ModelInfo,
+    UNet,
     blend_window,
     cpu_cores,
     default_model_path,
-    load_checkpoint,
     load_engine,
     logits_to_probabilities,
     tile_grid,
@@ -115,7 +115,7 @@ def main() -> None:
     slide = Slide(field.image, MPP, "user", "bench.png", "")
     config = PipelineConfig()  # 256 px tiles, 64 px overlap, batch 8, empty tiles skipped
     engine, info = load_engine(default_model_path(), kind="auto", threads=args.threads)
-    model, _ = load_checkpoint(default_model_path())
+    model, _ = UNet.from_checkpoint(default_model_path())
     model.eval()
 
     n_tiles = len(tile_grid(args.size, args.size, config.tile_px, config.overlap_px))  # MONAI's windows too

@@ -662,9 +662,9 @@ def suspect_labels(dataset: DatasetResult, votes: int = SUSPECT_VOTES) -> tuple[
 def default_unet() -> tuple[UNet, PreprocessConfig]:
     """The shipped U-Net (for its encoder) and the preprocessing it was trained with (for the crops)."""
     from blastq.core.image import PreprocessConfig
-    from blastq.core.segment import default_model_path, load_checkpoint
+    from blastq.core.segment import UNet, default_model_path
 
-    unet, info = load_checkpoint(default_model_path())
+    unet, info = UNet.from_checkpoint(default_model_path())
     return unet, PreprocessConfig(**info.preprocess)
 
 

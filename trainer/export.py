@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from blastq.core.common import atomic_path
-from blastq.core.segment import DEFAULT_OPSET, export_onnx_file, load_checkpoint
+from blastq.core.segment import DEFAULT_OPSET, UNet, export_onnx_file
 
 
 def export_onnx(model_path: str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Checkpoint -> ONNX: input "tiles" NCHW float32, output "logits", batch/height/width dynamic."""
-    model, info = load_checkpoint(Path(model_path))
+    model, info = UNet.from_checkpoint(Path(model_path))
     return export_onnx_file(model, out_path, sha256=info.sha256, version=info.version, opset=opset)
 
 
@@ -30,7 +30,7 @@ def export_torchscript(model_path: str | Path, out_path: str | Path) -> Path:
     it whole, and its shapes stay symbolic (any batch, any side that is a multiple of the stride).
     torch.jit.script rejects the model's Python (`zip(strict=True)`, int properties).
     """
-    model, info = load_checkpoint(Path(model_path))
+    model, info = UNet.from_checkpoint(Path(model_path))
     model = copy.deepcopy(model).float().cpu().eval()
     side = max(64, model.stride)
     example = torch.zeros(2, model.in_channels, side, side)

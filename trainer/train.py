@@ -31,7 +31,7 @@ import torch
 
 from blastq.core.common import InvalidConfig, InvalidDataset, atomic_write, file_sha256
 from blastq.core.image import PreprocessConfig
-from blastq.core.segment import ModelInfo, UNet, load_checkpoint, save_checkpoint, to_model_input
+from blastq.core.segment import ModelInfo, UNet, save_checkpoint, to_model_input
 from blastq.core.synth import STAIN_FAMILIES, VARIETIES
 from blastq.trainer.augment import random_patch
 from blastq.trainer.datasets import (
@@ -329,7 +329,7 @@ def _trained_on(cfg: TrainConfig, split_sha256: str, run_path: Path) -> str:
 
 def _initial_weights(cfg: TrainConfig) -> UNet:
     """The checkpoint to fine-tune from, checked to fit the run: same architecture, scale, preprocessing."""
-    start, info = load_checkpoint(Path(cfg.init_from))
+    start, info = UNet.from_checkpoint(Path(cfg.init_from))
     if (start.depth, start.width) != (cfg.depth, cfg.width):
         raise InvalidConfig(
             f"init_from {cfg.init_from}: a U-Net of depth {start.depth}, width {start.width}; this run "

@@ -43,7 +43,7 @@ from blastq.core.pipeline import (
     pipeline_config,
     whole_slide_config,
 )
-from blastq.core.segment import default_model_path, load_checkpoint
+from blastq.core.segment import UNet, default_model_path
 from blastq.worker.celery_app import SLIDES_QUEUE, TRAIN_QUEUE, BlastqCelery, make_app, workers_on_queue
 from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 
@@ -109,7 +109,7 @@ def model_identity(settings: Settings) -> ModelIdentity:
     from blastq.core.pipeline import model_checkpoint
 
     path = model_checkpoint(settings, settings.model) if settings.model else None
-    _, info = load_checkpoint(path or default_model_path())
+    _, info = UNet.from_checkpoint(path or default_model_path())
     return ModelIdentity.of(info, classifier_file_sha256(settings.classifier))
 
 

@@ -20,15 +20,15 @@ from pathlib import Path, PurePath
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
-from blastq.core.adapters import add_to_sample, claim_job, fail_job, finish_job, record_result, slide_prefix
+from blastq.core.adapters import add_to_sample, claim_job, fail_job, finish_job
 from blastq.core.common import BlastqError, TransientError
 from blastq.core.image import decode_slide, is_whole_slide, open_slide_reader
-from blastq.core.outputs import render_artifacts, summary_dict
+from blastq.core.outputs import render_artifacts
 from blastq.core.pipeline import (
     WholeSlideConfig,
+    persist_result,
     process_slide,
     process_whole_slide,
-    store_files,
     whole_slide_config,
 )
 from blastq.worker.retry import backoff_s, worker_name
@@ -74,12 +74,9 @@ def run_job(task: Task, job_id: str) -> str | None:
             data = path.read_bytes()
         slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
         result = process_slide(slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier)
-        prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
-        for artifact in render_artifacts(result, slide.rgb):
-            store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)
-        result_id = record_result(db, summary_dict(result), result.maps.cells, prefix)
-        _finish(db, job, result_id)
-        log.info("job %s: %s succeeded (result %s)", job_id, job.filename, result_id)
+        saved = persist_result(result, store=store, db=db, artifacts=render_artifacts(result, slide.rgb))
+        _finish(db, job, saved.result_id)
+        log.info("job %s: %s succeeded (result %s)", job_id, job.filename, saved.result_id)
         return "succeeded"
     except TransientError as exc:
         if retries < settings.task_retry_max:
@@ -113,9 +110,7 @@ def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) 
             wsi=wsi,
             classifier=loaded.classifier,
         )
-    prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
-    store_files(store, prefix, result.files)
-    return record_result(db, summary_dict(result), result.cells, prefix)
+    return persist_result(result, store=store, db=db).result_id
 
 
 def _finish(db, job, result_id: int) -> None:

@@ -31,7 +31,8 @@ from blastq.core.adapters import (
     record_epoch,
     register_model,
 )
-from blastq.core.common import BlastqError, InvalidConfig, TransientError
+from blastq.core.common import BlastqError, TransientError
+from blastq.core.segment import load_plain
 from blastq.trainer.train import TrainConfig, TrainResult, read_run_record, train
 from blastq.worker.retry import backoff_s, worker_name
 
@@ -119,12 +120,7 @@ def _resume_state(store: ObjectStore, run_id: str) -> dict[str, Any] | None:
         data = store.get(resume_key(run_id))
     except FileNotFoundError:
         return None
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise InvalidConfig(
-            f"cannot read the resume state {resume_key(run_id)}: {type(exc).__name__}"
-        ) from exc
+    return load_plain(data, "training run's resume state", resume_key(run_id))
 
 
 def _publish(store: ObjectStore, run_id: str, result: TrainResult) -> str:

@@ -7,7 +7,7 @@ the most recently retired one back. A candidate is promoted only if it is not wo
 one on the fixed validation set (its recorded `validation_score`), unless forced.
 
 Checkpoints are verified by sha256 before they are loaded: the bytes from the store before the local
-copy is written, and again as `load_checkpoint` reads them.
+copy is written, and again as `UNet.from_checkpoint` reads them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from blastq.core.adapters.db import (
 )
 from blastq.core.adapters.store import ObjectStore
 from blastq.core.common import InvalidConfig, ModelInvalid, ModelNotFound, atomic_write, file_sha256
-from blastq.core.segment import load_checkpoint
+from blastq.core.segment import UNet
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -79,7 +79,7 @@ def register_model(
     except OSError as exc:
         raise ModelInvalid(f"cannot read model file {path}: {exc.strerror or exc}") from exc
     sha256 = hashlib.sha256(data).hexdigest()
-    _, info = load_checkpoint(path)  # a blastq U-Net, loadable with weights_only
+    _, info = UNet.from_checkpoint(path)  # a blastq U-Net, loadable with weights_only
     if info.sha256 != sha256:
         raise ModelInvalid(f"{path} changed while it was being registered; try again")
     if not _VERSION.fullmatch(info.version):
@@ -199,7 +199,7 @@ def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | P
             f"(sha256 {got[:12]}, the registry has {model.sha256[:12]})"
         )
     atomic_write(path, data)
-    _, info = load_checkpoint(path)
+    _, info = UNet.from_checkpoint(path)
     if info.sha256 != model.sha256 or info.version != model.version:
         path.unlink(missing_ok=True)
         raise ModelInvalid(

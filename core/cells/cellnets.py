@@ -89,7 +89,7 @@ class EncoderFeatures(nn.Module):
     @property
     def dim(self) -> int:
         """Length of one cell's feature vector."""
-        return sum(self.unet.width * 2**i for i in range(self.unet.depth))
+        return sum(self.unet.encoder.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rgb = (x[:, :3] - 0.5) * 4.0  # to_model_input on the float RGB crops_to_array already gives
@@ -101,11 +101,7 @@ class EncoderFeatures(nn.Module):
         self.unet.eval()
         try:
             with torch.no_grad():
-                h = rgb
-                for i, block in enumerate(self.unet.down):
-                    if i:
-                        h = self.unet.pool(h)
-                    h = block(h)
+                for h in self.unet.encoder(rgb):
                     m = F.adaptive_avg_pool2d(mask, h.shape[-2:])
                     # An empty mask gives 0 / eps = 0 rather than NaN.
                     out.append((h * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-6))

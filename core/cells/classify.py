@@ -29,6 +29,7 @@ from blastq.core.cells.cellcrops import (
 from blastq.core.cells.instances import LABEL_BLAST, CellMaps, failure_reason, joined_reasons
 from blastq.core.common import ModelInvalid, ModelNotFound, atomic_write
 from blastq.core.image import resample_to_shape
+from blastq.core.segment import load_plain
 
 CLASSIFIER_FORMAT = "blastq-cell-classifier-1"
 KINDS = ("svm", "random_forest", "cnn", "unet_encoder_linear")
@@ -210,17 +211,13 @@ def save_classifier(
 
 
 def load_classifier(path: Path) -> CellClassifier:
-    """Read and check a classifier file (ModelNotFound with the reason when it is not one)."""
-    import torch
-
+    """Read and check a classifier file: ModelNotFound when there is none, ModelInvalid with the reason
+    when it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise ModelNotFound(f"classifier file not found: {path}")
+        raise ModelNotFound("classifier file not found", path=path)
     data = path.read_bytes()
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise ModelInvalid(f"not a blastq cell classifier ({type(exc).__name__})", path=path) from None
+    payload = load_plain(data, "blastq cell classifier", path)
     if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
         raise ModelInvalid(f"not a blastq cell classifier (format {CLASSIFIER_FORMAT} expected)", path=path)
     kind = payload.get("kind")

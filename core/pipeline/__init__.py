@@ -26,8 +26,10 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         ),
         "runner": (
             "LocalRunner",
+            "Persisted",
             "SAMPLE_FILE_PREFIX",
             "model_checkpoint",
+            "persist_result",
             "store_files",
             "write_sample",
         ),

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.engine import Engine as DatabaseEngine
+
 from blastq.core.adapters import (
     REGISTRY_MODEL,
     ObjectStore,
@@ -32,7 +34,7 @@ from blastq.core.cells import (
     sample_result,
 )
 from blastq.core.image import read_slide
-from blastq.core.outputs import render_artifacts, sample_artifacts, summary_dict
+from blastq.core.outputs import Artifact, render_artifacts, sample_artifacts, summary_dict
 from blastq.core.pipeline.field import PipelineConfig, SlideResult, pipeline_config, process_slide
 from blastq.core.pipeline.wholeslide import WholeSlideResult, process_whole_slide, whole_slide_config
 from blastq.core.segment import Engine, ModelInfo, load_engine
@@ -91,12 +93,8 @@ class LocalRunner:
         slide = read_slide(path, mpp=mpp, max_pixels=self.settings.max_pixels)
         result = process_slide(slide, self.engine, self.info, self.config, progress, self.classifier)
         artifacts = render_artifacts(result, slide.rgb)
-        prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
-        if self.store is not None:
-            for a in artifacts:
-                self.store.put(f"{prefix}/{a.name}", a.data, a.content_type)
-        if self.db is not None:
-            self._record(result, result.maps.cells, prefix, sample)
+        saved = persist_result(result, store=self.store, db=self.db, artifacts=artifacts)
+        self._add_to_sample(saved.result_id, sample)
         if out_folder is not None:
             Path(out_folder).mkdir(parents=True, exist_ok=True)
             for a in artifacts:
@@ -130,16 +128,12 @@ class LocalRunner:
                 classifier=self.classifier,
                 progress=progress,
             )
-            prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
-            if self.store is not None:
-                store_files(self.store, prefix, result.files)
-            if self.db is not None:
-                self._record(result, result.cells, prefix, sample)
+            saved = persist_result(result, store=self.store, db=self.db)
+            self._add_to_sample(saved.result_id, sample)
         return result
 
-    def _record(self, result: SlideResult | WholeSlideResult, cells, prefix: str, sample: str | None) -> None:
-        result_id = record_result(self.db, summary_dict(result), cells, prefix)
-        if sample is not None:
+    def _add_to_sample(self, result_id: int | None, sample: str | None) -> None:
+        if result_id is not None and sample is not None:
             if sample not in self._sample_ids:
                 threshold, least = self.config.blast_threshold_percent, self.config.min_white_cells
                 self._sample_ids[sample] = ensure_sample(self.db, sample, threshold, least)
@@ -152,6 +146,41 @@ class LocalRunner:
             return recorded
         images = [SampleImage(r.name, r.sha256, r.stats) for r in results]
         return sample_result(name, images, self.config.blast_threshold_percent, self.config.min_white_cells)
+
+
+@dataclass(frozen=True)
+class Persisted:
+    """Where a result was saved: its files' prefix in the store, its row's id (None with no database)."""
+
+    prefix: str
+    result_id: int | None
+
+
+def persist_result(
+    result: SlideResult | WholeSlideResult,
+    *,
+    store: ObjectStore | None,
+    db: DatabaseEngine | None,
+    artifacts: list[Artifact] | None = None,
+) -> Persisted:
+    """Save a result the one way `blastq run` and the worker both do: its files to the store under the
+    prefix its key names (a field's `artifacts`, rendered by the caller, who may also want them in a
+    folder; a whole slide's files already written), then its row and cells. Files first: a recorded row
+    always has its files. A store or database left out (`blastq run --no-record`) is skipped."""
+    prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
+    if isinstance(result, SlideResult):
+        if artifacts is None:
+            raise ValueError("a field's result is saved with its rendered artifacts")
+        cells = result.maps.cells
+        if store is not None:
+            for artifact in artifacts:
+                store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)
+    else:
+        cells = result.cells
+        if store is not None:
+            store_files(store, prefix, result.files)
+    result_id = record_result(db, summary_dict(result), cells, prefix) if db is not None else None
+    return Persisted(prefix, result_id)
 
 
 CONTENT_TYPES = {

@@ -42,7 +42,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "N_OUTPUTS",
             "UNet",
             "default_model_path",
-            "load_checkpoint",
+            "load_plain",
             "save_checkpoint",
             "to_model_input",
         ),

@@ -33,14 +33,15 @@ import torch
 
 from blastq.core.common import InvalidConfig, ModelInvalid, ModelNotFound, atomic_write
 from blastq.core.segment.stitch import logits_to_probabilities
-from blastq.core.segment.unet import N_CLASSES, ModelInfo, UNet, default_model_path, load_checkpoint
+from blastq.core.segment.unet import N_CLASSES, ModelInfo, UNet, default_model_path
 
 log = logging.getLogger(__name__)
 
 ENGINE_KINDS = ("auto", "torch", "onnx", "tensorrt")
 DEFAULT_OPSET = 17
 ONNX_INPUT, ONNX_OUTPUT = "tiles", "logits"
-ONNX_HINT = "pip install blastq[onnx]"
+# onnx and onnxruntime are dependencies of blastq itself: missing, the installation is broken.
+ONNX_HINT = "reinstall them: pip install --force-reinstall onnx onnxruntime"
 TENSORRT_HINT = "TensorRT engine needs torch-tensorrt and a CUDA GPU: pip install blastq[tensorrt]"
 
 # The CPU engine `auto` picks, measured with benchmarks/bench_engines.py: batches of 8 synthetic-smear
@@ -238,7 +239,7 @@ def cached_onnx(model: UNet, info: ModelInfo, cache_dir: Path, opset: int = DEFA
     """The ONNX export of this checkpoint: made on first use, reused after (keyed by sha256 + opset)."""
     if not info.sha256:
         raise InvalidConfig(
-            "caching an ONNX export needs the checkpoint's sha256 (load it with load_checkpoint)"
+            "caching an ONNX export needs the checkpoint's sha256 (load it with UNet.from_checkpoint)"
         )
     path = onnx_cache_path(cache_dir, info.sha256, opset)
     if not path.is_file():
@@ -309,7 +310,7 @@ class TensorRTEngine:
             raise InvalidConfig(f"TensorRT precision must be fp16 or fp32, got {precision!r}")
         if not info.sha256:
             raise InvalidConfig(
-                "a TensorRT engine needs the checkpoint's sha256 (load it with load_checkpoint)"
+                "a TensorRT engine needs the checkpoint's sha256 (load it with UNet.from_checkpoint)"
             )
         self.device = torch.device(device)
         self.profile, self.precision, self.stride = profile, precision, model.stride
@@ -473,7 +474,7 @@ def load_engine(
         raise InvalidConfig(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
     if device_type == "cuda" and not torch.cuda.is_available():
         raise InvalidConfig(f"device {device} asked for, but this torch build sees no CUDA GPU")
-    model, info = load_checkpoint(Path(model_path) if model_path else default_model_path())
+    model, info = UNet.from_checkpoint(Path(model_path) if model_path else default_model_path())
     # fp32 eager on CPU: the output every other engine must match. Copied now, before an engine moves
     # or converts `model`.
     reference = TorchEngine(copy.deepcopy(model), "cpu")

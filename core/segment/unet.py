@@ -10,6 +10,8 @@ Output channels, in order (NCHW logits):
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ N_CLASSES = len(CLASS_NAMES)
 NUCLEUS_CHANNEL = N_CLASSES
 MARKER_CHANNEL = N_CLASSES + 1
 N_OUTPUTS = N_CLASSES + 2
-CHECKPOINT_FORMAT = "blastq-unet/1"
+# Format 2: encoder / decoder / head modules; format 1 (one flat module: blastq-unet 1.0 to 2.2) still loads.
+CHECKPOINT_FORMAT = "blastq-unet/2"
+READABLE_FORMATS = ("blastq-unet/1", CHECKPOINT_FORMAT)
 
 
 def _block(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -38,32 +42,70 @@ def _block(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
+class Encoder(nn.Module):
+    """`depth` levels of two 3x3 conv-BN-ReLU layers, `width` channels at the top doubling per level, a 2x
+    max-pool between levels. forward -> every level's features, finest first (the decoder's skips; the
+    cell descriptors of core.cells.cellnets)."""
+
+    def __init__(self, in_channels: int, depth: int, width: int):
+        super().__init__()
+        self.channels = tuple(width * 2**i for i in range(depth))
+        self.blocks = nn.ModuleList()
+        prev = in_channels
+        for ch in self.channels:
+            self.blocks.append(_block(prev, ch))
+            prev = ch
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for i, block in enumerate(self.blocks):
+            x = block(self.pool(x) if i else x)
+            features.append(x)
+        return features
+
+
+class Decoder(nn.Module):
+    """From the coarsest level up: 2x bilinear upsampling and a 1x1 conv, joined with the encoder's skip at
+    that level, then a conv block. Bilinear + conv rather than a transposed conv: no checkerboard artefacts,
+    which would show as a grid in stitched masks."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        self.up = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        prev = channels[-1]
+        for ch in reversed(channels[:-1]):
+            self.up.append(
+                nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(prev, ch, 1))
+            )
+            self.blocks.append(_block(2 * ch, ch))
+            prev = ch
+        self.out_channels = prev
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = features[-1]
+        for up, block, skip in zip(self.up, self.blocks, reversed(features[:-1]), strict=True):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return x
+
+
+# State-dict names of checkpoint format 1 (one flat module) and where they live now.
+_FORMAT_1_NAMES = (("down.", "encoder.blocks."), ("up.", "decoder.up."), ("dec.", "decoder.blocks."))
+
+
 class UNet(nn.Module):
-    """U-Net with `depth` resolution levels, `width` channels at the top, doubling per level."""
+    """U-Net with `depth` resolution levels, `width` channels at the top: encoder -> decoder -> head, the
+    head a 1x1 conv giving the N_OUTPUTS per-pixel logits (class, nucleus, marker channels)."""
 
     def __init__(self, in_channels: int = 3, depth: int = 4, width: int = 16, n_outputs: int = N_OUTPUTS):
         super().__init__()
         if depth < 2 or width < 4:
             raise ValueError(f"U-Net needs depth >= 2 and width >= 4, got depth={depth} width={width}")
         self.depth, self.width, self.in_channels, self.n_outputs = depth, width, in_channels, n_outputs
-        chans = [width * 2**i for i in range(depth)]
-        self.down = nn.ModuleList()
-        prev = in_channels
-        for ch in chans:
-            self.down.append(_block(prev, ch))
-            prev = ch
-        self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
-        for ch in reversed(chans[:-1]):
-            # Bilinear upsampling + conv instead of transposed conv: no checkerboard artefacts,
-            # which would show as a grid in stitched masks.
-            self.up.append(
-                nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(prev, ch, 1))
-            )
-            self.dec.append(_block(2 * ch, ch))
-            prev = ch
-        self.head = nn.Conv2d(prev, n_outputs, 1)
+        self.encoder = Encoder(in_channels, depth, width)
+        self.decoder = Decoder(self.encoder.channels)
+        self.head = nn.Conv2d(self.decoder.out_channels, n_outputs, 1)
 
     @property
     def stride(self) -> int:
@@ -71,16 +113,7 @@ class UNet(nn.Module):
         return 2 ** (self.depth - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x)
-            if i < self.depth - 1:
-                skips.append(x)
-                x = self.pool(x)
-        for up, dec in zip(self.up, self.dec, strict=True):
-            x = up(x)
-            x = dec(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+        return self.head(self.decoder(self.encoder(x)))
 
     def arch(self) -> dict[str, int]:
         return {
@@ -89,6 +122,49 @@ class UNet(nn.Module):
             "width": self.width,
             "n_outputs": self.n_outputs,
         }
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """nn.Module's, also taking the names of checkpoint format 1 (blastq-unet 1.0-2.2 and the cell
+        classifiers built on them), which held the same tensors in one flat module."""
+        if any(key.startswith("down.") for key in state_dict):
+            state_dict = {_format_2_name(key): value for key, value in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> tuple[UNet, ModelInfo]:
+        """The U-Net and what its checkpoint says of itself, in eval mode. Only plain data is read
+        (weights_only); ModelNotFound for no file, ModelInvalid for a file that is not a blastq U-Net of a
+        format this version reads, or whose weights do not fit the architecture it states."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFound("model file not found", path=path)
+        data = path.read_bytes()
+        payload = load_plain(data, "model checkpoint", path)
+        if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+            raise ModelInvalid(
+                f"not a blastq model checkpoint (expected format {CHECKPOINT_FORMAT})", path=path
+            )
+        try:
+            model = cls(**payload["arch"])
+            model.load_state_dict(payload["state_dict"])
+            raw = dict(payload["info"])
+            raw["class_names"] = tuple(raw.get("class_names", CLASS_NAMES))
+            info = ModelInfo(**raw, sha256=hashlib.sha256(data).hexdigest())
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise ModelInvalid(
+                f"model checkpoint does not match the blastq U-Net ({exc})", path=path
+            ) from exc
+        model.eval()
+        return model, info
+
+
+def _format_2_name(key: str) -> str:
+    for old, new in _FORMAT_1_NAMES:
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
 
 
 @dataclass(frozen=True)
@@ -128,30 +204,14 @@ def save_checkpoint(path: Path, model: UNet, info: ModelInfo) -> str:
     return file_sha256(path)
 
 
-def load_checkpoint(path: Path) -> tuple[UNet, ModelInfo]:
-    """Load a blastq checkpoint safely (weights_only) and check it is one of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFound(f"model file not found: {path}")
-    data = path.read_bytes()
+def load_plain(data: bytes, what: str, path: str | Path) -> Any:
+    """What a torch file holds, read with weights_only=True: tensors and plain data only, nothing the file
+    names is called. ModelInvalid ("not a <what>") for bytes that are no such file. The one reader of
+    blastq's torch files: U-Net checkpoints, cell classifiers, a training run's resume state."""
     try:
-        import io
-
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ModelInvalid(f"not a readable model checkpoint: {path} ({type(exc).__name__})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelInvalid(f"not a blastq model checkpoint (expected format {CHECKPOINT_FORMAT}): {path}")
-    try:
-        model = UNet(**payload["arch"])
-        model.load_state_dict(payload["state_dict"])
-        raw = dict(payload["info"])
-        raw["class_names"] = tuple(raw.get("class_names", CLASS_NAMES))
-        info = ModelInfo(**raw, sha256=hashlib.sha256(data).hexdigest())
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise ModelInvalid(f"model checkpoint does not match the blastq U-Net: {path} ({exc})") from exc
-    model.eval()
-    return model, info
+        raise ModelInvalid(f"not a {what} ({type(exc).__name__})", path=path) from exc
 
 
 def default_model_path() -> Path:

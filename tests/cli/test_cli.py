@@ -302,9 +302,9 @@ def test_evaluate_takes_a_registered_version_and_names_an_unknown_one(cli, smear
 
     import torch
 
-    from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+    from blastq.core.segment.unet import UNet, default_model_path, save_checkpoint
 
-    _, shipped = load_checkpoint(default_model_path())
+    _, shipped = UNet.from_checkpoint(default_model_path())
     torch.manual_seed(0)
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, UNet(depth=2, width=4), replace(shipped, version="tiny-1", sha256=""))

@@ -34,7 +34,7 @@ from blastq.core.segment.engines import (
     tensorrt_cache_key,
 )
 from blastq.core.segment.stitch import logits_to_probabilities
-from blastq.core.segment.unet import N_CLASSES, N_OUTPUTS, default_model_path, load_checkpoint, to_model_input
+from blastq.core.segment.unet import N_CLASSES, N_OUTPUTS, UNet, default_model_path, to_model_input
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_onnx_export_is_made_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_a_damaged_cached_export_is_made_again(tmp_path, caplog):
-    _, info = load_checkpoint(default_model_path())
+    _, info = UNet.from_checkpoint(default_model_path())
     path = onnx_cache_path(tmp_path, info.sha256)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"truncated")
@@ -155,7 +155,7 @@ def test_unknown_engine_or_device_is_a_config_error():
 
 
 def test_tensorrt_without_torch_tensorrt_names_the_install_hint(monkeypatch, cache_dir):
-    model, info = load_checkpoint(default_model_path())
+    model, info = UNet.from_checkpoint(default_model_path())
     if not torch.cuda.is_available():
         with pytest.raises(InvalidConfig, match="CUDA"):
             load_engine(kind="tensorrt", device="cuda")
@@ -211,7 +211,7 @@ def test_torch_engine_runs_eagerly_when_compilation_fails(monkeypatch, caplog):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
-    model, _ = load_checkpoint(default_model_path())
+    model, _ = UNet.from_checkpoint(default_model_path())
     engine = TorchEngine(model, "cpu", compile=True)
     assert engine.name == "torch-cpu-compiled"
     x = np.zeros((1, 3, 64, 64), np.float32)

@@ -10,7 +10,7 @@ import pytest
 from blastq.core.adapters.db import connect, finish_job
 from blastq.core.common.errors import InvalidSlide, ModelInvalid, ModelNotFound, NotFound, SlideTooLarge
 from blastq.core.image.slide import read_slide
-from blastq.core.segment.unet import load_checkpoint
+from blastq.core.segment.unet import UNet
 
 
 def test_an_error_reads_as_one_line_and_keeps_its_fields():
@@ -40,12 +40,12 @@ def test_a_slide_error_names_its_file_in_a_field(tmp_path):
 
 def test_a_missing_model_and_a_damaged_one_are_told_apart(tmp_path):
     with pytest.raises(ModelNotFound) as missing:
-        load_checkpoint(tmp_path / "none.pt")
+        UNet.from_checkpoint(tmp_path / "none.pt")
     assert missing.value.path == str(tmp_path / "none.pt")
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelInvalid) as invalid:
-        load_checkpoint(damaged)
+        UNet.from_checkpoint(damaged)
     assert not isinstance(invalid.value, ModelNotFound) and invalid.value.path == str(damaged)
 
 

@@ -24,14 +24,14 @@ from blastq.core.adapters.registry import (
 )
 from blastq.core.adapters.store import FileStore
 from blastq.core.common.errors import InvalidConfig, ModelInvalid
-from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+from blastq.core.segment.unet import UNet, default_model_path, save_checkpoint
 
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
     """checkpoint(version, seed=0) -> a tiny U-Net checkpoint (random weights) recording `version`."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    _, shipped = load_checkpoint(default_model_path())
+    _, shipped = UNet.from_checkpoint(default_model_path())
 
     def checkpoint(version: str, seed: int = 0) -> Path:
         path = folder / f"{version}-{seed}.pt"
@@ -123,10 +123,10 @@ def test_fetch_verifies_the_checksum_and_reuses_a_good_cached_copy(db, store, ma
     model = register_model(db, store, make_checkpoint("fetched"), metrics={})
     cache = tmp_path / "cache"
     path = fetch_checkpoint(store, model, cache)
-    assert path == cache / f"{model.sha256}.pt" and load_checkpoint(path)[1].sha256 == model.sha256
+    assert path == cache / f"{model.sha256}.pt" and UNet.from_checkpoint(path)[1].sha256 == model.sha256
 
     path.write_bytes(b"damaged")  # a bad cached copy is fetched again
-    assert load_checkpoint(fetch_checkpoint(store, model, cache))[1].version == "fetched"
+    assert UNet.from_checkpoint(fetch_checkpoint(store, model, cache))[1].version == "fetched"
 
     store.put(model.checkpoint_key, make_checkpoint("fetched", seed=9).read_bytes())  # tampered object
     path.unlink()

@@ -20,7 +20,7 @@ from blastq.core.pipeline.resultkey import (
     scale_key,
 )
 from blastq.core.pipeline.wholeslide import WholeSlideConfig
-from blastq.core.segment.unet import UNet, load_checkpoint, save_checkpoint
+from blastq.core.segment.unet import UNet, save_checkpoint
 from blastq.core.synth.field import generate_field
 
 MODEL = ModelIdentity("unet-1", "a" * 64, 0.2, {"normalise": True, "clahe_clip": 2.0}, "c" * 64)
@@ -118,7 +118,7 @@ def test_a_model_file_with_other_preprocessing_is_another_key(shipped_engine, tm
     changed = {**info.preprocess, param: _other(info.preprocess[param])}
     path = tmp_path / "other.pt"
     save_checkpoint(path, UNet(), dataclasses.replace(info, preprocess=changed, sha256=""))
-    _, loaded = load_checkpoint(path)
+    _, loaded = UNet.from_checkpoint(path)
     png = _png(tmp_path / "f.png", field.image)
     keys = [
         file_result_key(png, 0.2, PipelineConfig(), ModelIdentity.of(i), WholeSlideConfig())

@@ -16,7 +16,7 @@ from blastq.core.cells.cellcrops import (
 )
 from blastq.core.cells.cellnets import CropCNN, EncoderFeatures
 from blastq.core.common.errors import InvalidConfig
-from blastq.core.segment.unet import default_model_path, load_checkpoint, to_model_input
+from blastq.core.segment.unet import UNet, default_model_path, to_model_input
 from blastq.core.synth.field import generate_field
 from blastq.trainer.cellnets import balanced_class_weights, encoder_features, fit_cnn, predict_cnn
 
@@ -42,7 +42,7 @@ def _toy_cells(n: int, seed: int) -> tuple[list[CellCrop], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def unet():
-    model, _ = load_checkpoint(default_model_path())
+    model, _ = UNet.from_checkpoint(default_model_path())
     return model
 
 
@@ -126,7 +126,7 @@ def test_encoder_features_use_the_unets_input_scaling_and_mask_weighting(unet, f
     crop = field_crops[1]
     level0 = encoder_features(unet, [crop])[0, :16]
     with torch.no_grad():
-        act = unet.down[0](torch.from_numpy(to_model_input(crop.rgb[None])))[0].numpy()
+        act = unet.encoder.blocks[0](torch.from_numpy(to_model_input(crop.rgb[None])))[0].numpy()
     expected = act[:, crop.cell].mean(axis=1)
     assert np.allclose(level0, expected, atol=1e-4)
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from blastq.core.segment.unet import default_model_path, load_checkpoint
+from blastq.core.segment.unet import UNet, default_model_path
 from blastq.trainer.export import export_onnx, export_torchscript
 
 SHAPES = [(1, 64, 64), (3, 128, 128), (2, 64, 128)]  # batch, height, width: none of them the traced one
@@ -18,7 +18,7 @@ SHAPES = [(1, 64, 64), (3, 128, 128), (2, 64, 128)]  # batch, height, width: non
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, info = load_checkpoint(default_model_path())
+    model, info = UNet.from_checkpoint(default_model_path())
     return model, info
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blastq.core.common.errors import InvalidConfig
-from blastq.core.segment.unet import load_checkpoint
+from blastq.core.segment.unet import UNet
 from blastq.trainer.train import TrainConfig, train
 
 
@@ -45,8 +45,8 @@ def test_a_run_resumed_after_its_first_epoch_gives_the_uninterrupted_history(tmp
     for (e1, t1, v1), (e2, t2, v2) in zip(losses(resumed.history), losses(straight.history), strict=True):
         assert e1 == e2 and t1 == pytest.approx(t2, abs=1e-6) and v1 == pytest.approx(v2, abs=1e-6)
     assert resumed.best_epoch == straight.best_epoch and resumed.best_val_loss == straight.best_val_loss
-    a, _ = load_checkpoint(resumed.checkpoint)
-    b, _ = load_checkpoint(straight.checkpoint)
+    a, _ = UNet.from_checkpoint(resumed.checkpoint)
+    b, _ = UNet.from_checkpoint(straight.checkpoint)
     for name, value in a.state_dict().items():
         torch.testing.assert_close(value, b.state_dict()[name], atol=1e-5, rtol=1e-5)
 

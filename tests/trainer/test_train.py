@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blastq.core.common.errors import InvalidConfig
-from blastq.core.segment.unet import load_checkpoint
+from blastq.core.segment.unet import UNet
 from blastq.trainer.losses import segmentation_loss
 from blastq.trainer.train import TrainConfig, train
 
@@ -22,7 +22,7 @@ def test_tiny_training_learns_and_writes_a_loadable_checkpoint(tmp_path):
     result = train(cfg, progress=lambda _: None)
     assert len(result.history) == 3
     assert result.history[-1].train_loss < result.history[0].train_loss
-    model, info = load_checkpoint(result.checkpoint)
+    model, info = UNet.from_checkpoint(result.checkpoint)
     assert info.version == "tiny" and info.mpp == 0.2 and model.width == 8
     history = json.loads((tmp_path / "tiny.history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -149,7 +149,7 @@ def test_a_run_records_config_split_and_versions_beside_its_checkpoint(tmp_path)
     assert record["split"]["synthetic"]["train"] == {"first_seed": 0, "count": 2}
     assert record["split"]["synthetic"]["val"] == {"first_seed": 1_000_000, "count": 1}
     assert record["result"]["best_epoch"] == result.best_epoch and len(record["history"]) == 2
-    _, info = load_checkpoint(result.checkpoint)
+    _, info = UNet.from_checkpoint(result.checkpoint)
     assert record["split"]["sha256"][:16] in info.trained_on and "a.run.json" in info.trained_on
     assert record["result"]["checkpoint_sha256"] == info.sha256
 
@@ -230,17 +230,17 @@ def test_one_source_left_out_is_never_in_the_split(tmp_path, wbc_root):
 
 def test_fine_tuning_starts_from_the_given_checkpoint_and_records_it(tmp_path):
     first = train(_tiny(tmp_path / "a.pt"), progress=lambda _: None)
-    start, _ = load_checkpoint(first.checkpoint)
+    start, _ = UNet.from_checkpoint(first.checkpoint)
     # lr 0: the weights do not move (batch-norm statistics still do), so they are the start's.
     tuned = train(
         _tiny(tmp_path / "b.pt", init_from=first.checkpoint, lr=0.0, max_epochs=1), progress=lambda _: None
     )
-    model, info = load_checkpoint(tuned.checkpoint)
+    model, info = UNet.from_checkpoint(tuned.checkpoint)
     weights = dict(model.named_parameters())
     for name, tensor in start.named_parameters():
         assert torch.equal(weights[name], tensor), name
     assert "fine-tuned from" in info.trained_on
-    fresh, _ = load_checkpoint(
+    fresh, _ = UNet.from_checkpoint(
         train(_tiny(tmp_path / "c.pt", lr=0.0, max_epochs=1), progress=lambda _: None).checkpoint
     )
     fresh_weights = dict(fresh.named_parameters())

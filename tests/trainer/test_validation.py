@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from blastq.cli.main import main
-from blastq.core.segment.unet import default_model_path, load_checkpoint
+from blastq.core.segment.unet import UNet, default_model_path
 
 
 def test_register_with_validation_records_the_score_promotion_compares(wbc_root, tmp_path, monkeypatch):
@@ -19,7 +19,7 @@ def test_register_with_validation_records_the_score_promotion_compares(wbc_root,
         main, ["models", "register", str(default_model_path()), "--validate-on", str(wbc_root)]
     )
     assert result.exit_code == 0, result.output
-    version = load_checkpoint(default_model_path())[1].version  # the shipped model's
+    version = UNet.from_checkpoint(default_model_path())[1].version  # the shipped model's
     shown = runner.invoke(main, ["models", "show", version])
     metrics = json.loads(shown.output)["metrics"]
     parts = {k: v for k, v in metrics.items() if k != "validation_score"}

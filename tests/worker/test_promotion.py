@@ -16,7 +16,7 @@ from blastq.core.adapters.db import ResultRow, batch_jobs, connect
 from blastq.core.adapters.registry import promote, register_model, rollback
 from blastq.core.adapters.settings import load_settings
 from blastq.core.adapters.store import open_store
-from blastq.core.segment.unet import UNet, default_model_path, load_checkpoint, save_checkpoint
+from blastq.core.segment.unet import UNet, default_model_path, save_checkpoint
 from blastq.worker.resources import WorkerResources
 from blastq.worker.submit import submit, wait_for_batch
 
@@ -25,7 +25,7 @@ SLIDE_PX = 256
 
 def tiny_checkpoint(folder: Path, version: str, seed: int) -> Path:
     """A tiny U-Net (random weights) that records `version` and the shipped model's scale."""
-    _, shipped = load_checkpoint(default_model_path())
+    _, shipped = UNet.from_checkpoint(default_model_path())
     torch.manual_seed(seed)
     path = folder / f"{version}.pt"
     save_checkpoint(path, UNet(depth=2, width=4), replace(shipped, version=version, sha256=""))
@@ -123,7 +123,7 @@ def test_the_worker_engine_follows_the_registry_and_runs_the_shipped_model_when_
 ):
     settings = load_settings({}, data_dir=tmp_path / "data", model="registry", engine="torch")
     resources = WorkerResources(settings)
-    _, shipped = load_checkpoint(default_model_path())
+    _, shipped = UNet.from_checkpoint(default_model_path())
     with caplog.at_level("WARNING", logger="blastq.worker.resources"):
         assert resources.engine().info.version == shipped.version
     assert "no model is promoted in the registry" in caplog.text
