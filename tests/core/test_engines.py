@@ -143,7 +143,7 @@ def test_auto_on_cpu_takes_onnx_runtime_and_torch_without_it(cache_dir, monkeypa
     )
     engine, _ = load_engine(kind="auto", cache_dir=cache_dir)
     assert engine.name == "torch-cpu"
-    with pytest.raises(InvalidConfig, match=r"blastq\[onnx\]"):
+    with pytest.raises(InvalidConfig, match="pip install --force-reinstall onnx onnxruntime"):
         load_engine(kind="onnx", cache_dir=cache_dir)
 
 
