@@ -1,0 +1,192 @@
+"""The database adapter (SQLAlchemy 2, Alembic), one module a concept:
+
+    schema     the tables and the states their rows may be in
+    engine     URLs, engines, the Alembic history brought to head; reachable / utcnow / as_utc
+    lifecycle  queued -> running -> succeeded | failed: claim, finish, fail, shared by jobs and runs
+    results    results (one per slide, model and result key), their cells, samples pooled from them
+    jobs       batches and slide jobs
+    ledger     the folder watcher's ledger
+    models     the model registry's rows
+    training   the trainer service's runs
+
+A result is keyed by (slide sha256, model version, result key; core.pipeline.resultkey): recording the same
+slide again replaces its row and its cells, never duplicates them. A job is a row before it is a message:
+workers claim it here, so a redelivered message never redoes finished work and a slide that kills its
+worker fails after `max_attempts` instead of killing every worker in turn. The schema belongs to the
+Alembic history in the `migrations` folder: SQLite (the single-machine default) is brought to the newest
+revision on connect; any other database must be upgraded on purpose with `blastq db upgrade`.
+"""
+
+from blastq.core.adapters.db.engine import (
+    alembic_config,
+    as_utc,
+    connect,
+    current_revision,
+    downgrade,
+    head_revision,
+    migrations_dir,
+    reachable,
+    upgrade,
+    utcnow,
+)
+from blastq.core.adapters.db.jobs import (
+    BatchStatus,
+    JobInfo,
+    batch_jobs,
+    batch_status,
+    batches_named,
+    claim_job,
+    create_batch,
+    create_job,
+    fail_job,
+    finish_job,
+    job_counts,
+    job_status,
+    jobs_for_file,
+    recent_batches,
+    stale_jobs,
+    touch_job,
+)
+from blastq.core.adapters.db.ledger import (
+    LedgerEntry,
+    claim_watched_file,
+    record_watched_file,
+    release_watched_file,
+    watched_files,
+)
+from blastq.core.adapters.db.lifecycle import claim_row, fail_row, finish_row
+from blastq.core.adapters.db.models import (
+    ModelVersion,
+    add_model,
+    get_model_row,
+    model_rows,
+    promote_model_row,
+    promoted_model_row,
+)
+from blastq.core.adapters.db.results import (
+    ResultInfo,
+    add_to_sample,
+    ensure_sample,
+    find_result,
+    get_sample,
+    list_results,
+    list_samples,
+    record_result,
+)
+from blastq.core.adapters.db.schema import (
+    JOB_STATES,
+    LEDGER_STATES,
+    MAX_ERROR_CHARS,
+    MODEL_STATES,
+    NAMING_CONVENTION,
+    TRAINING_STATES,
+    Base,
+    BatchRow,
+    CellRow,
+    JobRow,
+    ModelRow,
+    ResultRow,
+    SampleResultRow,
+    SampleRow,
+    TrainingRunRow,
+    WatchLedgerRow,
+    jobs_table,
+    ledger_table,
+    members_table,
+    models_table,
+    one_of,
+    runs_table,
+    samples_table,
+)
+from blastq.core.adapters.db.training import (
+    TrainingRunInfo,
+    claim_training_run,
+    create_training_run,
+    fail_training_run,
+    finish_training_run,
+    record_epoch,
+    training_run_status,
+    training_runs,
+)
+
+__all__ = [
+    "Base",
+    "BatchRow",
+    "BatchStatus",
+    "CellRow",
+    "JOB_STATES",
+    "JobInfo",
+    "JobRow",
+    "LEDGER_STATES",
+    "LedgerEntry",
+    "MAX_ERROR_CHARS",
+    "MODEL_STATES",
+    "ModelRow",
+    "ModelVersion",
+    "NAMING_CONVENTION",
+    "ResultInfo",
+    "ResultRow",
+    "SampleResultRow",
+    "SampleRow",
+    "TRAINING_STATES",
+    "TrainingRunInfo",
+    "TrainingRunRow",
+    "WatchLedgerRow",
+    "add_model",
+    "add_to_sample",
+    "alembic_config",
+    "as_utc",
+    "batch_jobs",
+    "batch_status",
+    "batches_named",
+    "claim_job",
+    "claim_row",
+    "claim_training_run",
+    "claim_watched_file",
+    "connect",
+    "create_batch",
+    "create_job",
+    "create_training_run",
+    "current_revision",
+    "downgrade",
+    "ensure_sample",
+    "fail_job",
+    "fail_row",
+    "fail_training_run",
+    "find_result",
+    "finish_job",
+    "finish_row",
+    "finish_training_run",
+    "get_model_row",
+    "get_sample",
+    "head_revision",
+    "job_counts",
+    "job_status",
+    "jobs_for_file",
+    "jobs_table",
+    "ledger_table",
+    "list_results",
+    "list_samples",
+    "members_table",
+    "migrations_dir",
+    "model_rows",
+    "models_table",
+    "one_of",
+    "promote_model_row",
+    "promoted_model_row",
+    "reachable",
+    "recent_batches",
+    "record_epoch",
+    "record_result",
+    "record_watched_file",
+    "release_watched_file",
+    "runs_table",
+    "samples_table",
+    "stale_jobs",
+    "touch_job",
+    "training_run_status",
+    "training_runs",
+    "upgrade",
+    "utcnow",
+    "watched_files",
+]
