@@ -118,7 +118,10 @@ class Scores:
 def confusion_matrix(
     given: np.ndarray, predicted: np.ndarray, n_classes: int = len(CELL_TYPES)
 ) -> np.ndarray:
-    """(n_classes, n_classes) int64 counts: rows the given label, columns the predicted one."""
+    """(n_classes, n_classes) int64 counts: rows the given label, columns the predicted one
+    (sklearn.metrics.confusion_matrix over every class, so a class nobody has still has its row)."""
+    from sklearn.metrics import confusion_matrix as sklearn_confusion
+
     given, predicted = np.asarray(given, np.int64), np.asarray(predicted, np.int64)
     if given.shape != predicted.shape:
         raise ValueError(f"{given.shape[0]} given labels but {predicted.shape[0]} predictions")
@@ -126,24 +129,30 @@ def confusion_matrix(
         min(given.min(), predicted.min()) < 0 or max(given.max(), predicted.max()) >= n_classes
     ):
         raise ValueError(f"labels must lie in 0..{n_classes - 1}")
-    return np.bincount(given * n_classes + predicted, minlength=n_classes * n_classes).reshape(
-        n_classes, n_classes
-    )
+    if not given.size:
+        return np.zeros((n_classes, n_classes), np.int64)
+    return sklearn_confusion(given, predicted, labels=np.arange(n_classes)).astype(np.int64)
 
 
 def scores(given: np.ndarray, predicted: np.ndarray) -> Scores:
-    """Accuracy, per-class and macro precision / recall / F1 over CELL_TYPES.
+    """Accuracy, per-class and macro precision / recall / F1 over CELL_TYPES (sklearn.metrics; 0 where
+    a class was never predicted or never given).
 
     The macro averages the classes with at least one given cell: a class the dataset does not hold
     (no blasts in segmentation_wbc, no basophils in synthetic fields) has no recall to speak of, and
     its precision is already charged to the classes whose cells were predicted as it.
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     cm = confusion_matrix(given, predicted)
     cells, hits, predicted_n = cm.sum(axis=1), np.diag(cm), cm.sum(axis=0)
-    precision = np.divide(hits, predicted_n, out=np.zeros(len(cm)), where=predicted_n > 0)
-    recall = np.divide(hits, cells, out=np.zeros(len(cm)), where=cells > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros(len(cm)), where=both > 0)
+    labels = np.arange(len(CELL_TYPES))
+    if cm.sum():
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            np.asarray(given), np.asarray(predicted), labels=labels, average=None, zero_division=0
+        )
+    else:
+        precision = recall = f1 = np.zeros(len(labels))
     present = cells > 0
     classes = tuple(
         ClassScores(
