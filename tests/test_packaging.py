@@ -43,6 +43,7 @@ def test_wheel_maps_the_folders_under_blastq_and_ships_the_model(wheel):
     assert "blastq/__init__.py" in names and "blastq/__main__.py" in names  # `python -m blastq`
     assert "blastq/core/weights/blastq-unet-default.pt" in names
     assert "blastq/core/weights/MODEL_CARD.md" in names
+    assert "blastq/core/outputs/templates/report.html" in names  # the report pages render from the wheel
     assert "blastq/migrations/env.py" in names and "blastq/migrations/versions/0001_initial.py" in names
     # no bare top-level packages that would collide in site-packages
     assert not any(n.split("/")[0] in ("core", "worker", "trainer", "cli", "tests") for n in names)

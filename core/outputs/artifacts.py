@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from blastq.core.cells import (
     SlideStats,
 )
 from blastq.core.common import BlastqError
+from blastq.core.outputs.pages import render_page
 
 
 class ResultFields(Protocol):
@@ -232,64 +232,34 @@ def report_html(
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
     picture = base64.b64encode(jpg.tobytes()).decode() if ok else ""
     summary = summary_dict(result)
-    esc = html.escape
     differential = summary.pop("differential")
-    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
-    if differential:
-        diff_rows = "".join(
-            f"<tr><th>{esc(name)}</th><td>{d['count']}</td><td>{d['percent']:.1f}%</td></tr>"
-            for name, d in differential.items()
-        )
-        diff_table = (
-            f"<h2>Differential</h2><table><tr><th>type</th><th>cells</th><th>%</th></tr>{diff_rows}</table>"
-            f"<p>{summary['review_cells']} cell(s) marked for review (the classifier was unsure or disagreed "
-            "with the blast call): see the <code>review</code> column.</p>"
-        )
-    else:
-        diff_table = ""
-    head = "".join(f"<th>{esc(c)}</th>" for c in CELL_COLUMNS)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in asdict(c).values()) + "</tr>"
-        for c in cells[:REPORT_MAX_ROWS]
+    shown = cells[:REPORT_MAX_ROWS]
+    return render_page(
+        __package__,
+        "report.html",
+        name=result.name,
+        picture=picture,
+        differential=differential,
+        review_cells=summary["review_cells"],
+        facts=summary,
+        columns=CELL_COLUMNS,
+        rows=[list(asdict(c).values()) for c in shown],
+        more=len(cells) if len(cells) > len(shown) else 0,
+        **_verdict_context(result.stats),
     )
-    if len(cells) > REPORT_MAX_ROWS:
-        rows += f"<tr><td colspan={len(CELL_COLUMNS)}>... the first {REPORT_MAX_ROWS} of {len(cells)} cells; all in cells.csv</td></tr>"
-    s = result.stats
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: {esc(result.name)}</title>
-<style>{_REPORT_STYLE}{_verdict_style(s)}</style></head><body>
-<h1>{esc(result.name)}</h1>
-{_verdict_html(s)}
-<p>Outlines: green white cells, red blasts. Research software, not a medical device: review every slide.</p>
-<img alt="overlay" src="data:image/jpeg;base64,{picture}">
-{diff_table}
-<h2>Summary</h2><table>{facts}</table>
-<h2>Cells</h2><table><tr>{head}</tr>{rows}</table>
-</body></html>"""
-    return page.encode()
 
 
-_REPORT_STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f3f3f3}img{max-width:100%}"""
 # Red for flagged, green for clear; grey for no verdict (too few cells), never green.
 _VERDICT_COLOURS = {VERDICT_FLAGGED: "#b00", VERDICT_NOT_FLAGGED: "#080", VERDICT_INSUFFICIENT: "#555"}
 
 
-def _verdict_style(s: SlideStats) -> str:
-    return f".flag{{color:{_VERDICT_COLOURS.get(s.verdict, '#555')};font-weight:bold}}"
-
-
-def _verdict_html(s: SlideStats) -> str:
-    """The verdict paragraph: figures and verdict, or why there is none."""
-    if s.verdict == VERDICT_INSUFFICIENT:
-        return (
-            f'<p class="flag">{s.white_cells} white cells, {s.blasts} blasts: insufficient cells '
-            f"({s.white_cells} &lt; {s.min_white_cells}): no verdict on so few cells</p>"
-        )
-    verdict = "FLAGGED" if s.flagged else "not flagged"
-    return (
-        f'<p class="flag">{s.white_cells} white cells, {s.blasts} blasts, {s.blast_percent:.1f}% blasts: '
-        f"{verdict} (threshold {s.threshold_percent:g}%, at least {s.min_white_cells} white cells)</p>"
-    )
+def _verdict_context(s: SlideStats) -> dict:
+    """What the pages' verdict line needs besides the figures: its colour, and whether there is one."""
+    return {
+        "stats": s,
+        "verdict_colour": _VERDICT_COLOURS.get(s.verdict, "#555"),
+        "insufficient": s.verdict == VERDICT_INSUFFICIENT,
+    }
 
 
 def sample_summary_dict(sample: SampleResult) -> dict:
@@ -327,37 +297,7 @@ def sample_summary_dict(sample: SampleResult) -> dict:
 
 def sample_report_html(sample: SampleResult) -> bytes:
     """A page for a person: the sample's pooled verdict and differential, and each image's figures."""
-    esc = html.escape
-    s = sample.stats
-    missing = ""
-    if sample.pending or sample.failed:
-        missing = (
-            f"<p>Not in these figures: {sample.pending} image(s) still pending, {sample.failed} failed.</p>"
-        )
-    diff_table = ""
-    if s.differential:
-        diff_rows = "".join(
-            f"<tr><th>{esc(name)}</th><td>{d['count']}</td><td>{d['percent']:.1f}%</td></tr>"
-            for name, d in s.differential.items()
-        )
-        diff_table = (
-            "<h2>Pooled differential</h2><table><tr><th>type</th><th>cells</th><th>%</th></tr>"
-            f"{diff_rows}</table><p>{s.review_cells} cell(s) marked for review.</p>"
-        )
-    rows = "".join(
-        f"<tr><td>{esc(i.image)}</td><td>{i.stats.white_cells}</td><td>{i.stats.blasts}</td>"
-        f"<td>{i.stats.blast_percent:.1f}%</td><td>{esc(i.stats.verdict)}</td></tr>"
-        for i in sample.images
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq: sample {esc(sample.name)}</title>
-<style>{_REPORT_STYLE}{_verdict_style(s)}</style></head><body>
-<h1>Sample {esc(sample.name)}</h1>
-{_verdict_html(s)}
-<p>The cells of {len(sample.images)} image(s), pooled. Research software, not a medical device: review every slide.</p>
-{missing}{diff_table}
-<h2>Images</h2><table><tr><th>image</th><th>white cells</th><th>blasts</th><th>blast %</th><th>verdict</th></tr>{rows}</table>
-</body></html>"""
-    return page.encode()
+    return render_page(__package__, "sample_report.html", sample=sample, **_verdict_context(sample.stats))
 
 
 def sample_artifacts(sample: SampleResult) -> list[Artifact]:
