@@ -6,7 +6,6 @@ Rendering takes evaluation results and returns bytes; write_report puts them in 
 
 from __future__ import annotations
 
-import html
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ import cv2
 import numpy as np
 
 from blastq.core.common import BlastqError
-from blastq.core.outputs import COLOUR_BLAST, COLOUR_WHITE_CELL, blastq_version
+from blastq.core.outputs import COLOUR_BLAST, COLOUR_WHITE_CELL, blastq_version, render_page
 from blastq.trainer.evaluate import CASE_PX
 from blastq.trainer.train import EpochLog
 
@@ -432,18 +431,6 @@ def table_one(evaluations_by_split: Mapping[str, EvaluationReport]) -> MetricsTa
 # ---------------------------------------------------------------- the page
 
 
-_NOTES = """<ul>
-<li>segmentation_wbc: each crop labels one white cell. Dice and IoU are means over images of the predicted
-cells that overlap the labelled one; precision, recall and F1 pool the pixels of all images; pixel accuracy
-is over background / cytoplasm / nucleus, all pixels. A predicted blast counts as a white cell there.</li>
-<li>Synthetic fields: exact truth for every white cell and blast; pixel figures pool all pixels, detection
-matches cells one-to-one at IoU &ge; 0.5; blast percentage error is the mean over fields of
-|predicted &minus; true| percentage points.</li>
-<li>&ndash;: not measured on that split.</li>
-<li>The study this follows reported Dice 0.85, IoU 0.78 and pixel accuracy 92.8% on its validation data.</li>
-</ul>"""
-
-
 def _page(
     model_info: ModelInfo,
     table: MetricsTable,
@@ -451,7 +438,6 @@ def _page(
     history_best: tuple[int, float] | None,
     groups: list[ExampleCases],
 ) -> str:
-    esc = html.escape
     facts = {
         "model version": model_info.version,
         "sha256": model_info.sha256 or "–",
@@ -460,51 +446,17 @@ def _page(
         "data": "; ".join(f"{k}: {v}" for k, v in sources.items()),
         "blastq": blastq_version(),
     }
-    fact_rows = "".join(f"<tr><th>{esc(k)}</th><td class=l>{esc(str(v))}</td></tr>" for k, v in facts.items())
-    head = "<tr><th></th>" + "".join(f"<th>{esc(c)}</th>" for c in table.columns) + "</tr>"
-    body = []
-    for section, rows in table.sections():
-        body.append(f'<tr class=s><th colspan="{len(table.columns) + 1}">{esc(section)}</th></tr>')
-        body += [
-            f"<tr><th>{esc(r.metric)}</th>" + "".join(f"<td>{esc(v)}</td>" for v in r.formatted()) + "</tr>"
-            for r in rows
-        ]
-    parts = [
-        f"""<!doctype html><html><head><meta charset="utf-8"><title>blastq evaluation: {esc(model_info.version)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}th{{background:#f6f6f6;text-align:left}}
-td.l{{text-align:left}}tr.s th{{background:#e4ecf4}}img{{max-width:100%}}</style></head><body>
-<h1>blastq evaluation: {esc(model_info.version)}</h1>
-<table>{fact_rows}</table>
-<h2>Table I: agreement with the truth, by split</h2>
-<table>{head}{"".join(body)}</table>
-{_NOTES}"""
-    ]
-    if history_best:
-        epoch, loss = history_best
-        parts.append(
-            f"""<h2>Training</h2><p>Training and validation loss per epoch; the checkpoint is the epoch of the
-lowest validation loss (epoch {epoch}, {loss:.4f}).</p><img src="loss_curve.png" alt="loss curves">"""
-        )
-    else:
-        parts.append("<h2>Training</h2><p>No training history beside this checkpoint.</p>")
-    if groups:
-        listing = "".join(
-            f"<li>{esc(g.title)}: best "
-            + ", ".join(f"{esc(c.name)}: {c.dice:.3f}" for c in g.best)
-            + "; worst "
-            + ", ".join(f"{esc(c.name)}: {c.dice:.3f}" for c in g.worst)
-            + "</li>"
-            for g in groups
-        )
-        parts.append(
-            f"""<h2>Examples</h2><p>Best and worst images by {esc(", ".join(sorted({c.metric for g in groups for c in g.best + g.worst})))}:
-input, truth, prediction. Colours: background dark, white cell (cytoplasm) green, nucleus pale green, blast red;
-grey: predicted cells the crop does not label. Images larger than {CASE_PX} px show the {CASE_PX}-pixel square with the most
-errors and blasts.</p><img src="examples.png" alt="best and worst examples"><ul>{listing}</ul>"""
-        )
-    parts.append('<p>All figures as JSON: <a href="metrics.json">metrics.json</a>.</p></body></html>\n')
-    return "\n".join(parts)
+    return render_page(
+        __package__,
+        "evaluation.html",
+        info=model_info,
+        facts=facts,
+        table=table,
+        history_best=history_best,
+        groups=groups,
+        example_metrics=", ".join(sorted({c.metric for g in groups for c in g.best + g.worst})),
+        case_px=CASE_PX,
+    ).decode()
 
 
 def write_report(

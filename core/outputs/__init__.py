@@ -24,6 +24,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "sample_summary_dict",
             "summary_dict",
         ),
+        "pages": ("render_page",),
         "tiffout": ("PyramidTiffSink",),
     },
 )
