@@ -1,13 +1,27 @@
-"""What the slide and training tasks share: this process's name in a claimed row, and retry backoff."""
+"""What the slide and training tasks share: this process's name in a claimed row, and how they retry.
+
+A transient fault (TransientError: the database or the store did not answer) is retried by Celery itself
+(`autoretry_for`), backing off 1, 2, 4... seconds up to MAX_BACKOFF_S with full jitter (`retry_jitter`:
+a random wait up to that bound), so workers that met the same outage do not all come back at once. The
+task body lets the error through while retries are left and fails the row when they are spent."""
 
 from __future__ import annotations
 
 import os
 import socket
 
+from blastq.core.common import TransientError
+
 MAX_BACKOFF_S = 60
 
-__all__ = ["MAX_BACKOFF_S", "backoff_s", "worker_name"]
+__all__ = ["MAX_BACKOFF_S", "RETRY_POLICY", "retries_left", "worker_name"]
+
+RETRY_POLICY = {
+    "autoretry_for": (TransientError,),
+    "retry_backoff": 1,
+    "retry_backoff_max": MAX_BACKOFF_S,
+    "retry_jitter": True,
+}
 
 
 def worker_name() -> str:
@@ -15,6 +29,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
-def backoff_s(retries: int) -> int:
-    """Seconds before retry number `retries` + 1: 1, 2, 4, 8... capped."""
-    return min(2**retries, MAX_BACKOFF_S)
+def retries_left(retries: int, max_retries: int) -> bool:
+    """Whether a task on its `retries`-th retry may be retried again (Celery then does it)."""
+    return retries < max_retries

@@ -31,7 +31,7 @@ from blastq.core.pipeline import (
     process_whole_slide,
     whole_slide_config,
 )
-from blastq.worker.retry import backoff_s, worker_name
+from blastq.worker.retry import RETRY_POLICY, retries_left, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"
 TRAIN_MODEL = "blastq.train_model"  # its body: blastq.worker.training.run_training_job
@@ -79,11 +79,9 @@ def run_job(task: Task, job_id: str) -> str | None:
         log.info("job %s: %s succeeded (result %s)", job_id, job.filename, saved.result_id)
         return "succeeded"
     except TransientError as exc:
-        if retries < settings.task_retry_max:
-            log.warning("job %s: %s; retry %d in %ds", job_id, exc, retries + 1, backoff_s(retries))
-            raise task.retry(
-                exc=exc, countdown=backoff_s(retries), max_retries=settings.task_retry_max
-            ) from exc
+        if retries_left(retries, settings.task_retry_max):
+            log.warning("job %s: %s; retry %d of %d", job_id, exc, retries + 1, settings.task_retry_max)
+            raise  # Celery retries it (RETRY_POLICY: backoff with jitter)
         _fail(resources, job_id, f"{exc} (gave up after {retries} retries)")
     except BlastqError as exc:  # the input's fault (bad image, bad mpp, model): retrying cannot help
         _fail(resources, job_id, str(exc))
@@ -161,6 +159,7 @@ def register_tasks(app: Celery) -> None:
         reject_on_worker_lost=True,
         ignore_result=True,
         max_retries=app.settings.task_retry_max,
+        **RETRY_POLICY,
     )
     def process_slide_task(self: Task, job_id: str) -> str | None:
         return run_job(self, job_id)
@@ -173,6 +172,7 @@ def register_tasks(app: Celery) -> None:
         reject_on_worker_lost=True,  # a killed trainer's run is redelivered and resumes from its checkpoint
         ignore_result=True,
         max_retries=app.settings.task_retry_max,
+        **RETRY_POLICY,
     )
     def train_model_task(self: Task, run_id: str) -> str | None:
         # Imported here: a slide worker never loads the training code.

@@ -34,7 +34,7 @@ from blastq.core.adapters import (
 from blastq.core.common import BlastqError, TransientError
 from blastq.core.segment import load_plain
 from blastq.trainer.train import TrainConfig, TrainResult, read_run_record, train
-from blastq.worker.retry import backoff_s, worker_name
+from blastq.worker.retry import retries_left, worker_name
 
 if TYPE_CHECKING:
     from celery import Task
@@ -101,11 +101,9 @@ def run_training_job(task: Task, run_id: str) -> str | None:
         log.info(f"succeeded: {cfg.version} best epoch {result.best_epoch}, val loss {result.best_val_loss}")
         return "succeeded"
     except TransientError as exc:
-        if retries < settings.task_retry_max:
-            log.warning(f"{exc}; retry {retries + 1} in {backoff_s(retries)}s")
-            raise task.retry(
-                exc=exc, countdown=backoff_s(retries), max_retries=settings.task_retry_max
-            ) from exc
+        if retries_left(retries, settings.task_retry_max):
+            log.warning(f"{exc}; retry {retries + 1} of {settings.task_retry_max}")
+            raise  # Celery retries it (worker.retry.RETRY_POLICY: backoff with jitter)
         _fail(resources, run_id, f"{exc} (gave up after {retries} retries)")
     except BlastqError as exc:  # the config's or the data's fault: retrying cannot help
         _fail(resources, run_id, str(exc))

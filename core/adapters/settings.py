@@ -68,7 +68,9 @@ class Settings:
     max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
     max_attempts: int = 3  # deliveries of one job before it is failed (a slide that kills its worker)
     visibility_timeout_s: int = 3600  # Redis redelivers an unacknowledged job after this: > longest slide
-    task_retry_max: int = 5  # retries, with backoff, of a job hit by a transient fault (database, store)
+    # Retries of a job hit by a transient fault (database, store): Celery backs off 1, 2, 4... s with full
+    # jitter, so 6 retries wait about 31 s in all on average (the 1+2+4+8+16 s of 5 retries without jitter).
+    task_retry_max: int = 6
     worker_concurrency: int = 1  # worker processes per `blastq worker`, each with its own engine
     watch_settle_s: float = 10.0  # `blastq watch`: a file unchanged this long is complete (no marker)
     watch_interval_s: float = 2.0  # `blastq watch`: seconds between scans of the folder

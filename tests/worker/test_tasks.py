@@ -14,7 +14,7 @@ from blastq.core.pipeline.field import pipeline_config
 from blastq.core.pipeline.resultkey import result_key, scale_key
 from blastq.worker.celery_app import make_app
 from blastq.worker.submit import model_identity
-from blastq.worker.tasks import PROCESS_SLIDE, backoff_s
+from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 
 
 class FlakyStore(FileStore):
@@ -54,9 +54,14 @@ def queued_job(settings, db, store, data: bytes, name: str = "slide.png") -> str
     return job.id
 
 
-def test_backoff_doubles_and_is_capped():
-    assert [backoff_s(n) for n in range(5)] == [1, 2, 4, 8, 16]
-    assert backoff_s(30) == 60
+def test_both_tasks_retry_transient_faults_through_celery_with_capped_jittered_backoff(local):
+    from blastq.core.common import TransientError
+
+    _, app, _ = local
+    for name in (PROCESS_SLIDE, TRAIN_MODEL):
+        task = app.tasks[name]
+        assert task.autoretry_for == (TransientError,) and task.max_retries == 3
+        assert (task.retry_backoff, task.retry_backoff_max, task.retry_jitter) == (1, 60, True)
 
 
 def test_a_store_that_comes_back_is_retried_and_the_job_succeeds(local, make_slide):

@@ -167,10 +167,6 @@ def test_a_killed_trainer_resumes_the_run_from_its_last_epoch(lab, trainer, tmp_
     assert f"training run {run_id}: epoch 1:" not in trainer.output.split("resuming from")[-1]
 
 
-class Retry(Exception):
-    """What the task's retry raises in these tests."""
-
-
 class UnreachableStore:
     url = "s3://down"
 
@@ -180,10 +176,11 @@ class UnreachableStore:
         raise StoreUnavailable(f"store s3://down not reachable reading {key}")
 
 
-def test_a_store_fault_retries_the_run_with_backoff_then_fails_it(tmp_path):
+def test_a_store_fault_is_left_to_celery_to_retry_then_fails_the_run(tmp_path):
     from types import SimpleNamespace
 
     from blastq.core.adapters.settings import load_settings
+    from blastq.core.common import StoreUnavailable
     from blastq.worker.resources import WorkerResources
     from blastq.worker.training import run_training_job
 
@@ -192,24 +189,18 @@ def test_a_store_fault_retries_the_run_with_backoff_then_fails_it(tmp_path):
     resources.provide(store=UnreachableStore())
     db = resources.db()
     run = create_training_run(db, config=tiny(tmp_path, "tiny-retry").to_dict(), version="tiny-retry")
-    retried = []
 
     def task(retries: int):
-        def retry(exc, countdown, max_retries):
-            retried.append(countdown)
-            return Retry(str(exc))
-
         return SimpleNamespace(
             app=SimpleNamespace(settings=settings, resources=resources),
             request=SimpleNamespace(retries=retries),
-            retry=retry,
         )
 
-    with pytest.raises(Retry, match="not reachable"):
-        run_training_job(task(0), run.id)
-    with pytest.raises(Retry):
-        run_training_job(task(1), run.id)
-    assert retried == [1, 2] and training_run_status(db, run.id).state == "running"
+    # While retries are left the fault goes to Celery (autoretry_for), which waits and delivers it again.
+    for retries in (0, 1):
+        with pytest.raises(StoreUnavailable, match="not reachable"):
+            run_training_job(task(retries), run.id)
+        assert training_run_status(db, run.id).state == "running"
     assert run_training_job(task(2), run.id) == "failed"
     failed = training_run_status(db, run.id)
     assert failed.state == "failed" and "gave up after 2 retries" in failed.error and failed.attempts == 3
