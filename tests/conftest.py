@@ -11,14 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 WBC_ROOT = Path(os.environ.get("BLASTQ_WBC_DATA", REPO.parent / "shared" / "data" / "segmentation_wbc"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def engine_cache(tmp_path_factory):
-    """Derived engines (ONNX exports) go to a temporary cache, never the user's ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))
 

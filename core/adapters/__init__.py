@@ -69,6 +69,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "hide_secrets",
             "load_settings",
             "mask_secret",
+            "setting_default",
         ),
         "store": (
             "ObjectStore",

@@ -136,6 +136,13 @@ _QUERY_SECRET = re.compile(
 _NEXT_URL = re.compile(r";(?=[a-z][a-z0-9+.\-]*://)", re.I)  # sentinel://...;sentinel://...
 
 
+def setting_default(name: str) -> Any:
+    """A setting's default: written once, on Settings; the pipeline's and the whole-slide run's config
+    objects (core.pipeline) take their defaults from here, so a bare PipelineConfig() is what the
+    default settings ask for."""
+    return Settings.__dataclass_fields__[name].default
+
+
 def check_server_url(name: str, url: str) -> None:
     """Refuse a URL whose host part does not parse (a password with an unencoded "/" or "@" moves the
     split), before a client fails on it: Kombu's with a traceback quoting a piece of the password."""

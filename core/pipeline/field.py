@@ -17,11 +17,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from blastq.core.adapters import Settings
+from blastq.core.adapters import Settings, setting_default
 from blastq.core.cells import (
-    DEFAULT_BLAST_CELL_THRESHOLD,
-    DEFAULT_BLAST_THRESHOLD_PERCENT,
-    DEFAULT_MIN_WHITE_CELLS,
     BlastCaller,
     CellClassifier,
     CellMaps,
@@ -56,18 +53,20 @@ Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 class PipelineConfig:
     """Parameters that change results; their hash is part of a result's identity."""
 
-    tile_px: int = 256  # at the model's scale
-    overlap_px: int = 64  # at least the radius of the largest cell, so every cell is whole in some tile
-    batch_size: int = 8
+    # Defaults are the settings' (core.adapters.settings.Settings), written there once.
+    tile_px: int = setting_default("tile_px")  # at the model's scale
+    # At least the radius of the largest cell, so every cell is whole in some tile.
+    overlap_px: int = setting_default("overlap_px")
+    batch_size: int = setting_default("batch_size")
     skip_empty_tiles: bool = True
-    blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+    blast_threshold_percent: float = setting_default("blast_threshold_percent")
     # Below this many white cells the verdict is "insufficient cells" (core.cells.stats).
-    min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
+    min_white_cells: int = setting_default("min_white_cells")
     # A cell's mean blast share at which it is a blast (core.cells.instances): the screening operating point.
-    blast_cell_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD
+    blast_cell_threshold: float = setting_default("blast_cell_threshold")
     # The cell classifier setting ("default", "none" or a file): which file it is enters the result key
     # by its sha256 (core.pipeline.resultkey), not by this name, which differs between machines.
-    classifier: str = "default"
+    classifier: str = setting_default("classifier")
     # A fitted blast caller (BLASTQ_BLAST_CALLER) decides which cells are blasts instead of the share
     # rule above; its coefficients enter the key.
     blast_caller: BlastCaller | None = None

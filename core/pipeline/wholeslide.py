@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from blastq.core.adapters import Settings
+from blastq.core.adapters import Settings, setting_default
 from blastq.core.cells import (
     LABEL_BLAST,
     CellClassifier,
@@ -51,7 +51,6 @@ from blastq.core.cells import (
 )
 from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.image import (
-    DEFAULT_MAX_SLIDE_PIXELS,
     MppSource,
     PreprocessConfig,
     check_user_mpp,
@@ -80,12 +79,12 @@ PLASMA = 245  # fill for window parts outside the slide, as the readers do
 class WholeSlideConfig:
     """How a slide is cut into chunks; results depend on it slightly (its hash joins the result key)."""
 
-    chunk_px: int = 3072  # core side at the model's scale; the window adds the margin on each side
+    chunk_px: int = setting_default("wsi_chunk_px")  # core side at the model's scale; plus the margin
     margin_px: int | None = None  # default: CELL_RADIUS_UM at the model's scale + the tile overlap
     # Both are rounded up to whole tile steps (tile_px - overlap_px): see grid().
     # The most pixels a slide may have at the model's scale (BLASTQ_MAX_SLIDE_PIXELS), refused before
     # any chunk is read. Not part of the result key: it decides whether a slide runs, not what it gives.
-    max_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
+    max_pixels: int = setting_default("max_slide_pixels")
 
     def __post_init__(self) -> None:
         if self.chunk_px < 256 or (self.margin_px is not None and self.margin_px < 0):

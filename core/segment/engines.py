@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -324,7 +325,7 @@ class TensorRTEngine:
             "precision": precision,
         }
         key = tensorrt_cache_key(info.sha256, self.built_for["trt_version"], self.built_for["gpu_arch"], profile, precision)  # fmt: skip
-        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        root = Path(cache_dir) if cache_dir else process_cache_dir()
         self.path = root / info.sha256 / f"trt-{key[:24]}.ep"
         self.module = self._load() if self._cached() else None
         if self.module is None:
@@ -438,10 +439,16 @@ def check_engine(
     return EngineCheck(engine.name, diff, agree, tolerance)
 
 
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/blastq/engines (~/.cache/...): derived engines (ONNX exports, TensorRT builds)
-    keyed by model sha256."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "blastq" / "engines"
+_PROCESS_CACHE: list[tempfile.TemporaryDirectory] = []
+
+
+def process_cache_dir() -> Path:
+    """Where derived engines (ONNX exports, TensorRT builds) go when the caller names no cache: a folder of
+    this process's own, removed when it exits. The lasting cache is a setting (BLASTQ_ENGINE_CACHE_DIR,
+    default <data dir>/engines) that the CLI and the workers pass; nothing here reads the environment."""
+    if not _PROCESS_CACHE:
+        _PROCESS_CACHE.append(tempfile.TemporaryDirectory(prefix="blastq-engines-"))
+    return Path(_PROCESS_CACHE[0].name)
 
 
 def cpu_cores() -> int:
@@ -463,8 +470,9 @@ def load_engine(
     """Load a checkpoint (the shipped default when None) into the engine `kind` on `device`.
 
     `auto`: on CUDA, TensorRT when torch-tensorrt is installed, else torch fp16; on CPU, `CPU_AUTO_KIND`
-    (ONNX Runtime) when installed, else torch. Derived engines are cached under `cache_dir` (default
-    `default_cache_dir()`); `threads` sets ONNX Runtime's intra-op threads (default: all cores here).
+    (ONNX Runtime) when installed, else torch. Derived engines are cached under `cache_dir` (none given:
+    `process_cache_dir()`, for this process only); `threads` sets ONNX Runtime's intra-op threads
+    (default: all cores here).
     """
     if kind not in ENGINE_KINDS:
         raise InvalidConfig(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
@@ -478,7 +486,7 @@ def load_engine(
     # fp32 eager on CPU: the output every other engine must match. Copied now, before an engine moves
     # or converts `model`.
     reference = TorchEngine(copy.deepcopy(model), "cpu")
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else process_cache_dir()
     chosen = _auto_kind(device) if kind == "auto" else kind
     try:
         engine = _build(chosen, model, info, device, cache, threads)

@@ -251,3 +251,15 @@ def test_shape_profile_admits_only_shapes_between_min_and_max():
     assert profile.admits((8, 3, 256, 256)) and profile.admits((1, 3, 64, 64))
     assert not profile.admits((64, 3, 256, 256)) and not profile.admits((1, 3, 32, 32))
     assert not profile.admits((3, 256, 256))
+
+
+def test_without_a_cache_folder_derived_engines_live_in_a_folder_of_this_process(monkeypatch, tmp_path):
+    import tempfile
+
+    from blastq.core.segment.engines import process_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))  # no longer consulted by anything
+    folder = process_cache_dir()
+    assert folder == process_cache_dir() and folder.is_relative_to(tempfile.gettempdir())
+    engine, info = load_engine(kind="onnx")
+    assert any(folder.rglob("*.onnx")) and not (tmp_path / "home-cache").exists()

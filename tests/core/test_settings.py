@@ -118,3 +118,13 @@ def test_an_error_message_hides_the_pieces_a_parser_splits_off_a_password():
     text = "failed to resolve host 'ss': ... database 'word@db/blastq' ... p@ss/word"
     hidden = hide_secrets(text, url)
     assert "'ss'" not in hidden and "word" not in hidden and "p@ss" not in hidden
+
+
+def test_the_pipelines_defaults_are_the_settings_defaults_written_once(tmp_path):
+    from blastq.core.adapters.settings import Settings, setting_default
+    from blastq.core.pipeline import PipelineConfig, WholeSlideConfig, pipeline_config, whole_slide_config
+
+    defaults = load_settings({"BLASTQ_DATA_DIR": str(tmp_path)})
+    assert pipeline_config(defaults) == PipelineConfig()
+    assert whole_slide_config(defaults) == WholeSlideConfig()
+    assert setting_default("tile_px") == Settings(data_dir=tmp_path).tile_px == PipelineConfig().tile_px
