@@ -5,14 +5,14 @@
     segment/    pixels -> probability maps: the U-Net, the engines that run it, tiles and their stitching
     cells/      maps -> white cells: instances (touching cells split), crops, features, types, the blast
                 call, and the statistics and verdicts of an image or a sample
-    synth/      synthetic smears and whole slides with exact truth (tests, training)
     outputs/    a result -> files: masks, overlay, cells.csv/geojson, summary, report; pyramid TIFFs
+    synth/      synthetic smears and whole slides with exact truth (tests, training)
     adapters/   the world outside: settings, the database, the object store, the model registry
     pipeline/   one field or a whole slide start to end, what a result is keyed by, the local runner
-    common/     what every room shares: the error hierarchy
+    common/     what every room shares: the error hierarchy, files written whole and their sha256
 
-Each room imports only rooms above it in this list (common from anywhere; synth uses image), and names
-its public API in its `__init__` (`__all__`): code outside a room imports from the room, never from one
+Each room imports only rooms above it in this list (common from anywhere), and names its
+public API in its `__init__` (`__all__`): code outside a room imports from the room, never from one
 of its modules, and no module imports another's private (`_`) names. tests/test_import_graph.py holds all
 of this. A room's names are imported from their modules on first use, so `import blastq.core.cells`
 costs nothing until a name is used: the CLI answers `--help` without loading torch.

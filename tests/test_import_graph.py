@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,17 @@ def test_rooms_depend_on_one_another_without_circles():
                 graph[room].add(other)
     assert graph["blastq.core.pipeline"] >= {"blastq.core.image", "blastq.core.segment", "blastq.core.cells"}
     assert _cycles(graph) == []
+    # And in the order blastq.core's docstring lists them: each room imports only rooms above it.
+    doc = importlib.import_module("blastq.core").__doc__
+    order = [f"blastq.core.{m}" for m in re.findall(r"^    (\w+)/ ", doc, re.M)]
+    assert sorted(order) == sorted(rooms)
+    upward = [
+        (r, o)
+        for r, targets in graph.items()
+        for o in targets
+        if o != "blastq.core.common" and order.index(o) > order.index(r)
+    ]
+    assert upward == []
 
 
 @pytest.mark.parametrize("room", sorted(_rooms()))

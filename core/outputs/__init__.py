@@ -25,6 +25,6 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "summary_dict",
         ),
         "pages": ("render_page",),
-        "tiffout": ("PyramidTiffSink",),
+        "tiffout": ("PyramidTiffSink", "write_levels"),
     },
 )

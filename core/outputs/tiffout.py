@@ -15,9 +15,9 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,53 @@ import tifffile
 # Classic TIFF addresses 4 GiB; switch to BigTIFF well before the compressed file could get near that.
 BIGTIFF_ABOVE_BYTES = 2**31
 COMPRESSIONS = ("zlib", "zstd", "lzw", "none")
+
+
+def write_levels(
+    path: str | os.PathLike[str],
+    levels: Sequence[Iterable[np.ndarray]],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    level_mpps: Sequence[float] | None,
+    bigtiff: bool,
+    first: Mapping[str, Any] | None = None,
+    reduced_as: str = "subifds",
+    ome: bool = False,
+    **options: Any,
+) -> None:
+    """Write a tiled pyramid, the one writer of blastq's pyramidal TIFFs (label maps, synthetic slides).
+
+    `levels[k]` yields level k's tiles in TIFF order (row-major), `shapes[k]` its (height, width[,
+    samples]). Reduced levels are SubIFDs of level 0 with NewSubfileType 1 (`reduced_as="subifds"`: the
+    layout QuPath, OME and tifffile read as a pyramid) or further top-level pages ("pages": Aperio SVS).
+    `level_mpps[k]` gives level k's resolution tags; `first` adds level 0's tags (description, metadata);
+    `options` are tifffile's, common to every level (tile, dtype, compression, photometric). tifffile
+    gathers at most one stripe of tiles at a time, so memory stays one stripe of the widest level."""
+    if reduced_as not in ("subifds", "pages"):
+        raise ValueError(f"reduced_as must be 'subifds' or 'pages', got {reduced_as!r}")
+    tile_h, tile_w = options["tile"]
+    itemsize = np.dtype(options["dtype"]).itemsize
+    with tifffile.TiffWriter(path, bigtiff=bigtiff, ome=ome) as writer:
+        for k, (tiles, shape) in enumerate(zip(levels, shapes, strict=True)):
+            samples = shape[2] if len(shape) > 2 else 1
+            kwargs: dict[str, Any] = {
+                "shape": shape,
+                "metadata": None,  # no tifffile "shaped" JSON unless `first` gives metadata
+                # tifffile's encoder threads gather up to `buffersize` bytes of tiles at once (512 MB by
+                # default); hold that to one stripe's tiles so memory stays bounded.
+                "buffersize": -(-shape[1] // tile_w) * tile_h * tile_w * samples * itemsize,
+                **options,
+            }
+            if level_mpps is not None:
+                px_per_cm = 1e4 / level_mpps[k]
+                kwargs.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+            if k == 0:
+                kwargs.update(first or {})
+                if reduced_as == "subifds" and len(shapes) > 1:
+                    kwargs["subifds"] = len(shapes) - 1
+            else:
+                kwargs["subfiletype"] = 0 if reduced_as == "pages" else 1
+            writer.write(tiles, **kwargs)
 
 
 def pyramid_shapes(height: int, width: int, min_level_px: int) -> list[tuple[int, int]]:
@@ -187,36 +234,18 @@ class PyramidTiffSink:
 
     def _write_tiff(self, target: Path) -> None:
         raw_bytes = sum(h * w for h, w in self.level_shapes) * self.dtype.itemsize
-        common: dict[str, object] = {
-            "dtype": self.dtype,
-            "tile": (self.tile, self.tile),
-            "photometric": "minisblack",
-            "compression": None if self.compression == "none" else self.compression,
-            "metadata": None,  # no tifffile "shaped" JSON: ours goes in ImageDescription
-        }
-        with tifffile.TiffWriter(target, bigtiff=raw_bytes > BIGTIFF_ABOVE_BYTES) as tw:
-            for level, (shape, f) in enumerate(zip(self.level_shapes, self._raw_files, strict=True)):
-                extra: dict[str, object] = {}
-                if level == 0:
-                    extra["subifds"] = self.levels - 1
-                    extra["description"] = self._image_description()
-                else:
-                    extra["subfiletype"] = 1  # reduced-resolution version of level 0
-                if self.mpp is not None:
-                    px_per_cm = 10_000 / (self.mpp * 2**level)
-                    extra["resolution"] = (px_per_cm, px_per_cm)
-                    extra["resolutionunit"] = "CENTIMETER"
-                tiles_across = -(-shape[1] // self.tile)
-                stripe_bytes = tiles_across * self.tile * self.tile * self.dtype.itemsize
-                tw.write(
-                    self._tiles(f, shape),
-                    shape=shape,
-                    # tifffile's encoder threads gather up to `buffersize` bytes of tiles at once (512 MB by
-                    # default); hold that to exactly one stripe's tiles so memory stays bounded.
-                    buffersize=stripe_bytes,
-                    **common,
-                    **extra,
-                )
+        write_levels(
+            target,
+            [self._tiles(f, shape) for shape, f in zip(self.level_shapes, self._raw_files, strict=True)],
+            self.level_shapes,
+            level_mpps=None if self.mpp is None else [self.mpp * 2**k for k in range(self.levels)],
+            bigtiff=raw_bytes > BIGTIFF_ABOVE_BYTES,
+            first={"description": self._image_description()},  # ours, in ImageDescription
+            dtype=self.dtype,
+            tile=(self.tile, self.tile),
+            photometric="minisblack",
+            compression=None if self.compression == "none" else self.compression,
+        )
 
     def _tiles(self, f: IO[bytes], shape: tuple[int, int]) -> Iterator[np.ndarray]:
         """The level's tiles in TIFF order (row-major), read back one stripe of tile rows at a time."""

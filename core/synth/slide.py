@@ -28,6 +28,7 @@ import tifffile
 
 from blastq.core.common import InvalidConfig
 from blastq.core.image import OUTSIDE_FILL, TiffRegionReader
+from blastq.core.outputs import write_levels
 from blastq.core.synth.field import generate_field
 
 # Reduced levels halve until the longer side is at most this many pixels.
@@ -192,39 +193,33 @@ def _write_levels(
     svs: bool,
     options: dict,
 ) -> None:
-    """Write level 0 and its reduced levels (SubIFDs, or top-level pages for SVS) from tile iterators."""
+    """Level 0 and its reduced levels (SubIFDs, or top-level pages for SVS) from tile iterators, through
+    core.outputs.tiffout's one pyramid writer."""
     options = dict(options)
     bigtiff = options.pop("bigtiff")
     width, height = sizes[0]
-    with tifffile.TiffWriter(path, bigtiff=bigtiff, ome=ome) as writer:
-        for k, (tiles, (w, h)) in enumerate(zip(levels, sizes, strict=True)):
-            level_mpp = mpp * width / w
-            kwargs: dict = {
-                "shape": (h, w, 3),
-                "resolution": (1e4 / level_mpp, 1e4 / level_mpp),
-                "resolutionunit": "CENTIMETER",
-            }
-            if k == 0:
-                if ome:
-                    kwargs["metadata"] = {
-                        "axes": "YXS",
-                        "PhysicalSizeX": mpp,
-                        "PhysicalSizeXUnit": "µm",
-                        "PhysicalSizeY": mpp,
-                        "PhysicalSizeYUnit": "µm",
-                    }
-                else:
-                    kwargs["metadata"] = None
-                if svs:
-                    kwargs["description"] = _aperio_description(
-                        width, height, options["tile"][0], mpp, options
-                    )
-                elif len(sizes) > 1:
-                    kwargs["subifds"] = len(sizes) - 1
-            else:
-                kwargs["metadata"] = None
-                kwargs["subfiletype"] = 0 if svs else 1
-            writer.write(tiles, **kwargs, **options)
+    first: dict = {}
+    if ome:
+        first["metadata"] = {
+            "axes": "YXS",
+            "PhysicalSizeX": mpp,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp,
+            "PhysicalSizeYUnit": "µm",
+        }
+    if svs:
+        first["description"] = _aperio_description(width, height, options["tile"][0], mpp, options)
+    write_levels(
+        path,
+        levels,
+        [(h, w, 3) for w, h in sizes],
+        level_mpps=[mpp * width / w for w, _ in sizes],
+        bigtiff=bigtiff,
+        first=first,
+        reduced_as="pages" if svs else "subifds",
+        ome=ome,
+        **options,
+    )
 
 
 def _aperio_description(width: int, height: int, tile: int, mpp: float, options: dict) -> str:

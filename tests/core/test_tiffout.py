@@ -292,3 +292,39 @@ def test_background_rows_leave_holes_and_read_back_as_zeros(tmp_path):
         assert allocated < arr.nbytes / 10, f"{allocated} bytes on disk for {arr.nbytes} of mostly zeros"
     np.testing.assert_array_equal(read_tiff_level(path), arr)
     np.testing.assert_array_equal(read_tiff_level(path, 1), arr[::2, ::2])
+
+
+def test_the_pyramid_writer_lays_reduced_levels_out_as_subifds_or_as_pages(tmp_path):
+    from blastq.core.outputs.tiffout import write_levels
+
+    full = np.arange(64 * 96, dtype=np.uint16).reshape(64, 96)
+    half = full[::2, ::2].copy()
+
+    def tiles(a):
+        for y in range(0, a.shape[0], 16):
+            for x in range(0, a.shape[1], 16):
+                yield a[y : y + 16, x : x + 16]
+
+    for layout, pages in (("subifds", 1), ("pages", 2)):
+        path = tmp_path / f"{layout}.tif"
+        write_levels(
+            path, [tiles(full), tiles(half)], [full.shape, half.shape], level_mpps=[0.25, 0.5], bigtiff=False,
+            reduced_as=layout, tile=(16, 16), dtype=np.uint16, photometric="minisblack", compression="zlib",
+        )  # fmt: skip
+        with tifffile.TiffFile(path) as tif:
+            assert len(tif.pages) == pages
+            levels = tif.series[0].levels if layout == "subifds" else list(tif.pages)
+            assert [lv.asarray().tolist() for lv in levels] == [full.tolist(), half.tolist()]
+            x_res = [lv.keyframe.tags["XResolution"].value for lv in levels]
+            assert [round(n / d) for n, d in x_res] == [40000, 20000]  # px per cm at 0.25 and 0.5 um/px
+    with pytest.raises(ValueError, match="reduced_as"):
+        write_levels(
+            tmp_path / "x.tif",
+            [],
+            [],
+            level_mpps=None,
+            bigtiff=False,
+            reduced_as="strips",
+            tile=(16, 16),
+            dtype=np.uint8,
+        )
