@@ -13,6 +13,7 @@ from blastq.cli.models import register as register_model_commands
 from blastq.cli.service import register as register_service_commands
 from blastq.cli.trainer import register as register_trainer_commands
 from blastq.core.common import BlastqError
+from blastq.trainer.defaults import TRAIN_DEFAULTS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -397,31 +398,51 @@ def evaluate(
 )
 @click.option(
     "--synth-fields",
-    default=300,
+    default=TRAIN_DEFAULTS["synth_train"],
     show_default=True,
     type=click.IntRange(0),
     help="Synthetic training fields.",
 )
-@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1), help="Maximum epochs.")
-@click.option("--steps", default=60, show_default=True, type=click.IntRange(1), help="Batches per epoch.")
+@click.option(
+    "--epochs",
+    default=TRAIN_DEFAULTS["max_epochs"],
+    show_default=True,
+    type=click.IntRange(1),
+    help="Maximum epochs.",
+)
+@click.option(
+    "--steps",
+    default=TRAIN_DEFAULTS["steps_per_epoch"],
+    show_default=True,
+    type=click.IntRange(1),
+    help="Batches per epoch.",
+)
 @click.option(
     "--patience",
-    default=6,
+    default=TRAIN_DEFAULTS["patience"],
     show_default=True,
     type=click.IntRange(1),
     help="Early stopping: epochs without a better validation loss.",
 )
 @click.option(
-    "--width", default=16, show_default=True, type=click.IntRange(4), help="U-Net channels at the top level."
+    "--width",
+    default=TRAIN_DEFAULTS["width"],
+    show_default=True,
+    type=click.IntRange(4),
+    help="U-Net channels at the top level.",
 )
 @click.option(
-    "--depth", default=4, show_default=True, type=click.IntRange(2, 6), help="U-Net resolution levels."
+    "--depth",
+    default=TRAIN_DEFAULTS["depth"],
+    show_default=True,
+    type=click.IntRange(2, 6),
+    help="U-Net resolution levels.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=TRAIN_DEFAULTS["seed"], show_default=True, type=int)
 @click.option(
     "--version",
     "model_version",
-    default="unet-dev",
+    default=TRAIN_DEFAULTS["version"],
     show_default=True,
     help="Version name stored in the checkpoint.",
 )
@@ -446,7 +467,7 @@ def evaluate(
 @click.option(
     "--synth-variety",
     type=click.Choice(["classic", "wide", "mixed"]),
-    default="classic",
+    default=TRAIN_DEFAULTS["synth_variety"],
     show_default=True,
     help="wide: domain-randomised synthetic fields (magnification 40x-100x, crowded red cells, blasts "
     "across their range beside their look-alikes, mixed colours); mixed: half classic, half wide.",
@@ -470,7 +491,7 @@ def evaluate(
 )
 @click.option(
     "--lr",
-    default=2e-3,
+    default=TRAIN_DEFAULTS["lr"],
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True),
     help="Peak learning rate.",

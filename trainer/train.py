@@ -48,6 +48,7 @@ from blastq.trainer.datasets import (
     wbc_sample,
     wbc_split,
 )
+from blastq.trainer.defaults import TRAIN_DEFAULTS
 from blastq.trainer.losses import segmentation_loss
 
 # Seeds of synthetic fields: training draws from [0, 1e6), validation from [1e6, 2e6), the fixed
@@ -66,16 +67,16 @@ SYNTH_VARIETIES = (*VARIETIES, "mixed")
 @dataclass(frozen=True)
 class TrainConfig:
     out: Path
-    version: str = "unet-dev"
+    version: str = TRAIN_DEFAULTS["version"]
     wbc_root: Path | None = None  # segmentation_wbc folder; None trains on synthetic data only
     # Which of its sources to train on: leave one out to measure the model on a lab it never saw.
     wbc_datasets: tuple[str, ...] = WBC_DATASETS
     pairs_dirs: tuple[Path, ...] = ()  # folders of image/mask pairs, each with a labelmap.json
-    synth_train: int = 300  # synthetic fields in the training pool
+    synth_train: int = TRAIN_DEFAULTS["synth_train"]  # synthetic fields in the training pool
     synth_val: int = 24
     synth_size_px: int = 320
     # "classic" (the generator's own look), "wide" (domain-randomised: datasets.synth_sample) or "mixed".
-    synth_variety: str = "classic"
+    synth_variety: str = TRAIN_DEFAULTS["synth_variety"]
     # The stain families and the magnifications (um/px) wide fields are drawn in: leave some out to
     # measure the model on a stain or a magnification it never saw.
     synth_families: tuple[str, ...] = STAIN_FAMILIES
@@ -84,15 +85,15 @@ class TrainConfig:
     # Start from this checkpoint's weights (same depth and width) instead of random ones: fine-tuning.
     init_from: Path | None = None
     model_mpp: float = 0.2
-    depth: int = 4
-    width: int = 16
+    depth: int = TRAIN_DEFAULTS["depth"]
+    width: int = TRAIN_DEFAULTS["width"]
     patch_px: int = 160
     batch_size: int = 12
-    steps_per_epoch: int = 60
-    max_epochs: int = 40
-    patience: int = 6  # epochs without a better validation loss before stopping
-    lr: float = 2e-3
-    seed: int = 0
+    steps_per_epoch: int = TRAIN_DEFAULTS["steps_per_epoch"]
+    max_epochs: int = TRAIN_DEFAULTS["max_epochs"]
+    patience: int = TRAIN_DEFAULTS["patience"]  # epochs without a better validation loss before stopping
+    lr: float = TRAIN_DEFAULTS["lr"]
+    seed: int = TRAIN_DEFAULTS["seed"]
     threads: int = 0  # 0: torch's default
     device: str = "cpu"  # cpu or cuda[:N]; CUDA trains in mixed precision
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

@@ -498,3 +498,20 @@ def test_a_lab_fits_a_blast_caller_on_its_labelled_cells_and_runs_with_it(cli, s
     result = cli("run", images[0], "--mpp", "0.2", "--no-record")
     assert result.exit_code == 2 and "broken.json: not a JSON file" in result.output
     assert "Traceback" not in result.output
+
+
+def test_blastq_train_shows_the_defaults_a_training_run_uses():
+    import dataclasses
+
+    from blastq.trainer.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    options = {p.name: p.default for p in main.commands["train"].params}
+    fields = {
+        "synth_fields": "synth_train", "epochs": "max_epochs", "steps": "steps_per_epoch", "patience": "patience",
+        "width": "width", "depth": "depth", "seed": "seed", "model_version": "version",
+        "synth_variety": "synth_variety", "lr": "lr",
+    }  # fmt: skip
+    assert {o: options[o] for o in fields} == {o: defaults[f] for o, f in fields.items()}
+    assert tuple(options["synth_families"].split(",")) == defaults["synth_families"]
+    assert tuple(options["synth_mpp"]) == (defaults["synth_mpp_min"], defaults["synth_mpp_max"])
