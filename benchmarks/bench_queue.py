@@ -271,7 +271,7 @@ def measure(
     env: dict[str, str], count: int, slides: list[Path], latency_slides: list[Path], log_dir: Path
 ) -> Run:
     settings = load_settings(env)
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     app = make_app(settings)
     try:
         with workers(env, count, log_dir):

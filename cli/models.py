@@ -28,7 +28,7 @@ def models() -> None:
 def _database() -> Iterator[Any]:
     from blastq.core.adapters import connect, load_settings
 
-    db = connect(load_settings().database_url)
+    db = connect(load_settings().database_url.get_secret_value())
     try:
         yield db
     finally:

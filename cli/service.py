@@ -106,7 +106,7 @@ def _sample(settings, name: str):
     from blastq.core.adapters import connect, get_sample
     from blastq.core.common import InvalidConfig
 
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     try:
         found = get_sample(db, name)
     finally:
@@ -193,7 +193,7 @@ def status(job_id: str | None, batch_id: str | None) -> None:
     )
     from blastq.core.common import InvalidConfig
 
-    db = connect(load_settings().database_url)
+    db = connect(load_settings().database_url.get_secret_value())
     try:
         if job_id:
             job = job_status(db, job_id)
@@ -281,7 +281,7 @@ def results(
     from blastq.core.adapters import list_samples as all_samples
     from blastq.core.common import InvalidConfig
 
-    db = connect(load_settings().database_url)
+    db = connect(load_settings().database_url.get_secret_value())
     try:
         if list_samples:
             _print_samples(all_samples(db), fmt)
@@ -438,8 +438,8 @@ def upgrade() -> None:
     from blastq.core.adapters import upgrade as upgrade_schema
 
     settings = load_settings()
-    revision = upgrade_schema(settings.database_url)
-    click.echo(f"database {mask_secret(settings.database_url)} is at revision {revision}")
+    revision = upgrade_schema(settings.database_url.get_secret_value())
+    click.echo(f"database {mask_secret(settings.database_url.get_secret_value())} is at revision {revision}")
 
 
 @click.command(context_settings=CONTEXT)

@@ -54,7 +54,7 @@ def status(run_id: str | None) -> None:
     """One training run in full (JSON), or the newest runs as a table."""
     from blastq.core.adapters import connect, load_settings, training_run_status, training_runs
 
-    db = connect(load_settings().database_url)
+    db = connect(load_settings().database_url.get_secret_value())
     try:
         if run_id is not None:
             run = training_run_status(db, run_id)

@@ -58,7 +58,7 @@ class EmbeddedTransport(sqla_transport.Transport):
 
 
 def broker_transport_options(settings: Settings) -> dict:
-    url = settings.broker_url
+    url = settings.broker_url.get_secret_value()
     if url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://")):
         # Redis hands an unacknowledged message to another worker after this long: it must exceed
         # the longest slide, or long slides run twice.
@@ -74,16 +74,18 @@ def make_app(settings: Settings) -> BlastqCelery:
     from blastq.core.adapters import check_server_url
     from blastq.worker.tasks import register_tasks
 
-    check_server_url("BLASTQ_BROKER_URL", settings.broker_url)
-    if settings.broker_url.startswith("sqla+sqlite:///"):
+    check_server_url("BLASTQ_BROKER_URL", settings.broker_url.get_secret_value())
+    if settings.broker_url.get_secret_value().startswith("sqla+sqlite:///"):
         # SQLite creates the file, not its folder.
-        Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        Path(settings.broker_url.get_secret_value().removeprefix("sqla+sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
     app = BlastqCelery(settings)
-    broker = {"broker_url": settings.broker_url}
-    if settings.broker_url.startswith("sqla+"):
+    broker = {"broker_url": settings.broker_url.get_secret_value()}
+    if settings.broker_url.get_secret_value().startswith("sqla+"):
         # The URL's "sqla+" would choose Kombu's own transport over an explicit one.
         broker = {
-            "broker_url": settings.broker_url.removeprefix("sqla+"),
+            "broker_url": settings.broker_url.get_secret_value().removeprefix("sqla+"),
             "broker_transport": f"{__name__}:EmbeddedTransport",
         }
     app.conf.update(
@@ -107,7 +109,7 @@ def make_app(settings: Settings) -> BlastqCelery:
         worker_send_task_events=False,
         # Remote control needs fanout, which the embedded (SQLAlchemy) broker does not offer across
         # processes, and it would poll SQLite for nothing.
-        worker_enable_remote_control=not settings.broker_url.startswith("sqla+"),
+        worker_enable_remote_control=not settings.broker_url.get_secret_value().startswith("sqla+"),
         enable_utc=True,
     )
     register_tasks(app)
@@ -126,7 +128,7 @@ def workers_on_queue(
     folder = _presence_folder(app.settings)
     if folder is not None:
         return [name for name, queues in _announced_workers(folder) if queue in queues]
-    if app.settings.broker_url.startswith("sqla+"):
+    if app.settings.broker_url.get_secret_value().startswith("sqla+"):
         return None  # the SQLAlchemy transport on a server database: workers on other machines
     try:
         replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
@@ -136,8 +138,8 @@ def workers_on_queue(
 
 
 def _presence_folder(settings: Settings) -> Path | None:
-    if settings.broker_url.startswith("sqla+sqlite:///"):
-        return Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent / "workers"
+    if settings.broker_url.get_secret_value().startswith("sqla+sqlite:///"):
+        return Path(settings.broker_url.get_secret_value().removeprefix("sqla+sqlite:///")).parent / "workers"
     return None
 
 

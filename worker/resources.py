@@ -108,7 +108,7 @@ class WorkerResources:
         )
 
     def db(self) -> DatabaseEngine:
-        return self._get("db", lambda: connect(self.settings.database_url))
+        return self._get("db", lambda: connect(self.settings.database_url.get_secret_value()))
 
     def provide(self, *, store: ObjectStore | None = None, db: DatabaseEngine | None = None) -> None:
         """Use these objects in this process instead of building them from the settings (embedding, tests)."""

@@ -154,7 +154,7 @@ def submit(
     store = store_from_settings(settings)
     own_app = app is None
     app = make_app(settings) if own_app else app
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     try:
         if batch_id is not None and batch_status(db, batch_id) is None:
             raise InvalidConfig(f"no batch {batch_id}")
@@ -200,7 +200,7 @@ def submit(
             except Exception as exc:  # noqa: BLE001 - the row is there; `blastq requeue` sends it later
                 reason = hide_secrets(
                     f"queued, but the broker did not take it ({type(exc).__name__}: {exc})",
-                    settings.broker_url,
+                    settings.broker_url.get_secret_value(),
                 )
                 entries.append(SubmittedFile(str(path), job.id, "queued", reason=" ".join(reason.split())))
                 continue
@@ -227,7 +227,7 @@ def wait_for_batch(
     count changing, ask which workers take jobs from the slides queue (`workers`; by default the
     broker, worker.celery_app.workers_on_queue) and raise NoWorker when none does. The jobs stay queued.
     """
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     app = None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     counts, still_since = None, time.monotonic()
@@ -282,7 +282,7 @@ def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None
     """
     own_app = app is None
     app = make_app(settings) if own_app else app
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     sent = []
     try:
         for job in stale_jobs(db, timedelta(seconds=older_than_s)):
@@ -298,7 +298,7 @@ def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None
 
 def submit_training(settings: Settings, cfg: TrainConfig) -> str:
     """Queue a training run for `blastq trainer`: the row first, then the message; returns the run id."""
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     try:
         run = create_training_run(db, config=cfg.to_dict(), version=cfg.version)
     finally:

@@ -557,7 +557,7 @@ class Watcher:
 
     def _connect(self):
         if self._db is None:
-            self._db = connect(self.settings.database_url)
+            self._db = connect(self.settings.database_url.get_secret_value())
         return self._db
 
     def _app(self):

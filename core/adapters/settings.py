@@ -8,10 +8,20 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from blastq.core.cells import (
     DEFAULT_BLAST_CELL_THRESHOLD,
@@ -29,12 +39,20 @@ def _default_data_dir() -> Path:
     return Path(base) / "blastq"
 
 
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    database_url: str = ""  # default: sqlite:///<data_dir>/blastq.db
+_CHECKED = {"allow_inf_nan": False}  # NaN passes no comparison: refused like any other bad number
+
+
+class Settings(BaseSettings):
+    """Every setting, with its default: BLASTQ_<NAME> variables over a TOML file (BLASTQ_CONFIG) over these
+    defaults, read by `load_settings`. A Settings built directly takes only the values it is given.
+    URLs that may carry a password (database, broker) are SecretStr: printed, they show as ****."""
+
+    model_config = SettingsConfigDict(env_prefix="BLASTQ_", frozen=True, extra="forbid")
+
+    data_dir: Path = Field(default_factory=lambda: _default_data_dir())
+    database_url: SecretStr = SecretStr("")  # default: sqlite:///<data_dir>/blastq.db
     # default: Kombu's SQLAlchemy transport on SQLite, sqla+sqlite:///<data_dir>/broker.db; or redis://...
-    broker_url: str = ""
+    broker_url: SecretStr = SecretStr("")
     store_url: str = ""  # default: file://<data_dir>/store; or s3://bucket/prefix
     s3_endpoint_url: str = (
         ""  # S3-compatible server (MinIO, Ceph...); empty: AWS. Credentials: AWS_* variables
@@ -52,12 +70,12 @@ class Settings:
     engine: str = "auto"  # auto: TensorRT on CUDA if installed, else torch fp16; ONNX Runtime on CPU
     engine_cache_dir: str = ""  # derived engines (ONNX exports, TensorRT builds); default <data_dir>/engines
     device: str = "cpu"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    blast_threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    blast_threshold_percent: float = Field(DEFAULT_BLAST_THRESHOLD_PERCENT, gt=0, le=100, **_CHECKED)
     # A cell's blast share at which it is called a blast: the screening operating point (model card).
-    blast_cell_threshold: float = DEFAULT_BLAST_CELL_THRESHOLD
+    blast_cell_threshold: float = Field(DEFAULT_BLAST_CELL_THRESHOLD, gt=0, lt=1, **_CHECKED)
     # Fewer white cells than this (in an image, or pooled in a sample) give no verdict: "insufficient cells".
-    min_white_cells: int = DEFAULT_MIN_WHITE_CELLS
+    min_white_cells: int = Field(DEFAULT_MIN_WHITE_CELLS, ge=0)
     tile_px: int = 256
     overlap_px: int = 64
     batch_size: int = 8
@@ -65,62 +83,103 @@ class Settings:
     # a 20k slide, benchmarks/bench_wsi_memory.py); smaller chunks repeat more margin tiles.
     wsi_chunk_px: int = 3072
     # Whole slides: the most pixels at the model's scale (a header claiming more is refused up front).
-    max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
-    max_attempts: int = 3  # deliveries of one job before it is failed (a slide that kills its worker)
-    visibility_timeout_s: int = 3600  # Redis redelivers an unacknowledged job after this: > longest slide
+    max_slide_pixels: int = Field(DEFAULT_MAX_SLIDE_PIXELS, ge=1)
+    # Deliveries of one job before it is failed (a slide that kills its worker).
+    max_attempts: int = Field(3, ge=1)
+    # Redis redelivers an unacknowledged job after this: more than the longest slide takes.
+    visibility_timeout_s: int = Field(3600, ge=1)
     # Retries of a job hit by a transient fault (database, store): Celery backs off 1, 2, 4... s with full
     # jitter, so 6 retries wait about 31 s in all on average (the 1+2+4+8+16 s of 5 retries without jitter).
-    task_retry_max: int = 6
-    worker_concurrency: int = 1  # worker processes per `blastq worker`, each with its own engine
-    watch_settle_s: float = 10.0  # `blastq watch`: a file unchanged this long is complete (no marker)
-    watch_interval_s: float = 2.0  # `blastq watch`: seconds between scans of the folder
+    task_retry_max: int = Field(6, ge=0)
+    worker_concurrency: int = Field(1, ge=1)  # worker processes per `blastq worker`, each with its own engine
+    # `blastq watch`: a file unchanged this long is complete (no marker).
+    watch_settle_s: float = Field(10.0, ge=0, **_CHECKED)
+    watch_interval_s: float = Field(2.0, ge=0.01, **_CHECKED)  # `blastq watch`: seconds between scans
     # `blastq watch`: a file claimed but not submitted this long belongs to a dead watcher and is taken
     # over; keep it above the longest upload of one slide.
-    watch_claim_timeout_s: float = 300.0
+    watch_claim_timeout_s: float = Field(300.0, ge=1, **_CHECKED)
 
-    def __post_init__(self) -> None:
-        if not self.database_url:
-            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'blastq.db'}")
-        if not self.broker_url:
-            # The embedded broker. Kombu's SQLAlchemy transport on SQLite takes each message in one
-            # BEGIN IMMEDIATE transaction, so of several worker processes exactly one gets it, and a
-            # failed publish raises. The filesystem transport moves message files without a lock and,
-            # across file systems, by copy-then-delete, which can hand one message to two workers.
-            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{self.data_dir / 'broker.db'}")
-        if not self.store_url:
-            object.__setattr__(self, "store_url", f"file://{self.data_dir / 'store'}")
-        if not self.engine_cache_dir:
-            object.__setattr__(self, "engine_cache_dir", str(self.data_dir / "engines"))
-        if self.max_pixels < 1:
-            raise InvalidConfig(f"max_pixels must be positive, got {self.max_pixels}")
-        if self.max_slide_pixels < 1:
-            raise InvalidConfig(f"max_slide_pixels must be positive, got {self.max_slide_pixels}")
-        if not 0 < self.blast_cell_threshold < 1:
-            raise InvalidConfig(f"blast_cell_threshold must be in (0, 1), got {self.blast_cell_threshold}")
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Given values, then the environment load_settings reads (BLASTQ_*), then its TOML file: highest
+        first. Outside load_settings only the given values count: nothing else reads the environment."""
+        reading = _READING.get()
+        if reading is None:
+            return (init_settings,)
+        environ, toml = reading
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvironmentSource(settings_cls, environ)]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _under_the_data_dir(cls, values: Any) -> Any:
+        """The embedded services' defaults live under the data dir."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        data_dir = Path(str(values.get("data_dir") or _default_data_dir())).expanduser()
+        values["data_dir"] = data_dir
+        derived = {
+            "database_url": f"sqlite:///{data_dir / 'blastq.db'}",
+            # The embedded broker. Kombu's SQLAlchemy transport on SQLite takes each message in one BEGIN
+            # IMMEDIATE transaction, so of several worker processes exactly one gets it, and a failed
+            # publish raises. The filesystem transport moves message files without a lock and, across
+            # file systems, by copy-then-delete, which can hand one message to two workers.
+            "broker_url": f"sqla+sqlite:///{data_dir / 'broker.db'}",
+            "store_url": f"file://{data_dir / 'store'}",
+            "engine_cache_dir": str(data_dir / "engines"),
+        }
+        for name, default in derived.items():
+            value = values.get(name)
+            if not (value.get_secret_value() if isinstance(value, SecretStr) else value):
+                values[name] = default
+        return values
+
+    @model_validator(mode="after")
+    def _blast_caller_readable(self) -> Settings:
         if self.blast_caller not in ("", "share"):
             from blastq.core.cells import caller_setting
 
             caller_setting(self.blast_caller)  # a file that is not a caller stops every command up front
-        if not 0 < self.blast_threshold_percent <= 100:
-            raise InvalidConfig(
-                f"blast_threshold_percent must be in (0, 100], got {self.blast_threshold_percent}"
-            )
-        for name, least in (
-            ("max_attempts", 1),
-            ("visibility_timeout_s", 1),
-            ("task_retry_max", 0),
-            ("worker_concurrency", 1),
-            ("min_white_cells", 0),
-        ):
-            if getattr(self, name) < least:
-                raise InvalidConfig(f"{name} must be at least {least}, got {getattr(self, name)}")
-        for name, least in (("watch_settle_s", 0), ("watch_interval_s", 0.01), ("watch_claim_timeout_s", 1)):
-            if not getattr(self, name) >= least:  # `not >=`: NaN is refused too
-                raise InvalidConfig(f"{name} must be at least {least}, got {getattr(self, name)}")
+        return self
+
+    def updated(self, **changes: Any) -> Settings:
+        """These settings with `changes`, checked as any others (InvalidConfig naming the setting)."""
+        try:
+            return type(self)(**{**dict(self), **changes})
+        except ValidationError as exc:
+            raise InvalidConfig(_one_line(exc)) from None
 
     def describe(self) -> dict[str, str]:
         """Settings as printable strings, passwords masked."""
-        return {f.name: mask_secret(str(getattr(self, f.name))) for f in fields(self)}
+        return {name: mask_secret(str(_plain(value))) for name, value in self}
+
+
+def _plain(value: Any) -> Any:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+class _EnvironmentSource(EnvSettingsSource):
+    """BLASTQ_* variables from a given mapping (the process environment, or a test's)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = {key.lower(): value for key, value in environ.items()}  # case-insensitive names
+
+
+# What load_settings reads: (environment, TOML file or None); None outside it.
+_READING: ContextVar[tuple[Mapping[str, str], Path | None] | None] = ContextVar(
+    "blastq_settings", default=None
+)
 
 
 # scheme://user:PASSWORD@host...: the password runs to the LAST "@" that a host follows, as people
@@ -140,7 +199,7 @@ def setting_default(name: str) -> Any:
     """A setting's default: written once, on Settings; the pipeline's and the whole-slide run's config
     objects (core.pipeline) take their defaults from here, so a bare PipelineConfig() is what the
     default settings ask for."""
-    return Settings.__dataclass_fields__[name].default
+    return Settings.model_fields[name].get_default(call_default_factory=True)
 
 
 def check_server_url(name: str, url: str) -> None:
@@ -188,64 +247,39 @@ def mask_secret(url: str) -> str:
     return ";".join(parts)
 
 
-def _coerce(name: str, raw: Any, kind: type) -> Any:
-    try:
-        if kind is Path:
-            return Path(str(raw)).expanduser()
-        if kind is int:
-            return int(raw)
-        if kind is float:
-            return float(raw)
-        return str(raw)
-    except (TypeError, ValueError) as exc:
-        raise InvalidConfig(f"setting {name}: cannot read {raw!r} as {kind.__name__}") from exc
-
-
-_TYPES = {
-    "data_dir": Path,
-    "max_pixels": int,
-    "blast_threshold_percent": float,
-    "blast_cell_threshold": float,
-    "min_white_cells": int,
-    "tile_px": int,
-    "overlap_px": int,
-    "batch_size": int,
-    "wsi_chunk_px": int,
-    "max_slide_pixels": int,
-    "max_attempts": int,
-    "visibility_timeout_s": int,
-    "task_retry_max": int,
-    "worker_concurrency": int,
-    "watch_settle_s": float,
-    "watch_interval_s": float,
-    "watch_claim_timeout_s": float,
-}
-
-
-def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from a TOML file (BLASTQ_CONFIG), then BLASTQ_<NAME> variables, then explicit overrides."""
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from a TOML file (BLASTQ_CONFIG), then BLASTQ_<NAME> variables of `env` (default: this
+    process's environment), then explicit `overrides` (None: not given). InvalidConfig, naming the
+    setting, for a value blastq cannot use."""
     env = dict(os.environ if env is None else env)
-    values: dict[str, Any] = {}
-    names = {f.name for f in fields(Settings)}
+    toml = None
     if cfg := env.get("BLASTQ_CONFIG"):
-        path = Path(cfg).expanduser()
+        toml = Path(cfg).expanduser()
+        if not toml.is_file():
+            raise InvalidConfig(f"BLASTQ_CONFIG file not found: {toml}")
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise InvalidConfig(f"BLASTQ_CONFIG file not found: {path}") from exc
+            unknown = set(tomllib.loads(toml.read_text())) - set(Settings.model_fields)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidConfig(f"BLASTQ_CONFIG is not valid TOML: {path}: {exc}") from exc
-        unknown = set(data) - names
+            raise InvalidConfig(f"BLASTQ_CONFIG is not valid TOML: {toml}: {exc}") from exc
         if unknown:
-            raise InvalidConfig(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
-        values.update(data)
-    for name in names:
-        if (raw := env.get(f"BLASTQ_{name.upper()}")) is not None:
-            values[name] = raw
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values = {k: _coerce(k, v, _TYPES.get(k, str)) for k, v in values.items()}
-    data_dir = values.pop("data_dir", None) or _default_data_dir()
-    return replace(Settings(data_dir=data_dir), **values) if values else Settings(data_dir=data_dir)
+            raise InvalidConfig(f"unknown setting(s) in {toml}: {', '.join(sorted(unknown))}")
+    token = _READING.set((env, toml))
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise InvalidConfig(_one_line(exc)) from None
+    finally:
+        _READING.reset(token)
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first problem of a ValidationError as "setting NAME: reason (got VALUE)", the variable named."""
+    error = exc.errors(include_url=False)[0]
+    name = ".".join(str(part) for part in error["loc"]) or "settings"
+    shown = error.get("input")
+    if name in Settings.model_fields and "secret" in str(Settings.model_fields[name].annotation).lower():
+        shown = "***"
+    return f"setting {name} (BLASTQ_{name.upper()}): {error['msg']} (got {shown!r})"
 
 
 def check_local_folders(
@@ -259,7 +293,7 @@ def check_local_folders(
     """
     folders: list[tuple[Path, str]] = []
     if record:
-        database = settings.database_url
+        database = settings.database_url.get_secret_value()
         if database.startswith("sqlite:///"):
             file = database.removeprefix("sqlite:///").split("?")[0]
             if file and file != ":memory:" and not file.startswith("file:"):
@@ -272,8 +306,9 @@ def check_local_folders(
             )
     if engine and settings.engine != "torch":  # the others export or build into the cache
         folders.append((Path(settings.engine_cache_dir), "the engine cache (BLASTQ_ENGINE_CACHE_DIR)"))
-    if queue and settings.broker_url.startswith("sqla+sqlite:///"):
-        broker = Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent
+    broker_url = settings.broker_url.get_secret_value()
+    if queue and broker_url.startswith("sqla+sqlite:///"):
+        broker = Path(broker_url.removeprefix("sqla+sqlite:///")).parent
         folders.append((broker, "the embedded broker's folder (BLASTQ_BROKER_URL)"))
     for folder, what in folders:
         check_writable_folder(folder, what)

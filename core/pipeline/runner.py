@@ -64,7 +64,7 @@ class LocalRunner:
         )
         config = pipeline_config(settings)
         store = store_from_settings(settings) if record else None
-        db = connect(settings.database_url) if record else None
+        db = connect(settings.database_url.get_secret_value()) if record else None
         return cls(settings, engine, info, store, db, config, load_cell_classifier(settings.classifier))
 
     def run(
@@ -227,7 +227,7 @@ def model_checkpoint(settings: Settings, name: str) -> Path | None:
         return registry_checkpoint(settings)
     if "/" in name or "\\" in name or Path(name).suffix in {".pt", ".pth", ".onnx"}:
         raise ModelNotFound(f"model file not found: {name}")
-    model = get_model(connect(settings.database_url), name)
+    model = get_model(connect(settings.database_url.get_secret_value()), name)
     if model is None:
         raise ModelNotFound(
             "no such checkpoint file, and no registered model version of that name", path=name
@@ -239,7 +239,7 @@ def registry_checkpoint(settings: Settings) -> Path | None:
     """The registry's promoted checkpoint, fetched and verified (None: nothing promoted, the shipped model)."""
     from blastq.core.adapters import fetch_checkpoint, promoted
 
-    model = promoted(connect(settings.database_url))
+    model = promoted(connect(settings.database_url.get_secret_value()))
     if model is None:
         return None
     return fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "models")

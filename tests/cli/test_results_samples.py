@@ -191,7 +191,7 @@ def test_a_submitted_sample_is_pooled_right_whichever_image_finishes_last(cli, i
     assert submitted.exit_code == 0, submitted.output
     job_ids = [line.split(" job ")[1].split()[0] for line in submitted.output.splitlines() if " job " in line]
     settings = load_settings()
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     try:
         assert get_sample(db, "P-3").pending == 3
         task = make_app(settings).tasks[PROCESS_SLIDE]

@@ -10,7 +10,7 @@ from blastq.core.common.errors import InvalidConfig
 
 def test_embedded_defaults_live_under_the_data_dir(tmp_path):
     s = load_settings({"BLASTQ_DATA_DIR": str(tmp_path)})
-    assert s.database_url == f"sqlite:///{tmp_path}/blastq.db"
+    assert s.database_url.get_secret_value() == f"sqlite:///{tmp_path}/blastq.db"
     assert s.store_url == f"file://{tmp_path}/store"
     assert s.engine == "auto" and s.device == "cpu"
 
@@ -128,3 +128,35 @@ def test_the_pipelines_defaults_are_the_settings_defaults_written_once(tmp_path)
     assert pipeline_config(defaults) == PipelineConfig()
     assert whole_slide_config(defaults) == WholeSlideConfig()
     assert setting_default("tile_px") == Settings(data_dir=tmp_path).tile_px == PipelineConfig().tile_px
+
+
+def test_a_password_in_a_url_is_never_in_the_settings_printed_form(tmp_path):
+    url = "postgresql+psycopg://lab:s3cret-pw@db:5432/blastq"
+    s = load_settings(
+        {"BLASTQ_DATA_DIR": str(tmp_path), "BLASTQ_DATABASE_URL": url, "BLASTQ_BROKER_URL": url}
+    )
+    assert "s3cret-pw" not in repr(s) and "s3cret-pw" not in str(s)
+    assert s.database_url.get_secret_value() == url and s.broker_url.get_secret_value() == url
+    with pytest.raises(InvalidConfig) as refused:  # a bad value next to a secret: the error shows no secret
+        load_settings(
+            {"BLASTQ_DATA_DIR": str(tmp_path), "BLASTQ_DATABASE_URL": url, "BLASTQ_MAX_ATTEMPTS": "0"}
+        )
+    assert "s3cret-pw" not in str(refused.value) and "BLASTQ_MAX_ATTEMPTS" in str(refused.value)
+
+
+def test_only_load_settings_reads_the_environment(tmp_path, monkeypatch):
+    from blastq.core.adapters.settings import Settings
+
+    monkeypatch.setenv("BLASTQ_TILE_PX", "384")
+    assert (
+        load_settings({"BLASTQ_DATA_DIR": str(tmp_path)}).tile_px == 256
+    )  # the given mapping, not os.environ
+    assert load_settings().tile_px == 384
+    assert Settings(data_dir=tmp_path).tile_px == 256  # built directly: the values given, nothing else
+
+
+def test_settings_updated_are_checked_like_any_others(tmp_path):
+    s = load_settings({"BLASTQ_DATA_DIR": str(tmp_path)})
+    assert s.updated(watch_settle_s=0.0).watch_settle_s == 0.0 and s.watch_settle_s == 10.0
+    with pytest.raises(InvalidConfig, match="watch_interval_s"):
+        s.updated(watch_interval_s=float("nan"))

@@ -39,7 +39,7 @@ def test_two_apps_keep_their_own_settings(tmp_path):
 
 def test_the_embedded_broker_is_sqlite_under_the_data_dir(tmp_path):
     settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path)})
-    assert settings.broker_url == f"sqla+sqlite:///{tmp_path}/broker.db"
+    assert settings.broker_url.get_secret_value() == f"sqla+sqlite:///{tmp_path}/broker.db"
     # Kombu hands these options to SQLAlchemy's create_engine: no Redis-only keys allowed there.
     assert make_app(settings).conf.broker_transport_options == {"connect_args": {"timeout": 30}}
 

@@ -17,7 +17,7 @@ from blastq.worker.tasks import PROCESS_SLIDE
 def local(tmp_path):
     settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data")})
     app = make_app(settings)
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     yield settings, app, db
     app.resources.close()
     db.dispose()

@@ -58,7 +58,7 @@ def two_registry_workers(registry_service, tmp_path_factory) -> Iterator[list[Wo
 def lab(registry_service, monkeypatch):
     use_service(monkeypatch, registry_service)
     settings = registry_service.settings()
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
     yield settings, db, store
     db.dispose()

@@ -259,7 +259,7 @@ class Lab:
 def lab_of(service: Service, monkeypatch) -> Iterator[Lab]:
     use_service(monkeypatch, service)  # boto3 in this process needs the AWS variables
     settings = service.settings()
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     try:
         yield Lab(
             service, settings, db, open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)

@@ -24,7 +24,7 @@ from blastq.worker.tasks import PROCESS_SLIDE
 def lab(lab_service, monkeypatch):
     use_service(monkeypatch, lab_service)
     settings = lab_service.settings()
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
     yield settings, db, store
     db.dispose()
@@ -102,7 +102,9 @@ def test_the_same_content_again_reuses_its_result_and_force_processes_it_once_mo
     assert (entry.state, entry.reused_result_id) == ("succeeded", result_id)
     job = job_status(db, entry.job_id)
     assert (job.state, job.result_id, job.attempts, job.worker) == ("succeeded", result_id, 0, None)
-    assert redis.Redis.from_url(settings.broker_url).llen("slides") == 0  # nothing was queued
+    assert (
+        redis.Redis.from_url(settings.broker_url.get_secret_value()).llen("slides") == 0
+    )  # nothing was queued
 
     forced = submit(settings, [slide], mpp=0.2, force=True)
     assert forced.jobs[0].state == "queued"
@@ -153,7 +155,7 @@ def queued_without_message(settings, db, store, slide) -> str:
 def test_requeue_sends_a_queued_job_whose_message_was_lost(lab, lab_worker, cli, make_slide):
     settings, db, store = lab
     job_id = queued_without_message(settings, db, store, make_slide(131))
-    assert redis.Redis.from_url(settings.broker_url).llen("slides") == 0
+    assert redis.Redis.from_url(settings.broker_url.get_secret_value()).llen("slides") == 0
 
     requeued = cli("requeue", "--older-than", "0")
     assert requeued.exit_code == 0, requeued.output

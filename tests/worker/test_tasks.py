@@ -36,7 +36,7 @@ class FlakyStore(FileStore):
 def local(tmp_path):
     settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TASK_RETRY_MAX": "3"})
     app = make_app(settings)
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     yield settings, app, db
     app.resources.close()
     db.dispose()

@@ -69,7 +69,7 @@ def trainer(lab_service, tmp_path_factory) -> Iterator[TrainerProcess]:
 def lab(lab_service, monkeypatch):
     use_service(monkeypatch, lab_service)
     settings = lab_service.settings()
-    db = connect(settings.database_url)
+    db = connect(settings.database_url.get_secret_value())
     yield settings, db
     db.dispose()
 

@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def folder(tmp_path) -> Path:
 
 @pytest.fixture
 def db(settings):
-    engine = connect(settings.database_url)
+    engine = connect(settings.database_url.get_secret_value())
     yield engine
     engine.dispose()
 
@@ -268,7 +267,7 @@ def test_a_claim_left_by_a_dead_watcher_is_taken_over_without_a_second_job(
 def test_two_watchers_racing_on_one_folder_submit_each_file_once(make_watcher, settings, folder, db):
     for i in range(6):
         write_image(folder / f"slide_{i}.png", i)
-    eager = replace(settings, watch_settle_s=0.0)
+    eager = settings.updated(watch_settle_s=0.0)
     watchers = [make_watcher(settings=eager, clock=time.monotonic) for _ in range(2)]
     start = threading.Barrier(2)
     submitted: list[str] = []
@@ -408,7 +407,7 @@ def test_a_message_the_broker_refused_is_sent_on_the_next_scan(make_watcher, set
 
 def test_a_database_that_does_not_answer_is_a_retry_not_a_crash(make_watcher, settings, folder):
     write_image(folder / "slide.png", 1)
-    down = replace(settings, database_url="postgresql+psycopg://blastq@127.0.0.1:1/blastq")
+    down = settings.updated(database_url="postgresql+psycopg://blastq@127.0.0.1:1/blastq")
     watcher = make_watcher(settings=down)
     for now in (0, 10):
         (event,) = watcher.scan_once(now).events
@@ -516,7 +515,7 @@ def test_watch_once_submits_a_folder_and_a_worker_processes_it(
     job_ids = [line.split(" job ")[1].split()[0] for line in watched.output.splitlines() if " job " in line]
     assert len(job_ids) == 2
 
-    db = connect(lab_service.settings().database_url)
+    db = connect(lab_service.settings().database_url.get_secret_value())
     try:
 
         def finished():
