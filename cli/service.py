@@ -144,6 +144,8 @@ def _wait(settings, batch_id: str, total: int):
 )
 @click.option(
     "--concurrency",
+    "--worker-concurrency",
+    "concurrency",
     type=click.IntRange(1),
     help="Worker processes (default: BLASTQ_WORKER_CONCURRENCY or 1).",
 )
@@ -449,12 +451,14 @@ def upgrade() -> None:
 )
 @click.option(
     "--settle",
+    "--watch-settle-s",
     "settle_s",
     type=click.FloatRange(0),
     help="Seconds a file must stay unchanged to be complete (default: BLASTQ_WATCH_SETTLE_S or 10).",
 )
 @click.option(
     "--interval",
+    "--watch-interval-s",
     "interval_s",
     type=click.FloatRange(0.01),
     help="Seconds between scans (default: BLASTQ_WATCH_INTERVAL_S or 2).",

@@ -19,7 +19,11 @@ RUN_COLUMNS = ("id", "state", "version", "epoch", "attempts", "created_at", "err
 
 @click.group(invoke_without_command=True, context_settings=CONTEXT)
 @click.option(
-    "--concurrency", default=1, show_default=True, type=click.IntRange(1), help="Training processes."
+    "--concurrency",
+    "--worker-concurrency",
+    "concurrency",
+    type=click.IntRange(1),
+    help="Training processes (default: BLASTQ_WORKER_CONCURRENCY or 1).",
 )
 @click.option(
     "--device", help="cpu or cuda:N (default: BLASTQ_DEVICE or cpu); CUDA trains in mixed precision."
@@ -33,7 +37,9 @@ RUN_COLUMNS = ("id", "state", "version", "epoch", "attempts", "created_at", "err
 )
 @click.option("--loglevel", default="INFO", show_default=True, help="Celery log level.")
 @click.pass_context
-def trainer(ctx: click.Context, concurrency: int, device: str | None, pool: str, loglevel: str) -> None:
+def trainer(
+    ctx: click.Context, concurrency: int | None, device: str | None, pool: str, loglevel: str
+) -> None:
     """Run training jobs from the `train` queue (`blastq train --submit`) until stopped.
 
     Progress goes to the training_runs table; each epoch's state goes to the store, so a killed

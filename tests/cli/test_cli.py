@@ -515,3 +515,25 @@ def test_blastq_train_shows_the_defaults_a_training_run_uses():
     assert {o: options[o] for o in fields} == {o: defaults[f] for o, f in fields.items()}
     assert tuple(options["synth_families"].split(",")) == defaults["synth_families"]
     assert tuple(options["synth_mpp"]) == (defaults["synth_mpp_min"], defaults["synth_mpp_max"])
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "setting"),
+    [
+        (["worker"], "concurrency", "worker_concurrency"),
+        (["trainer"], "concurrency", "worker_concurrency"),
+        (["watch"], "settle_s", "watch_settle_s"),
+        (["watch"], "interval_s", "watch_interval_s"),
+    ],
+)
+def test_an_option_that_sets_a_setting_is_also_named_after_it_and_defaults_to_it(
+    command, option, setting, tmp_path
+):
+    cmd = main
+    for name in command:
+        cmd = cmd.commands[name]
+    (param,) = [p for p in cmd.params if p.name == option]
+    # BLASTQ_WORKER_CONCURRENCY <-> --worker-concurrency, beside the short name the CLI always had
+    assert f"--{setting.replace('_', '-')}" in param.opts
+    ctx = cmd.make_context(cmd.name, [str(tmp_path)] if command == ["watch"] else [])
+    assert ctx.params[option] is None  # not given: the setting (variable, TOML file or default) decides
