@@ -211,8 +211,7 @@ def _failure_line(path: Path, exc: Exception) -> str:
     the image, by path or name) gives its reason; one about another file (a model, say) names that file."""
     if not isinstance(exc, BlastqError):
         return f"FAILED {path}: internal error ({type(exc).__name__}: {exc})"
-    about_image = exc.path in (str(path), path.name)
-    return f"FAILED {path}: {exc.reason if about_image else exc}"
+    return f"FAILED {path}: {exc.reason_for(path, path.name)}"
 
 
 @main.command(context_settings=CONTEXT)

@@ -14,7 +14,7 @@ from blastq.core.common import TransientError
 
 MAX_BACKOFF_S = 60
 
-__all__ = ["MAX_BACKOFF_S", "RETRY_POLICY", "retries_left", "worker_name"]
+__all__ = ["MAX_BACKOFF_S", "RETRY_POLICY", "worker_name"]
 
 RETRY_POLICY = {
     "autoretry_for": (TransientError,),
@@ -27,8 +27,3 @@ RETRY_POLICY = {
 def worker_name() -> str:
     """host/pid of this process, as recorded in the job row (the pid names the process to signal)."""
     return f"{socket.gethostname()}/{os.getpid()}"
-
-
-def retries_left(retries: int, max_retries: int) -> bool:
-    """Whether a task on its `retries`-th retry may be retried again (Celery then does it)."""
-    return retries < max_retries

@@ -170,8 +170,7 @@ def submit(
                 # Read from the header (the scale from metadata): the worker's key for the same inputs.
                 key = result_key_of(settings, model, path, mpp)
             except InvalidSlide as exc:
-                reason = exc.reason if exc.path == str(path) else str(exc)
-                entries.append(SubmittedFile(str(path), None, "error", reason=reason))
+                entries.append(SubmittedFile(str(path), None, "error", reason=exc.reason_for(path)))
                 continue
             suffix = path.suffix.lower()
             input_key = f"inputs/{sha256}{suffix if suffix[1:].isalnum() else '.bin'}"

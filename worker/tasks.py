@@ -31,7 +31,7 @@ from blastq.core.pipeline import (
     process_whole_slide,
     whole_slide_config,
 )
-from blastq.worker.retry import RETRY_POLICY, retries_left, worker_name
+from blastq.worker.retry import RETRY_POLICY, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"
 TRAIN_MODEL = "blastq.train_model"  # its body: blastq.worker.training.run_training_job
@@ -74,12 +74,12 @@ def run_job(task: Task, job_id: str) -> str | None:
             data = path.read_bytes()
         slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
         result = process_slide(slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier)
-        saved = persist_result(result, store=store, db=db, artifacts=render_artifacts(result, slide.rgb))
-        _finish(db, job, saved.result_id)
-        log.info("job %s: %s succeeded (result %s)", job_id, job.filename, saved.result_id)
+        result_id = persist_result(result, store=store, db=db, artifacts=render_artifacts(result, slide.rgb))
+        _finish(db, job, result_id)
+        log.info("job %s: %s succeeded (result %s)", job_id, job.filename, result_id)
         return "succeeded"
     except TransientError as exc:
-        if retries_left(retries, settings.task_retry_max):
+        if retries < settings.task_retry_max:  # else Celery would give up: fail the row here
             log.warning("job %s: %s; retry %d of %d", job_id, exc, retries + 1, settings.task_retry_max)
             raise  # Celery retries it (RETRY_POLICY: backoff with jitter)
         _fail(resources, job_id, f"{exc} (gave up after {retries} retries)")
@@ -108,7 +108,7 @@ def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) 
             wsi=wsi,
             classifier=loaded.classifier,
         )
-    return persist_result(result, store=store, db=db).result_id
+    return persist_result(result, store=store, db=db)
 
 
 def _finish(db, job, result_id: int) -> None:

@@ -34,7 +34,7 @@ from blastq.core.adapters import (
 from blastq.core.common import BlastqError, TransientError
 from blastq.core.segment import load_plain
 from blastq.trainer.train import TrainConfig, TrainResult, read_run_record, train
-from blastq.worker.retry import retries_left, worker_name
+from blastq.worker.retry import worker_name
 
 if TYPE_CHECKING:
     from celery import Task
@@ -101,7 +101,7 @@ def run_training_job(task: Task, run_id: str) -> str | None:
         log.info(f"succeeded: {cfg.version} best epoch {result.best_epoch}, val loss {result.best_val_loss}")
         return "succeeded"
     except TransientError as exc:
-        if retries_left(retries, settings.task_retry_max):
+        if retries < settings.task_retry_max:  # else Celery would give up: fail the row here
             log.warning(f"{exc}; retry {retries + 1} of {settings.task_retry_max}")
             raise  # Celery retries it (worker.retry.RETRY_POLICY: backoff with jitter)
         _fail(resources, run_id, f"{exc} (gave up after {retries} retries)")

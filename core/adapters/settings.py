@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BLASTQ_", frozen=True, extra="forbid")
 
-    data_dir: Path = Field(default_factory=lambda: _default_data_dir())
+    data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: SecretStr = SecretStr("")  # default: sqlite:///<data_dir>/blastq.db
     # default: Kombu's SQLAlchemy transport on SQLite, sqla+sqlite:///<data_dir>/broker.db; or redis://...
     broker_url: SecretStr = SecretStr("")
@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         }
         for name, default in derived.items():
             value = values.get(name)
-            if not (value.get_secret_value() if isinstance(value, SecretStr) else value):
+            if not _plain(value):
                 values[name] = default
         return values
 
@@ -277,7 +277,7 @@ def _one_line(exc: ValidationError) -> str:
     error = exc.errors(include_url=False)[0]
     name = ".".join(str(part) for part in error["loc"]) or "settings"
     shown = error.get("input")
-    if name in Settings.model_fields and "secret" in str(Settings.model_fields[name].annotation).lower():
+    if name in Settings.model_fields and Settings.model_fields[name].annotation is SecretStr:
         shown = "***"
     return f"setting {name} (BLASTQ_{name.upper()}): {error['msg']} (got {shown!r})"
 

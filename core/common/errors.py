@@ -28,6 +28,11 @@ class BlastqError(Exception):
     def __str__(self) -> str:
         return self.reason if self.path is None else f"{self.path}: {self.reason}"
 
+    def reason_for(self, *names: str | os.PathLike[str]) -> str:
+        """What to print after a file the caller names already: the reason alone when the error is about
+        that file (by any of `names`), else the whole line, which names the other file (a model, say)."""
+        return self.reason if self.path in {os.fspath(n) for n in names} else str(self)
+
     def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (processes, Celery): the fields survive
         return (_rebuild, (type(self), self.reason, self.path, self.value))
 

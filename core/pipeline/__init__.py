@@ -26,7 +26,6 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         ),
         "runner": (
             "LocalRunner",
-            "Persisted",
             "SAMPLE_FILE_PREFIX",
             "model_checkpoint",
             "persist_result",

@@ -10,8 +10,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from sqlalchemy.engine import Engine as DatabaseEngine
+from typing import TYPE_CHECKING
 
 from blastq.core.adapters import (
     REGISTRY_MODEL,
@@ -38,6 +37,9 @@ from blastq.core.outputs import Artifact, render_artifacts, sample_artifacts, su
 from blastq.core.pipeline.field import PipelineConfig, SlideResult, pipeline_config, process_slide
 from blastq.core.pipeline.wholeslide import WholeSlideResult, process_whole_slide, whole_slide_config
 from blastq.core.segment import Engine, ModelInfo, load_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine as DatabaseEngine
 
 
 @dataclass
@@ -93,8 +95,8 @@ class LocalRunner:
         slide = read_slide(path, mpp=mpp, max_pixels=self.settings.max_pixels)
         result = process_slide(slide, self.engine, self.info, self.config, progress, self.classifier)
         artifacts = render_artifacts(result, slide.rgb)
-        saved = persist_result(result, store=self.store, db=self.db, artifacts=artifacts)
-        self._add_to_sample(saved.result_id, sample)
+        result_id = persist_result(result, store=self.store, db=self.db, artifacts=artifacts)
+        self._add_to_sample(result_id, sample)
         if out_folder is not None:
             Path(out_folder).mkdir(parents=True, exist_ok=True)
             for a in artifacts:
@@ -128,8 +130,7 @@ class LocalRunner:
                 classifier=self.classifier,
                 progress=progress,
             )
-            saved = persist_result(result, store=self.store, db=self.db)
-            self._add_to_sample(saved.result_id, sample)
+            self._add_to_sample(persist_result(result, store=self.store, db=self.db), sample)
         return result
 
     def _add_to_sample(self, result_id: int | None, sample: str | None) -> None:
@@ -148,25 +149,18 @@ class LocalRunner:
         return sample_result(name, images, self.config.blast_threshold_percent, self.config.min_white_cells)
 
 
-@dataclass(frozen=True)
-class Persisted:
-    """Where a result was saved: its files' prefix in the store, its row's id (None with no database)."""
-
-    prefix: str
-    result_id: int | None
-
-
 def persist_result(
     result: SlideResult | WholeSlideResult,
     *,
     store: ObjectStore | None,
     db: DatabaseEngine | None,
     artifacts: list[Artifact] | None = None,
-) -> Persisted:
+) -> int | None:
     """Save a result the one way `blastq run` and the worker both do: its files to the store under the
     prefix its key names (a field's `artifacts`, rendered by the caller, who may also want them in a
     folder; a whole slide's files already written), then its row and cells. Files first: a recorded row
-    always has its files. A store or database left out (`blastq run --no-record`) is skipped."""
+    always has its files. A store or database left out (`blastq run --no-record`) is skipped. Returns
+    the row's id (None with no database)."""
     prefix = slide_prefix(result.sha256, result.model_version, result.params_key)
     if isinstance(result, SlideResult):
         if artifacts is None:
@@ -180,7 +174,7 @@ def persist_result(
         if store is not None:
             store_files(store, prefix, result.files)
     result_id = record_result(db, summary_dict(result), cells, prefix) if db is not None else None
-    return Persisted(prefix, result_id)
+    return result_id
 
 
 CONTENT_TYPES = {

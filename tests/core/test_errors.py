@@ -55,3 +55,12 @@ def test_a_missing_row_is_a_blastq_error_that_names_its_key(tmp_path):
         finish_job(db, "no-such-job", 1)
     assert caught.value.value == "no-such-job" and str(caught.value) == "no job no-such-job"
     assert isinstance(caught.value, LookupError)  # callers that caught LookupError still do
+
+
+def test_the_reason_alone_follows_a_file_already_named_else_the_whole_line():
+    about_image = InvalidSlide("truncated PNG", path="/data/a.png")
+    assert about_image.reason_for(Path("/data/a.png")) == "truncated PNG"
+    assert about_image.reason_for("/elsewhere/a.png", "a.png") == "/data/a.png: truncated PNG"
+    about_model = ModelInvalid("not a blastq model checkpoint", path="/models/m.pt")
+    assert about_model.reason_for("/data/a.png", "a.png") == "/models/m.pt: not a blastq model checkpoint"
+    assert InvalidSlide("no pixel has a value").reason_for("a.png") == "no pixel has a value"
