@@ -12,6 +12,7 @@ from blastq.cli.classify import register as register_classify_commands
 from blastq.cli.models import register as register_model_commands
 from blastq.cli.service import register as register_service_commands
 from blastq.cli.trainer import register as register_trainer_commands
+from blastq.cli.web import register as register_web_commands
 from blastq.core.common import BlastqError
 from blastq.trainer.defaults import TRAIN_DEFAULTS
 
@@ -600,6 +601,7 @@ def config() -> None:
 register_service_commands(main)
 register_model_commands(main)
 register_trainer_commands(main)
+register_web_commands(main)
 register_classify_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover

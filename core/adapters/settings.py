@@ -39,6 +39,7 @@ def _default_data_dir() -> Path:
     return Path(base) / "blastq"
 
 
+KEYS = frozenset({"secret_key"})  # secrets that are not URLs: never shown, even in part
 _CHECKED = {"allow_inf_nan": False}  # NaN passes no comparison: refused like any other bad number
 
 
@@ -98,6 +99,13 @@ class Settings(BaseSettings):
     # `blastq watch`: a file claimed but not submitted this long belongs to a dead watcher and is taken
     # over; keep it above the longest upload of one slide.
     watch_claim_timeout_s: float = Field(300.0, ge=1, **_CHECKED)
+    # `blastq serve`: the key its session cookies are signed with; default: a random key kept in
+    # <data_dir>/session-key (made on first use, readable by its owner only). Set the same key on every
+    # process behind one proxy.
+    secret_key: SecretStr = SecretStr("")
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, **_CHECKED)  # a review session's lifetime
+    # Where `blastq serve` posts a signed-off sample's HL7 v2 ORU^R01 message (HTTP POST); "" posts nothing.
+    lis_url: str = ""
 
     @classmethod
     def settings_customise_sources(
@@ -160,8 +168,13 @@ class Settings(BaseSettings):
             raise InvalidConfig(_one_line(exc)) from None
 
     def describe(self) -> dict[str, str]:
-        """Settings as printable strings, passwords masked."""
-        return {name: mask_secret(str(_plain(value))) for name, value in self}
+        """Settings as printable strings, passwords masked; a key (not a URL) shown only as set or not."""
+        return {
+            name: ("(set)" if value.get_secret_value() else "")
+            if name in KEYS
+            else mask_secret(str(_plain(value)))
+            for name, value in self
+        }
 
 
 def _plain(value: Any) -> Any:

@@ -67,8 +67,11 @@ def crops_from_instances(
     return crops
 
 
-def normalise_crop(crop: CellCrop, mpp: float = CROP_MPP, size_px: int = CROP_PX) -> CellCrop:
-    """The crop at `mpp`, `size_px` square, centred on the cell's centroid, outside the cell blanked.
+def normalise_crop(
+    crop: CellCrop, mpp: float = CROP_MPP, size_px: int = CROP_PX, blank: bool = True
+) -> CellCrop:
+    """The crop at `mpp`, `size_px` square, centred on the cell's centroid, outside the cell blanked
+    (with `blank=False` its neighbours stay: what a person reviewing the cell wants to see).
 
     A cell larger than the window is cut at the window's edge (its measurements then come out smaller:
     such cells are rare at 25.6 um and the classifiers still see most of them).
@@ -85,7 +88,7 @@ def normalise_crop(crop: CellCrop, mpp: float = CROP_MPP, size_px: int = CROP_PX
     if cell.any():
         cy, cx = (int(round(v)) for v in ndi.center_of_mass(cell))
         near = ndi.binary_dilation(cell, iterations=max(1, int(round(CONTEXT_UM / mpp))))
-        shown = np.where(near[..., None], rgb, np.uint8(BLANK))
+        shown = np.where(near[..., None], rgb, np.uint8(BLANK)) if blank else rgb
         # Paste the window [cy - size/2, cy + size/2) of the source into the output.
         top, left = cy - size_px // 2, cx - size_px // 2
         sy0, sx0 = max(0, top), max(0, left)
@@ -96,6 +99,14 @@ def normalise_crop(crop: CellCrop, mpp: float = CROP_MPP, size_px: int = CROP_PX
         out_cell[region] = cell[sy0:sy1, sx0:sx1]
         out_nucleus[region] = nucleus[sy0:sy1, sx0:sx1]
     return CellCrop(out_rgb, out_cell, out_nucleus, mpp)
+
+
+def blank_outside(crop: CellCrop) -> CellCrop:
+    """A normalised crop kept with its neighbours (`normalise_crop(blank=False)`) as the classifiers see
+    it: everything farther than CONTEXT_UM from the cell white. The same pixels as `normalise_crop`, but
+    for a cell cut at the window's edge, whose edge margin inside the window is all that is known."""
+    near = ndi.binary_dilation(crop.cell, iterations=max(1, int(round(CONTEXT_UM / crop.mpp))))
+    return CellCrop(np.where(near[..., None], crop.rgb, np.uint8(BLANK)), crop.cell, crop.nucleus, crop.mpp)
 
 
 def crops_to_array(crops: Iterable[CellCrop]) -> np.ndarray:

@@ -23,6 +23,13 @@ VERDICT_NOT_FLAGGED = "not flagged"
 VERDICT_INSUFFICIENT = "insufficient cells"
 VERDICTS = (VERDICT_FLAGGED, VERDICT_NOT_FLAGGED, VERDICT_INSUFFICIENT)
 
+# The classes a person may give a cell on review: the six types, a white cell nobody can type
+# ("unidentified", still counted), and two that are not counted as white cells: a smudge (a broken
+# cell, reported apart as labs do) and an artefact (not a cell: debris, stain, a red-cell clump).
+UNIDENTIFIED, SMUDGE, ARTEFACT = "unidentified", "smudge", "artefact"
+REVIEW_CLASSES: tuple[str, ...] = (*CELL_TYPES, UNIDENTIFIED, SMUDGE, ARTEFACT)
+NOT_COUNTED: tuple[str, ...] = (SMUDGE, ARTEFACT)
+
 
 @dataclass(frozen=True)
 class SlideStats:
@@ -79,6 +86,33 @@ def slide_stats(
     return _stats(
         white, blasts, differential, sum(1 for c in cells if c.review), threshold_percent, min_white_cells
     )
+
+
+def analyser_class(cell_type: str, label: str) -> str:
+    """The class the analyser gave a cell, among REVIEW_CLASSES: its type, or with no classifier the
+    segmentation's blast call, else unidentified."""
+    if cell_type in CELL_TYPES:
+        return cell_type
+    return "blast" if label == LABEL_BLAST else UNIDENTIFIED
+
+
+def class_stats(
+    classes: Sequence[str],
+    threshold_percent: float = DEFAULT_BLAST_THRESHOLD_PERCENT,
+    min_white_cells: int = DEFAULT_MIN_WHITE_CELLS,
+) -> SlideStats:
+    """Figures from one class per cell (REVIEW_CLASSES): what review recomputes as cells are reclassified.
+
+    Smudges and artefacts are not white cells; the differential counts every class that is, unidentified
+    included, so its percentages add up to 100."""
+    unknown = sorted(set(classes) - set(REVIEW_CLASSES))
+    if unknown:
+        raise ValueError(f"unknown cell classes {unknown} (one of {', '.join(REVIEW_CLASSES)})")
+    counted = [c for c in classes if c not in NOT_COUNTED]
+    names = (*CELL_TYPES, UNIDENTIFIED)
+    counts = {name: sum(1 for c in counted if c == name) for name in names}
+    blasts = counts["blast"]
+    return _stats(len(counted), blasts, counts if counted else {}, 0, threshold_percent, min_white_cells)
 
 
 def pooled_stats(

@@ -68,6 +68,15 @@ class NotFound(BlastqError, LookupError):
     is the key."""
 
 
+class ReviewConflict(BlastqError):
+    """A review step that the sample's review state or the person's part does not allow: reclassifying a
+    signed-off sample, signing off one nobody completed, signing off one's own review."""
+
+
+class NotAllowed(BlastqError):
+    """The signed-in person's role does not allow this (a viewer reclassifying, a technologist signing)."""
+
+
 class InvalidDataset(BlastqError):
     """A training or evaluation folder has no usable image/mask pairs."""
 

@@ -38,6 +38,9 @@ OUTPUT_NAMES = frozenset(
         "overlay.png",
         "cells.csv",
         "cells.geojson",
+        "gallery.png",
+        "gallery-labels.png",
+        "gallery.json",
         "summary.json",
         "report.html",
     }

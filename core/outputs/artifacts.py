@@ -25,6 +25,7 @@ from blastq.core.cells import (
     VERDICT_FLAGGED,
     VERDICT_INSUFFICIENT,
     VERDICT_NOT_FLAGGED,
+    CellGallery,
     CellMaps,
     CellRecord,
     SampleResult,
@@ -59,6 +60,7 @@ class FieldResult(ResultFields, Protocol):
     """A field's result (core.pipeline's SlideResult): the fields and the maps every file is drawn from."""
 
     maps: CellMaps
+    gallery: CellGallery | None
 
 
 ARTIFACT_NAMES = (
@@ -70,6 +72,9 @@ ARTIFACT_NAMES = (
     "cells.geojson",
     "summary.json",
     "report.html",
+    "gallery.png",
+    "gallery-labels.png",
+    "gallery.json",
 )
 # Outline colours (RGB): blasts red, other white cells green; QuPath shows the same colours.
 COLOUR_WHITE_CELL = (0, 200, 0)
@@ -325,4 +330,16 @@ def render_artifacts(result: FieldResult, rgb: np.ndarray) -> list[Artifact]:
         Artifact("cells.geojson", cells_geojson(maps), "application/geo+json"),
         Artifact("summary.json", json.dumps(summary_dict(result), indent=2).encode(), "application/json"),
         Artifact("report.html", report_html(result, outlined), "text/html"),
+        *gallery_artifacts(result.gallery),
+    ]
+
+
+def gallery_artifacts(gallery) -> list[Artifact]:
+    """The gallery sheets and their index (core.cells.gallery); none for a result without one."""
+    if gallery is None:
+        return []
+    return [
+        Artifact("gallery.png", png_bytes(gallery.rgb), "image/png"),
+        Artifact("gallery-labels.png", png_bytes(gallery.labels), "image/png"),
+        Artifact("gallery.json", json.dumps(gallery.index()).encode(), "application/json"),
     ]

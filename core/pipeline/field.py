@@ -21,8 +21,10 @@ from blastq.core.adapters import Settings, setting_default
 from blastq.core.cells import (
     BlastCaller,
     CellClassifier,
+    CellGallery,
     CellMaps,
     SlideStats,
+    build_gallery,
     call_rule,
     caller_setting,
     extract_cells,
@@ -110,6 +112,7 @@ class SlideResult:
     classifier_version: str = ""  # "" when no classifier typed the cells
     mpp_confidence: float | None = None  # of an estimated scale (core.image.scale); None for a given one
     blast_call: str = ""  # how blasts were called (core.cells.blastcall.call_rule)
+    gallery: CellGallery | None = None  # every cell's crop, for review and for learning from it
 
 
 def check_slide(slide: Slide, info: ModelInfo) -> None:
@@ -260,6 +263,7 @@ def process_slide(
     if classifier is not None:
         # Crops come from the model's view of the slide: the classifiers were trained on that.
         maps = type_cells(maps, work, info.mpp, classifier)
+    gallery = build_gallery(maps.instances, maps.nuclei, [c.cell_id for c in maps.cells], work, info.mpp)
     stats = slide_stats(maps.cells, config.blast_threshold_percent, config.min_white_cells)
     height, width = slide.rgb.shape[:2]
     model = ModelIdentity.of(info, classifier.info.sha256 if classifier is not None else "")
@@ -280,6 +284,7 @@ def process_slide(
         classifier_version=classifier.info.version if classifier is not None else "",
         blast_call=call_rule(config.blast_cell_threshold, config.blast_caller),
         mpp_confidence=slide.mpp_confidence,
+        gallery=gallery,
     )
 
 

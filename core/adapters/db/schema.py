@@ -26,6 +26,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 MODEL_STATES = ("candidate", "promoted", "retired")
 LEDGER_STATES = ("seen", "submitted", "rejected")
+ROLES = ("viewer", "technologist", "pathologist", "admin")
+# A sample's review: "in review" (cells being reclassified), "reviewed" (a technologist completed it,
+# waiting for a pathologist), "signed off" (locked; an amendment opens a new version). A sample with no
+# review row is "pre-classified": the analyser's call, unreviewed.
+REVIEW_STATES = ("in review", "reviewed", "signed off")
 MAX_ERROR_CHARS = 2000
 
 # Explicit names for every constraint and index, so a migration written on SQLite drops or alters the
@@ -292,3 +297,87 @@ class TrainingRunRow(Base):
 
 
 runs_table = TrainingRunRow.__table__
+
+
+# --- the review station (migration 0006) ------------------------------------------------------------
+
+
+class UserRow(Base):
+    """A local account of the review station; the password only as an argon2 hash."""
+
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(one_of("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    full_name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    active: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReviewRow(Base):
+    """One version of a sample's review. Version 1 opens on the first reclassification (or completion);
+    an amendment of a signed-off version opens the next, which starts from the signed one's labels."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint(one_of("state", REVIEW_STATES), name="state"),
+        UniqueConstraint("sample_id", "version", name="uq_reviews_sample_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    opened_by: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    signed_by: Mapped[str | None] = mapped_column(String(64))
+    signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    amendment_reason: Mapped[str | None] = mapped_column(Text)
+    # At sign-off: the figures before and after review, the verdicts and the model versions (JSON), so
+    # the signed report reads the same whatever happens to the rows later.
+    signed_figures: Mapped[dict | None] = mapped_column(JSON)
+
+
+class CellLabelRow(Base):
+    """A person's class for one cell in one review version. The cell is named by its result and its id
+    within the result (stable: a result re-recorded under the same key has the same cells)."""
+
+    __tablename__ = "cell_labels"
+    __table_args__ = (UniqueConstraint("review_id", "result_id", "cell_id", name="uq_cell_labels_cell"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id", ondelete="CASCADE"), index=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    cell_id: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(16))
+    labelled_by: Mapped[str] = mapped_column(String(64))
+    labelled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class AuditRow(Base):
+    """Every change a person makes to a sample's review: who, when, what (a cell from -> to, a state)."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    review_version: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    username: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(24))  # reclassify, complete, sign off, amend
+    result_id: Mapped[int | None] = mapped_column(Integer)
+    cell_id: Mapped[int | None] = mapped_column(Integer)
+    from_label: Mapped[str | None] = mapped_column(String(16))
+    to_label: Mapped[str | None] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+
+
+users_table = UserRow.__table__
+reviews_table = ReviewRow.__table__
+labels_table = CellLabelRow.__table__
+audit_table = AuditRow.__table__

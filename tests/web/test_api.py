@@ -1,0 +1,230 @@
+"""The review station's pages and JSON API against the real PostgreSQL: sign-in, roles, CSRF, the review
+steps, the report, CSV and the HL7 message (parsed back by hl7apy)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+
+import pytest
+from hl7apy.parser import parse_message
+from webkit import PASSWORDS, sign_in
+
+
+def test_nothing_but_health_answers_without_sign_in(client, station, app):
+    sample_id, _ = station.new_sample()
+    assert client.get("/healthz").text == "ok"
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if path.startswith("/static") or path in ("/healthz", "/login", "/logout"):
+            continue
+        url = path.format(sample_id=sample_id, result_id=station.result_id, cell_id=1)
+        url += "?sample=1" if path.endswith("/view") else ""
+        for method in route.methods - {"HEAD"}:
+            response = client.request(method, url, follow_redirects=False)
+            if path.startswith("/api/"):
+                assert response.status_code == 401, (method, url)
+            else:
+                assert response.status_code == 303 and response.headers["location"].startswith("/login"), url
+
+
+def test_a_wrong_password_signs_nobody_in(client):
+    page = client.get("/login").text
+    token = page.split('name="csrf" value="')[1].split('"')[0]
+    response = client.post("/login", data={"username": "ana", "password": "wrong-password", "csrf": token})
+    assert response.status_code == 401 and "Wrong name or password" in response.text
+    assert client.get("/api/me").status_code == 401
+
+
+def test_sign_in_needs_the_forms_csrf_token_and_never_redirects_off_site(client):
+    response = client.post("/login", data={"username": "ana", "password": PASSWORDS["ana"], "csrf": "forged"})
+    assert response.status_code == 403
+    page = client.get("/login?next=//evil.example/x").text
+    token = page.split('name="csrf" value="')[1].split('"')[0]
+    response = client.post(
+        "/login",
+        data={"username": "ana", "password": PASSWORDS["ana"], "csrf": token, "next": "//evil.example/x"},
+        follow_redirects=False,
+    )
+    assert response.headers["location"] == "/"
+
+
+def test_a_change_without_the_csrf_header_is_refused(as_user, station):
+    sample_id, _ = station.new_sample()
+    client = as_user("ana")
+    key = client.get(f"/api/samples/{sample_id}").json()["cells"][0]["key"]
+    response = client.post(
+        f"/api/samples/{sample_id}/reclassify",
+        json={"cells": [key], "to": "blast"},
+        headers={"X-CSRF-Token": ""},
+    )
+    assert response.status_code == 403
+    assert client.get(f"/api/samples/{sample_id}").json()["state"] == "pre-classified"
+
+
+def test_a_viewer_sees_but_cannot_reclassify(as_user, station):
+    sample_id, name = station.new_sample()
+    client = as_user("vic")
+    review = client.get(f"/api/samples/{sample_id}").json()
+    assert review["sample"] == name and review["cells"]
+    response = client.post(
+        f"/api/samples/{sample_id}/reclassify", json={"cells": [review["cells"][0]["key"]], "to": "smudge"}
+    )
+    assert response.status_code == 403 and "viewer" in response.json()["detail"]
+    assert 'data-locked="true"' in client.get(f"/samples/{sample_id}").text
+
+
+def test_review_to_sign_off_through_the_api(as_user, station, client):
+    sample_id, name = station.new_sample()
+    client = as_user("ana")
+    review = client.get(f"/api/samples/{sample_id}").json()
+    normal = next(c for c in review["cells"] if c["current"] != "blast")
+    changed = client.post(
+        f"/api/samples/{sample_id}/reclassify", json={"cells": [normal["key"]], "to": "blast"}
+    ).json()
+    assert changed["after"]["blasts"] == review["after"]["blasts"] + 1
+    assert changed["before"] == review["before"] and changed["state"] == "in review"
+    assert client.post(f"/api/samples/{sample_id}/complete").json()["state"] == "reviewed"
+    assert client.post(f"/api/samples/{sample_id}/sign-off").status_code == 403  # a technologist
+
+    client.post("/logout", data={"csrf": client.headers["X-CSRF-Token"]})
+    client = as_user("pat")
+    signed = client.post(f"/api/samples/{sample_id}/sign-off").json()
+    assert (signed["state"], signed["signed_by"]) == ("signed off", "pat")
+    locked = client.post(
+        f"/api/samples/{sample_id}/reclassify", json={"cells": [normal["key"]], "to": "smudge"}
+    )
+    assert locked.status_code == 409 and "amend" in locked.json()["detail"]
+    amended = client.post(f"/api/samples/{sample_id}/amend", json={"reason": "re-read"}).json()
+    assert (amended["state"], amended["version"]) == ("in review", 2)
+    trail = client.get(f"/api/samples/{sample_id}/audit").json()
+    assert [a["action"] for a in trail] == ["open", "reclassify", "complete", "sign off", "amend"]
+    assert trail[1]["username"] == "ana" and trail[1]["to_label"] == "blast"
+
+
+def test_the_hl7_message_parses_back_with_the_reviewed_figures(as_user, station):
+    sample_id, name = station.new_sample("HL7|^~&")
+    client = as_user("ana")
+    review = client.get(f"/api/samples/{sample_id}").json()
+    key = review["cells"][0]["key"]
+    after = client.post(
+        f"/api/samples/{sample_id}/reclassify", json={"cells": [key], "to": "eosinophil"}
+    ).json()
+    response = client.get(f"/samples/{sample_id}/oru.hl7")
+    assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
+    message = parse_message(response.text, find_groups=True)
+    assert message.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    order = message.oru_r01_patient_result.oru_r01_order_observation
+    assert order.obr.obr_25.to_er7() == "P"  # not signed off: preliminary
+    values = {
+        obx.obx.obx_3.to_er7().split("^")[0]: obx.obx.obx_5.to_er7() for obx in order.oru_r01_observation
+    }
+    assert values["BQ-WBC"] == str(after["after"]["white_cells"])
+    assert float(values["BQ-EOS"]) == pytest.approx(
+        after["after"]["differential"]["eosinophil"]["percent"], abs=0.05
+    )
+    assert values["BQ-VERDICT"] == after["after"]["verdict"]
+    assert "HL7" in message.oru_r01_patient_result.oru_r01_patient.pid.pid_3.to_er7()  # delimiters replaced
+
+
+def test_the_csv_has_every_cell_with_both_classes(as_user, station):
+    sample_id, _ = station.new_sample()
+    client = as_user("ana")
+    review = client.get(f"/api/samples/{sample_id}").json()
+    key = review["cells"][1]["key"]
+    client.post(f"/api/samples/{sample_id}/reclassify", json={"cells": [key], "to": "artefact"})
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/samples/{sample_id}/cells.csv").text)))
+    assert len(rows) == len(review["cells"])
+    [row] = [r for r in rows if f"{r['result_id']}-{r['cell_id']}" == key]
+    assert (row["reviewed_class"], row["labelled_by"]) == ("artefact", "ana")
+
+
+def test_cells_and_overlays_are_served_only_through_their_rows(as_user, station):
+    sample_id, _ = station.new_sample()
+    client = as_user("vic")
+    key = client.get(f"/api/samples/{sample_id}").json()["cells"][0]["key"]
+    result_id, cell_id = key.split("-")
+    crop = client.get(f"/cells/{result_id}/{cell_id}.png")
+    assert crop.status_code == 200 and crop.content.startswith(b"\x89PNG")
+    assert client.get(f"/cells/{result_id}/999999.png").status_code == 404
+    assert client.get("/cells/999999/1.png").status_code == 404
+    assert client.get(f"/results/{result_id}/overlay.png").content.startswith(b"\x89PNG")
+    for hostile in (
+        "/cells/..%2F..%2Fetc/passwd.png",
+        "/results/..%2Fsecret/overlay.png",
+        "/static/../app.py",
+    ):
+        response = client.get(hostile)
+        assert response.status_code in (404, 422) and b"import" not in response.content
+
+
+def test_the_report_prints_on_one_a4_page_worth_of_markup(as_user, station):
+    sample_id, name = station.new_sample()
+    client = as_user("vic")
+    page = client.get(f"/samples/{sample_id}/report").text
+    assert name in page and "PRELIMINARY" in page and "size: A4" in page
+
+
+def test_the_worklist_page_and_api_list_the_sample(as_user, station):
+    sample_id, name = station.new_sample()
+    client = as_user("vic")
+    assert name in client.get("/").text
+    assert name in client.get("/fragments/worklist?state=pre-classified").text
+    listed = client.get("/api/samples", params={"state": "pre-classified"}).json()
+    assert any(e["name"] == name for e in listed)
+    assert client.get("/api/samples", params={"state": "nonsense"}).status_code == 400
+    assert client.get("/api/samples", params={"since": "yesterday"}).status_code == 400
+
+
+def test_the_openapi_schema_documents_the_api(as_user):
+    schema = as_user("vic").get("/api/openapi.json").json()
+    assert "/api/samples/{sample_id}/reclassify" in schema["paths"]
+    assert "/login" not in schema["paths"]
+
+
+def test_bad_requests_get_a_reason(as_user, station):
+    sample_id, _ = station.new_sample()
+    client = as_user("ana")
+    bad = client.post(f"/api/samples/{sample_id}/reclassify", json={"cells": ["x"], "to": "blast"})
+    assert bad.status_code == 400 and "result id" in bad.json()["detail"]
+    bad = client.post(f"/api/samples/{sample_id}/reclassify", json={"cells": ["1-1"], "to": "platelet"})
+    assert bad.status_code in (400, 404)
+    assert client.get("/api/samples/999999").status_code == 404
+    assert client.post(f"/api/samples/{sample_id}/reclassify", content=b"{").status_code == 422
+
+
+def test_a_disabled_account_is_signed_out_at_once(client, station):
+    from blastq.core.adapters import add_user, set_user
+
+    add_user(station.db, "tmp-user", "tmp-user-password", "technologist")
+    page = client.get("/login").text
+    token = page.split('name="csrf" value="')[1].split('"')[0]
+    client.post("/login", data={"username": "tmp-user", "password": "tmp-user-password", "csrf": token})
+    assert client.get("/api/me").json()["role"] == "technologist"
+    set_user(station.db, "tmp-user", active=False)
+    assert client.get("/api/me").status_code == 401
+
+
+def test_the_session_key_is_kept_private_and_never_shown(tmp_path):
+    from blastq.core.adapters import Settings
+    from blastq.web.auth import session_key
+
+    settings = Settings(data_dir=tmp_path)
+    key = session_key(settings)
+    assert session_key(settings) == key and len(key) >= 32
+    assert stat.S_IMODE(os.stat(tmp_path / "session-key").st_mode) == 0o600
+    shown = Settings(data_dir=tmp_path, secret_key="s" * 40).describe()["secret_key"]
+    assert shown == "(set)"
+
+
+def test_a_session_cookie_signed_with_another_key_is_not_accepted(client, station):
+    from fastapi.testclient import TestClient
+
+    from blastq.web.app import create_app
+
+    sign_in(client, "ana")
+    other = create_app(station.settings.updated(secret_key="z" * 40), db=station.db)
+    with TestClient(other, cookies=client.cookies) as stranger:
+        assert stranger.get("/api/me").status_code == 401
