@@ -7,6 +7,7 @@ turns a BlastqError (a bad --models value, an unusable folder) into one line and
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -229,7 +230,184 @@ def blast_caller_fit(
     click.echo(f"wrote {out}: use it with BLASTQ_BLAST_CALLER={out}")
 
 
+@click.group("classifier", context_settings=CONTEXT)
+def classifier() -> None:
+    """The per-cell classifier (cell types, blast or not): retrain it on your lab's labelled cells."""
+
+
+@classifier.command("train", context_settings=CONTEXT)
+@click.option("--from-reviews", is_flag=True, help="Learn from every cell of the signed-off reviews.")
+@click.option(
+    "--since", help="With --from-reviews: only reviews signed off on or after this date (YYYY-MM-DD)."
+)
+@click.option(
+    "--cells",
+    "cells_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Or learn from a folder: DIR/<class>/<image>, one sub-folder per cell type (or just blast and "
+    "other); each image a crop whose labelled cell is the one nearest its centre.",
+)
+@click.option("--mpp", type=click.FloatRange(0.01, 5.0), help="With --cells: microns per pixel of the crops.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The classifier file to write.",
+)
+@click.option(
+    "--base",
+    default="default",
+    show_default=True,
+    help="The classifier to start from: default (shipped) or a classifier file.",
+)
+@click.option(
+    "--heldout",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of samples (images with --cells) held out to judge the result on.",
+)
+@click.option(
+    "--lab-weight",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="How many anchor cells one lab cell weighs.",
+)
+@click.option(
+    "--anchor-fields",
+    default=60,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Synthetic fields whose cells anchor what the shipped classifier knows.",
+)
+@click.option(
+    "--test-fields",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Synthetic test fields (seeds apart from the anchors') the result must not be worse on.",
+)
+@click.option(
+    "--wbc",
+    "wbc_root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The segmentation_wbc folder, if you have it: its real cells join the anchors and are checked too.",
+)
+@click.option(
+    "--version", "classifier_version", default="", help="Name stored in the file (default: BASE+lab)."
+)
+def classifier_train(
+    from_reviews: bool,
+    since: str | None,
+    cells_dir: Path | None,
+    mpp: float | None,
+    out: Path,
+    base: str,
+    heldout: float,
+    lab_weight: float,
+    anchor_fields: int,
+    test_fields: int,
+    wbc_root: Path | None,
+    classifier_version: str,
+) -> None:
+    """Refit the cell classifier with your lab's labelled cells and judge it on the ones it did not see.
+
+    \b
+    From the review station (every cell of a signed-off review, as the person left it):
+      blastq classifier train --from-reviews --out lab-cells.pt
+    From a folder of labelled crops:
+      blastq classifier train --cells crops/ --mpp 0.1 --out lab-cells.pt
+
+    The lab's cells are split by sample into a training and a held-out part (written into the file); the
+    figures of the starting classifier and of the new one are printed on the held-out part and on the
+    shipped test cells. Use the file with BLASTQ_CLASSIFIER=FILE when the verdict says it is not worse.
+    """
+    from tqdm import tqdm
+
+    from blastq.core.cells import load_cell_classifier
+    from blastq.core.common import InvalidConfig
+    from blastq.trainer.celldata import concat_cells, synthetic_cells, wbc_cells
+    from blastq.trainer.fromreviews import ANCHOR_SEED, TEST_SEED, adapt, folder_cells, review_cells
+
+    if from_reviews == (cells_dir is not None):
+        raise InvalidConfig("give --from-reviews or --cells DIR (one of them)")
+    if cells_dir is not None and mpp is None:
+        raise InvalidConfig("--cells needs --mpp: the microns per pixel of the crops")
+    if since is not None and not from_reviews:
+        raise InvalidConfig("--since goes with --from-reviews")
+    started = time.perf_counter()
+    base_classifier = load_cell_classifier(base)
+    if base_classifier is None:
+        raise InvalidConfig("--base none: there is nothing to start from")
+    if from_reviews:
+        from blastq.core.adapters import connect, load_settings, store_from_settings
+
+        settings = load_settings()
+        when = _since(since)
+        lab = review_cells(
+            connect(settings.database_url.get_secret_value()), store_from_settings(settings), when
+        )
+    else:
+        from blastq.core.segment import load_engine
+
+        engine, info = load_engine()
+        with tqdm(desc="segmenting crops", unit="image", leave=False) as bar:
+            lab = folder_cells(cells_dir, mpp, engine, info, progress=lambda done, total: bar.update(1))
+    click.echo(f"lab cells: {len(lab)} ({', '.join(f'{n} {k}' for k, n in lab.counts().items())})")
+    click.echo("anchor and test cells ...", err=True)
+    anchors = synthetic_cells(anchor_fields, seed=ANCHOR_SEED, variety="mixed")
+    tests = {"synthetic test fields": synthetic_cells(test_fields, seed=TEST_SEED, variety="mixed")}
+    if wbc_root is not None:
+        real = wbc_cells(wbc_root)
+        anchors = concat_cells(anchors, real)
+        tests["segmentation_wbc (retention)"] = real
+    adaptation = adapt(
+        base_classifier,
+        lab,
+        anchors,
+        tests,
+        heldout_share=heldout,
+        lab_weight=lab_weight,
+        version=classifier_version,
+    )
+    for name, figures in [("lab held-out", adaptation.heldout), *adaptation.shipped.items()]:
+        b, c = figures["base"], figures["candidate"]
+        line = f"{name} ({figures['cells']} cells): macro F1 {b['macro_f1']:.3f} -> {c['macro_f1']:.3f}, accuracy {b['accuracy']:.3f} -> {c['accuracy']:.3f}"
+        if c.get("blast_sensitivity") is not None:
+            line += f", blast sensitivity {b['blast_sensitivity']:.3f} -> {c['blast_sensitivity']:.3f}"
+        click.echo(line)
+    from blastq.core.cells import save_classifier
+
+    sha256 = save_classifier(
+        out, adaptation.classifier.info, sklearn_model=adaptation.classifier.sklearn_model
+    )
+    verdict = "not worse: use it" if adaptation.acceptable else "WORSE somewhere: keep the one in use"
+    click.echo(f"{verdict} ({'; '.join(adaptation.reasons)})")
+    click.echo(
+        f"wrote {out} ({adaptation.classifier.info.version}, sha256 {sha256[:12]}); BLASTQ_CLASSIFIER={out}"
+    )
+    click.echo(f"took {time.perf_counter() - started:.0f} s")
+    if not adaptation.acceptable:
+        sys.exit(1)
+
+
+def _since(text: str | None):
+    from datetime import UTC, datetime
+
+    from blastq.core.common import InvalidConfig
+
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidConfig(f"--since {text!r}: expected a date, YYYY-MM-DD") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 def register(main: click.Group) -> None:
-    """Add `compare-classifiers` and `blast-caller` to the `blastq` group."""
+    """Add `compare-classifiers`, `blast-caller` and `classifier` to the `blastq` group."""
     main.add_command(compare_classifiers)
     main.add_command(blast_caller)
+    main.add_command(classifier)

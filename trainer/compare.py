@@ -472,6 +472,16 @@ def _fit(estimator: Any, x: np.ndarray, labels: np.ndarray) -> None:
         estimator.fit(x, labels)
 
 
+def fit_weighted(estimator: Any, x: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+    """_fit with a weight per cell (a pipeline passes them to its last step)."""
+    from sklearn.pipeline import Pipeline
+
+    key = f"{estimator.steps[-1][0]}__sample_weight" if isinstance(estimator, Pipeline) else "sample_weight"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `probability` parameter", category=FutureWarning)
+        estimator.fit(x, labels, **{key: np.asarray(weights, np.float64)})
+
+
 @dataclass(frozen=True, eq=False)
 class _Inputs:
     """The per-cell representations a set of models needs, with the seconds each took for all cells."""
