@@ -297,6 +297,12 @@ def classifier() -> None:
 @click.option(
     "--version", "classifier_version", default="", help="Name stored in the file (default: BASE+lab)."
 )
+@click.option(
+    "--register",
+    is_flag=True,
+    help="Also register it in the registry as a candidate, with its figures and verdict (promote it with "
+    "`blastq classifier promote VERSION`).",
+)
 def classifier_train(
     from_reviews: bool,
     since: str | None,
@@ -310,6 +316,7 @@ def classifier_train(
     test_fields: int,
     wbc_root: Path | None,
     classifier_version: str,
+    register: bool,
 ) -> None:
     """Refit the cell classifier with your lab's labelled cells and judge it on the ones it did not see.
 
@@ -387,9 +394,68 @@ def classifier_train(
     click.echo(
         f"wrote {out} ({adaptation.classifier.info.version}, sha256 {sha256[:12]}); BLASTQ_CLASSIFIER={out}"
     )
+    if register:
+        from blastq.core.adapters import connect, load_settings, register_model, store_from_settings
+
+        settings = load_settings()
+        model = register_model(
+            connect(settings.database_url.get_secret_value()),
+            store_from_settings(settings),
+            out,
+            metrics=adaptation.metrics(),
+            split=adaptation.split,
+            kind="classifier",
+        )
+        click.echo(f"registered classifier {model.version} as a {model.state}")
     click.echo(f"took {time.perf_counter() - started:.0f} s")
     if not adaptation.acceptable:
         sys.exit(1)
+
+
+@classifier.command("list", context_settings=CONTEXT)
+def classifier_list() -> None:
+    """Registered classifiers: version, state, and the verdict each was registered with."""
+    from blastq.core.adapters import connect, list_models, load_settings
+
+    db = connect(load_settings().database_url.get_secret_value())
+    rows = list_models(db, kind="classifier")
+    if not rows:
+        click.echo("no classifier registered: the shipped one is in use")
+    for m in rows:
+        verdict = "not worse" if m.metrics.get("acceptable") else "worse"
+        click.echo(
+            f"{m.version}\t{m.state}\tbase {m.metrics.get('base', '?')}\t{verdict}\t{m.created_at:%Y-%m-%d %H:%M}"
+        )
+
+
+@classifier.command("promote", context_settings=CONTEXT)
+@click.argument("version")
+@click.option(
+    "--force", is_flag=True, help="Promote even without a not-worse verdict against the one in use."
+)
+def classifier_promote(version: str, force: bool) -> None:
+    """Make VERSION the classifier of BLASTQ_CLASSIFIER=registry (workers take it when they start).
+
+    Refused unless it was found not worse than the classifier in use, on the lab's held-out samples and
+    on the shipped test cells, when it was trained."""
+    from blastq.core.adapters import connect, get_model, load_settings, promote
+    from blastq.core.common import InvalidConfig
+
+    db = connect(load_settings().database_url.get_secret_value())
+    model = get_model(db, version)
+    if model is None or model.kind != "classifier":
+        raise InvalidConfig(f"no classifier {version} in the registry (blastq classifier list)")
+    promote(db, version, force=force)
+    click.echo(f"promoted classifier {version}: restart the workers to use it (BLASTQ_CLASSIFIER=registry)")
+
+
+@classifier.command("rollback", context_settings=CONTEXT)
+def classifier_rollback() -> None:
+    """Promote again the classifier promoted before the current one."""
+    from blastq.core.adapters import connect, load_settings, rollback
+
+    model = rollback(connect(load_settings().database_url.get_secret_value()), kind="classifier")
+    click.echo(f"promoted classifier {model.version} again")
 
 
 def _since(text: str | None):

@@ -38,15 +38,17 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_maps_the_folders_under_blastq_and_ships_the_model(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for pkg in ("core", "worker", "trainer", "cli"):
+    for pkg in ("core", "worker", "trainer", "cli", "web"):
         assert f"blastq/{pkg}/__init__.py" in names
     assert "blastq/__init__.py" in names and "blastq/__main__.py" in names  # `python -m blastq`
     assert "blastq/core/weights/blastq-unet-default.pt" in names
     assert "blastq/core/weights/MODEL_CARD.md" in names
     assert "blastq/core/outputs/templates/report.html" in names  # the report pages render from the wheel
+    # the review station's pages and script
+    assert "blastq/web/templates/sample.html" in names and "blastq/web/static/review.js" in names
     assert "blastq/migrations/env.py" in names and "blastq/migrations/versions/0001_initial.py" in names
     # no bare top-level packages that would collide in site-packages
-    assert not any(n.split("/")[0] in ("core", "worker", "trainer", "cli", "tests") for n in names)
+    assert not any(n.split("/")[0] in ("core", "worker", "trainer", "cli", "web", "tests") for n in names)
 
 
 def test_wheel_imports_and_runs_in_a_fresh_venv(wheel, tmp_path):

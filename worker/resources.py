@@ -32,7 +32,7 @@ from blastq.core.adapters import (
 )
 from blastq.core.cells import CellClassifier, load_cell_classifier
 from blastq.core.common import ModelInvalid
-from blastq.core.pipeline import PipelineConfig, pipeline_config
+from blastq.core.pipeline import PipelineConfig, classifier_file, pipeline_config
 from blastq.core.segment import Engine, ModelInfo, load_engine
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class WorkerResources:
     def _load(self, model_path, registry_version: str | None = None) -> LoadedEngine:
         s = self.settings
         engine, info = load_engine(model_path, kind=s.engine, device=s.device, cache_dir=s.engine_cache_dir)
-        classifier = self._get("classifier", lambda: load_cell_classifier(s.classifier))
+        # The classifier is read once per process ("registry": the one promoted when the worker started).
+        classifier = self._get("classifier", lambda: load_cell_classifier(classifier_file(s)))
         return LoadedEngine(engine, info, pipeline_config(s), registry_version, classifier)
 
     def _registry_engine(self) -> LoadedEngine:

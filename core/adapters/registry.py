@@ -6,6 +6,12 @@ workers load (`BLASTQ_MODEL=registry`); the version promoted before is retired, 
 the most recently retired one back. A candidate is promoted only if it is not worse than the promoted
 one on the fixed validation set (its recorded `validation_score`), unless forced.
 
+Cell classifiers (kind "classifier", `blastq classifier train --register`) live beside the U-Nets, one
+promoted of each kind (`BLASTQ_CLASSIFIER=registry`). A classifier candidate carries its own verdict: it
+was judged against the classifier it started from on the lab's held-out samples and the shipped test cells
+(`acceptable`, `base` in its metrics), and is promoted only when that verdict says not worse and the
+classifier it was judged against is the one in use (the promoted one, or the shipped one when none is).
+
 Checkpoints are verified by sha256 before they are loaded: the bytes from the store before the local
 copy is written, and again as `UNet.from_checkpoint` reads them.
 """
@@ -57,6 +63,19 @@ def checkpoint_key(version: str, sha256: str) -> str:
     return f"models/{version}/{sha256}.pt"
 
 
+def _identify(path: Path, kind: str):
+    """(version, sha256) of a checkpoint of `kind`, loaded the safe way (ModelInvalid if it is not one)."""
+    if kind == "unet":
+        _, info = UNet.from_checkpoint(path)
+        return info.version, info.sha256
+    if kind == "classifier":
+        from blastq.core.cells import load_cell_classifier
+
+        info = load_cell_classifier(str(path)).info
+        return info.version, info.sha256
+    raise InvalidConfig(f"unknown model kind {kind!r} (unet or classifier)")
+
+
 def register_model(
     db: Engine,
     store: ObjectStore,
@@ -65,6 +84,7 @@ def register_model(
     metrics: dict,
     config: dict | None = None,
     split: dict | None = None,
+    kind: str = "unet",
 ) -> ModelVersion:
     """Register a checkpoint as a candidate under the version it records; returns the registry's row.
 
@@ -79,12 +99,12 @@ def register_model(
     except OSError as exc:
         raise ModelInvalid(f"cannot read model file {path}: {exc.strerror or exc}") from exc
     sha256 = hashlib.sha256(data).hexdigest()
-    _, info = UNet.from_checkpoint(path)  # a blastq U-Net, loadable with weights_only
-    if info.sha256 != sha256:
+    version, loaded_sha256 = _identify(path, kind)  # a blastq model of that kind, loadable safely
+    if loaded_sha256 != sha256:
         raise ModelInvalid(f"{path} changed while it was being registered; try again")
-    if not _VERSION.fullmatch(info.version):
+    if not _VERSION.fullmatch(version):
         raise InvalidConfig(
-            f"model version {info.version!r} cannot be registered: use 1-64 characters of "
+            f"model version {version!r} cannot be registered: use 1-64 characters of "
             "letters, digits and . _ + - (starting with a letter or digit)",
             path=path,
         )
@@ -96,25 +116,30 @@ def register_model(
         except (TypeError, ValueError) as exc:
             raise InvalidConfig(f"model {name} cannot be stored as JSON: {exc}") from exc
 
-    key = checkpoint_key(info.version, sha256)
-    existing = get_model_row(db, info.version)
+    key = checkpoint_key(version, sha256)
+    existing = get_model_row(db, version)
     if existing is None:
         # The object first: a row never names a checkpoint the store does not hold.
         store.put(key, data)
         existing = add_model(
             db,
-            version=info.version,
+            version=version,
             sha256=sha256,
             checkpoint_key=key,
             metrics=metrics,
             config=config or {},
             split=split or {},
+            kind=kind,
         )
         if existing is None:  # registered by someone else meanwhile
-            existing = _get(db, info.version)
+            existing = _get(db, version)
+    if existing.kind != kind:
+        raise InvalidConfig(
+            f"version {version} is registered already as a {existing.kind}: give it another name"
+        )
     if existing.sha256 != sha256:
         raise InvalidConfig(
-            f"model version {info.version} is registered already with sha256 {existing.sha256[:12]}, and "
+            f"model version {version} is registered already with sha256 {existing.sha256[:12]}, and "
             f"{path} has sha256 {sha256[:12]}: give the new model a version of its own"
         )
     if not store.exists(existing.checkpoint_key):
@@ -122,9 +147,9 @@ def register_model(
     return existing
 
 
-def list_models(db: Engine) -> list[ModelVersion]:
-    """Every registered version, oldest first."""
-    return model_rows(db)
+def list_models(db: Engine, kind: str | None = None) -> list[ModelVersion]:
+    """Every registered version (of `kind` when given), oldest first."""
+    return model_rows(db, kind=kind)
 
 
 def get_model(db: Engine, version: str) -> ModelVersion | None:
@@ -132,9 +157,9 @@ def get_model(db: Engine, version: str) -> ModelVersion | None:
     return get_model_row(db, version)
 
 
-def promoted(db: Engine) -> ModelVersion | None:
-    """The version the workers should run; None when nothing is promoted (they use the shipped model)."""
-    return promoted_model_row(db)
+def promoted(db: Engine, kind: str = "unet") -> ModelVersion | None:
+    """The version of `kind` the workers should run; None when none is promoted (the shipped one)."""
+    return promoted_model_row(db, kind)
 
 
 def promote(db: Engine, version: str, *, force: bool = False, metric: str = DEFAULT_METRIC) -> ModelVersion:
@@ -147,6 +172,10 @@ def promote(db: Engine, version: str, *, force: bool = False, metric: str = DEFA
     def check(target: ModelVersion | None, current: ModelVersion | None) -> None:
         if target is None:
             raise InvalidConfig(f"no model version {version} in the registry")
+        if target is not None and target.kind == "classifier":
+            if not force:
+                _check_classifier(target, current)
+            return
         if force or current is None or current.version == target.version:
             return
         mine, theirs = _score(target, metric), _score(current, metric)
@@ -164,17 +193,41 @@ def promote(db: Engine, version: str, *, force: bool = False, metric: str = DEFA
     return promote_model_row(db, version, check)
 
 
-def rollback(db: Engine) -> ModelVersion:
-    """Promote again the most recently retired version and retire the promoted one; returns it.
+def _check_classifier(target: ModelVersion, current: ModelVersion | None) -> None:
+    """A classifier's own verdict, against the classifier in use (see the module's docstring)."""
+    if current is not None and current.version == target.version:
+        return
+    if target.metrics.get("acceptable") is not True:
+        why = "; ".join(target.metrics.get("reasons", [])) or "it records no verdict"
+        raise InvalidConfig(
+            f"classifier {target.version} was not found not worse than its base ({why}); use --force to promote anyway"
+        )
+    if current is not None:
+        in_use = current.version
+    else:
+        from blastq.core.cells import load_cell_classifier
+
+        in_use = load_cell_classifier("default").info.version
+    base = target.metrics.get("base")
+    if base != in_use:
+        raise InvalidConfig(
+            f"classifier {target.version} was judged against {base}, but {in_use} is in use: train it again "
+            "from the one in use (--base), or use --force"
+        )
+
+
+def rollback(db: Engine, kind: str = "unet") -> ModelVersion:
+    """Promote again the most recently retired version of `kind` and retire the promoted one; returns it.
 
     Two rollbacks in a row swap back: the version rolled back from is then the most recently retired.
     """
 
     def check(target: ModelVersion | None, current: ModelVersion | None) -> None:
         if target is None:
-            raise InvalidConfig("no retired model version to roll back to")
+            what = "model" if kind == "unet" else kind
+            raise InvalidConfig(f"no retired {what} version to roll back to")
 
-    return promote_model_row(db, None, check)
+    return promote_model_row(db, None, check, kind)
 
 
 def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | Path) -> Path:
@@ -199,12 +252,11 @@ def fetch_checkpoint(store: ObjectStore, model: ModelVersion, cache_dir: str | P
             f"(sha256 {got[:12]}, the registry has {model.sha256[:12]})"
         )
     atomic_write(path, data)
-    _, info = UNet.from_checkpoint(path)
-    if info.sha256 != model.sha256 or info.version != model.version:
+    version, sha256 = _identify(path, model.kind)
+    if sha256 != model.sha256 or version != model.version:
         path.unlink(missing_ok=True)
         raise ModelInvalid(
-            f"model {model.version}: checksum mismatch for {path} (it holds {info.version}, "
-            f"sha256 {info.sha256[:12]})"
+            f"model {model.version}: checksum mismatch for {path} (it holds {version}, sha256 {sha256[:12]})"
         )
     return path
 

@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     # A checkpoint path; default: the model shipped in the package. REGISTRY_MODEL ("registry"): the
     # registry's promoted version, followed by the workers between slides (the shipped one if none).
     model: str = ""
-    # The cell classifier that types cells for the differential: "default" (shipped), "none", or a file
-    # written by `blastq compare-classifiers --save-best`.
+    # The cell classifier that types cells for the differential: "default" (shipped), "none", a file
+    # written by `blastq compare-classifiers --save-best` or `blastq classifier train`, or "registry" (the
+    # registry's promoted classifier, read when a worker process starts).
     classifier: str = "default"
     # Which cells are blasts: "" (the share rule, blast_cell_threshold) or a blast caller file fitted by
     # `blastq blast-caller fit` on the lab's labelled cells (core.cells.blastcall).

@@ -27,6 +27,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         "runner": (
             "LocalRunner",
             "SAMPLE_FILE_PREFIX",
+            "classifier_file",
             "model_checkpoint",
             "persist_result",
             "store_files",

@@ -67,7 +67,8 @@ class LocalRunner:
         config = pipeline_config(settings)
         store = store_from_settings(settings) if record else None
         db = connect(settings.database_url.get_secret_value()) if record else None
-        return cls(settings, engine, info, store, db, config, load_cell_classifier(settings.classifier))
+        classifier = load_cell_classifier(classifier_file(settings))
+        return cls(settings, engine, info, store, db, config, classifier)
 
     def run(
         self,
@@ -213,7 +214,7 @@ def model_checkpoint(settings: Settings, name: str) -> Path | None:
     ("registry" with nothing promoted).
     """
     from blastq.core.adapters import fetch_checkpoint, get_model
-    from blastq.core.common import ModelNotFound
+    from blastq.core.common import ModelInvalid, ModelNotFound
 
     if Path(name).is_file():
         return Path(name)
@@ -226,6 +227,10 @@ def model_checkpoint(settings: Settings, name: str) -> Path | None:
         raise ModelNotFound(
             "no such checkpoint file, and no registered model version of that name", path=name
         )
+    if model.kind != "unet":
+        raise ModelInvalid(
+            f"registered version {name} is a {model.kind}, not a segmentation model", path=name
+        )
     return fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "models")
 
 
@@ -237,3 +242,16 @@ def registry_checkpoint(settings: Settings) -> Path | None:
     if model is None:
         return None
     return fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "models")
+
+
+def classifier_file(settings: Settings) -> str:
+    """The classifier setting with "registry" resolved: the promoted classifier fetched and verified, or
+    "default" (the shipped one) when none is promoted."""
+    from blastq.core.adapters import fetch_checkpoint, promoted
+
+    if settings.classifier != REGISTRY_MODEL:
+        return settings.classifier
+    model = promoted(connect(settings.database_url.get_secret_value()), kind="classifier")
+    if model is None:
+        return "default"
+    return str(fetch_checkpoint(store_from_settings(settings), model, settings.data_dir / "classifiers"))

@@ -1,4 +1,5 @@
-"""The review station: local users, review versions of a sample, people's cell labels, the audit trail.
+"""The review station: local users, review versions of a sample, people's cell labels, the audit trail;
+the registry holds cell classifiers beside U-Nets (models.kind), one promoted of each kind.
 
 Revision ID: 0006
 Revises: 0005
@@ -99,8 +100,34 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_audit_sample_id"), "audit", ["sample_id"])
 
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("kind", sa.String(length=16), server_default="unet", nullable=False))
+        batch.create_check_constraint("kind", "kind IN ('unet', 'classifier')")
+    op.drop_index("uq_models_one_promoted", table_name="models")
+    op.create_index(
+        "uq_models_one_promoted",
+        "models",
+        ["kind", "state"],
+        unique=True,
+        postgresql_where=sa.text("state = 'promoted'"),
+        sqlite_where=sa.text("state = 'promoted'"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_index("uq_models_one_promoted", table_name="models")
+    op.execute(sa.text("DELETE FROM models WHERE kind <> 'unet'"))
+    with op.batch_alter_table("models") as batch:
+        batch.drop_constraint("kind", type_="check")
+        batch.drop_column("kind")
+    op.create_index(
+        "uq_models_one_promoted",
+        "models",
+        ["state"],
+        unique=True,
+        postgresql_where=sa.text("state = 'promoted'"),
+        sqlite_where=sa.text("state = 'promoted'"),
+    )
     op.drop_table("audit")
     op.drop_table("cell_labels")
     op.drop_table("reviews")

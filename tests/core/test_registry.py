@@ -204,3 +204,94 @@ def test_the_models_commands_register_list_show_promote_and_roll_back(monkeypatc
     shown = json.loads(blastq("show", "cli-a").output)
     assert shown["state"] == "promoted" and shown["metrics"] == {"validation_score": 0.9}
     assert blastq("show", "nope").exit_code == 2
+
+
+# --- cell classifiers beside the U-Nets ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def make_classifier(tmp_path_factory):
+    """classifier(version) -> the shipped classifier's model saved under another version."""
+    from blastq.core.cells import load_cell_classifier, save_classifier
+
+    folder = tmp_path_factory.mktemp("classifiers")
+    shipped = load_cell_classifier("default")
+
+    def classifier(version: str) -> Path:
+        path = folder / f"{version}.pt"
+        if not path.exists():
+            save_classifier(path, replace(shipped.info, version=version), sklearn_model=shipped.sklearn_model)
+        return path
+
+    return classifier
+
+
+def verdict(acceptable: bool, base: str) -> dict:
+    return {"acceptable": acceptable, "base": base, "reasons": ["lab held-out: macro F1 0.7 < 0.8"]}
+
+
+def test_a_classifier_is_promoted_beside_the_unet_only_on_its_own_not_worse_verdict(
+    db, store, make_checkpoint, make_classifier
+):
+    from blastq.core.cells import load_cell_classifier
+
+    shipped = load_cell_classifier("default").info.version
+    register_model(db, store, make_checkpoint("unet-x"), metrics={"validation_score": 0.9})
+    promote(db, "unet-x")
+    worse = register_model(
+        db, store, make_classifier("cls-worse"), metrics=verdict(False, shipped), kind="classifier"
+    )
+    assert worse.kind == "classifier" and worse.state == "candidate"
+    with pytest.raises(InvalidConfig, match="not found not worse.*macro F1"):
+        promote(db, "cls-worse")
+    stale = register_model(
+        db, store, make_classifier("cls-stale"), metrics=verdict(True, "other"), kind="classifier"
+    )
+    with pytest.raises(InvalidConfig, match=f"judged against other, but {shipped} is in use"):
+        promote(db, stale.version)
+    register_model(db, store, make_classifier("cls-good"), metrics=verdict(True, shipped), kind="classifier")
+    promote(db, "cls-good")
+    assert promoted(db, kind="classifier").version == "cls-good"
+    assert promoted(db).version == "unet-x"  # one promoted of each kind
+    # The next one must be judged against cls-good, the one now in use.
+    register_model(
+        db, store, make_classifier("cls-next"), metrics=verdict(True, "cls-good"), kind="classifier"
+    )
+    promote(db, "cls-next")
+    assert rollback(db, kind="classifier").version == "cls-good"
+    assert [m.version for m in list_models(db, kind="classifier")] == [
+        "cls-worse",
+        "cls-stale",
+        "cls-good",
+        "cls-next",
+    ]
+    promote(db, "cls-worse", force=True)
+    assert promoted(db, kind="classifier").version == "cls-worse"
+
+
+def test_a_checkpoint_registers_only_as_its_own_kind(db, store, make_checkpoint, make_classifier):
+    with pytest.raises(ModelInvalid):
+        register_model(db, store, make_checkpoint("unet-as-cls"), metrics={}, kind="classifier")
+    with pytest.raises(ModelInvalid):
+        register_model(db, store, make_classifier("cls-as-unet"), metrics={})
+
+
+def test_the_registry_setting_runs_the_promoted_classifier_verified(tmp_path, make_classifier):
+    from blastq.core.adapters import Settings
+    from blastq.core.cells import load_cell_classifier
+    from blastq.core.common import ModelInvalid as Invalid
+    from blastq.core.pipeline import classifier_file, model_checkpoint
+
+    settings = Settings(data_dir=tmp_path / "data", classifier="registry")
+    assert classifier_file(settings) == "default"  # nothing promoted: the shipped one
+    from blastq.core.adapters import connect as connect_db
+    from blastq.core.adapters import store_from_settings
+
+    db, store = connect_db(settings.database_url.get_secret_value()), store_from_settings(settings)
+    path = make_classifier("cls-reg")
+    model = register_model(db, store, path, metrics=verdict(True, "x"), kind="classifier")
+    promote(db, "cls-reg", force=True)
+    fetched = classifier_file(settings)
+    assert load_cell_classifier(fetched).info.sha256 == model.sha256
+    with pytest.raises(Invalid, match="is a classifier"):
+        model_checkpoint(settings, "cls-reg")

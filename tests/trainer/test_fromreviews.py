@@ -164,10 +164,13 @@ def test_train_from_reviews_end_to_end(tmp_path, monkeypatch, smear):
     result = CliRunner().invoke(
         main,
         ["classifier", "train", "--from-reviews", "--out", str(out), "--anchor-fields", "3", "--test-fields", "1",
-         "--heldout", "0.5", "--version", "lab-test"],
+         "--heldout", "0.5", "--version", "lab-test", "--register"],
     )  # fmt: skip
     assert result.exit_code in (0, 1), result.output
     assert "lab held-out" in result.output and f"wrote {out}" in result.output
+    assert "registered classifier lab-test as a candidate" in result.output
+    listed = CliRunner().invoke(main, ["classifier", "list"])
+    assert listed.output.startswith("lab-test\tcandidate\tbase blastq-cells-")
     trained = load_cell_classifier(str(out))
     assert trained.info.version == "lab-test"
     split_written = trained.info.metrics["split"]

@@ -35,6 +35,7 @@ class ModelVersion:
     created_at: datetime
     promoted_at: datetime | None
     retired_at: datetime | None
+    kind: str = "unet"  # or "classifier"
 
     @classmethod
     def from_row(cls, row) -> ModelVersion:
@@ -53,10 +54,12 @@ def add_model(
     metrics: dict,
     config: dict,
     split: dict,
+    kind: str = "unet",
 ) -> ModelVersion | None:
     """Insert a candidate; None when the version is registered already (the caller reads that row)."""
     values = {
         "version": version,
+        "kind": kind,
         "state": "candidate",
         "sha256": sha256,
         "checkpoint_key": checkpoint_key,
@@ -82,19 +85,25 @@ def get_model_row(engine: Engine, version: str) -> ModelVersion | None:
     return None if row is None else ModelVersion.from_row(row)
 
 
-def model_rows(engine: Engine, state: str | None = None) -> list[ModelVersion]:
-    """Registered versions (in `state` when given), oldest first."""
+def model_rows(engine: Engine, state: str | None = None, kind: str | None = None) -> list[ModelVersion]:
+    """Registered versions (in `state`, of `kind` when given), oldest first."""
     query = select(models_table).order_by(models_table.c.created_at, models_table.c.version)
     if state is not None:
         query = query.where(models_table.c.state == state)
+    if kind is not None:
+        query = query.where(models_table.c.kind == kind)
     with reachable(engine), engine.connect() as conn:
         return [ModelVersion.from_row(r) for r in conn.execute(query)]
 
 
 def promote_model_row(
-    engine: Engine, version: str | None, check: Callable[[ModelVersion | None, ModelVersion | None], None]
+    engine: Engine,
+    version: str | None,
+    check: Callable[[ModelVersion | None, ModelVersion | None], None],
+    kind: str = "unet",
 ) -> ModelVersion:
-    """Promote `version` (None: the most recently retired one) and retire the promoted one, atomically.
+    """Promote `version` (None: the most recently retired one of `kind`) and retire the promoted one of
+    its kind, atomically.
 
     `check(target, current)` runs inside the transaction, after the locks are taken, on what is
     committed at that moment (target None: unknown, or nothing retired); it raises to refuse. Promoting
@@ -102,17 +111,20 @@ def promote_model_row(
     """
     with reachable(engine), engine.begin() as conn:
         _lock_models(conn)
-        current = conn.execute(select(models_table).where(models_table.c.state == "promoted")).first()
         if version is None:
             target = conn.execute(
                 select(models_table)
-                .where(models_table.c.state == "retired")
+                .where(models_table.c.state == "retired", models_table.c.kind == kind)
                 .order_by(models_table.c.retired_at.desc(), models_table.c.version)
                 .limit(1)
             ).first()
         else:
             target = conn.execute(select(models_table).where(models_table.c.version == version)).first()
         target_info = None if target is None else ModelVersion.from_row(target)
+        kind = target_info.kind if target_info is not None else kind
+        current = conn.execute(
+            select(models_table).where(models_table.c.state == "promoted", models_table.c.kind == kind)
+        ).first()
         check(target_info, None if current is None else ModelVersion.from_row(current))
         if target_info is None:
             raise NotFound(f"no model version {version}", value=version)
@@ -122,7 +134,7 @@ def promote_model_row(
         # Retire first: the partial unique index allows one promoted row at every statement.
         conn.execute(
             update(models_table)
-            .where(models_table.c.state == "promoted")
+            .where(models_table.c.state == "promoted", models_table.c.kind == kind)
             .values(state="retired", retired_at=now)
         )
         conn.execute(
@@ -149,8 +161,10 @@ def _lock_models(conn: Connection) -> None:
         conn.execute(select(models_table.c.version).order_by(models_table.c.version).with_for_update())
 
 
-def promoted_model_row(engine: Engine) -> ModelVersion | None:
-    """The promoted version; None when nothing is promoted. One indexed query."""
+def promoted_model_row(engine: Engine, kind: str = "unet") -> ModelVersion | None:
+    """The promoted version of `kind`; None when none is promoted. One indexed query."""
     with reachable(engine), engine.connect() as conn:
-        row = conn.execute(select(models_table).where(models_table.c.state == "promoted")).first()
+        row = conn.execute(
+            select(models_table).where(models_table.c.state == "promoted", models_table.c.kind == kind)
+        ).first()
     return None if row is None else ModelVersion.from_row(row)

@@ -25,6 +25,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 MODEL_STATES = ("candidate", "promoted", "retired")
+# What a registered version is: the segmentation U-Net, or the per-cell classifier (migration 0006).
+# One of each kind may be promoted.
+MODEL_KINDS = ("unet", "classifier")
 LEDGER_STATES = ("seen", "submitted", "rejected")
 ROLES = ("viewer", "technologist", "pathologist", "admin")
 # A sample's review: "in review" (cells being reclassified), "reviewed" (a technologist completed it,
@@ -233,14 +236,17 @@ ledger_table = WatchLedgerRow.__table__
 
 
 class ModelRow(Base):
-    """One registered model version (the policy lives in core.adapters.registry). At most one is promoted:
-    every state change takes the rows' locks in one transaction, and a partial unique index backs it."""
+    """One registered model version (the policy lives in core.adapters.registry). At most one of each kind
+    is promoted: every state change takes the rows' locks in one transaction, and a partial unique index
+    backs it."""
 
     __tablename__ = "models"
     __table_args__ = (
         CheckConstraint(one_of("state", MODEL_STATES), name="state"),
+        CheckConstraint(one_of("kind", MODEL_KINDS), name="kind"),
         Index(
             "uq_models_one_promoted",
+            "kind",
             "state",
             unique=True,
             postgresql_where=text("state = 'promoted'"),
@@ -249,6 +255,7 @@ class ModelRow(Base):
     )
 
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="unet", server_default="unet")
     state: Mapped[str] = mapped_column(String(16), index=True)
     sha256: Mapped[str] = mapped_column(String(64))  # of the checkpoint file
     checkpoint_key: Mapped[str] = mapped_column(String(300))  # store key: models/<version>/<sha256>.pt
