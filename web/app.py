@@ -36,6 +36,7 @@ from blastq.core.adapters import (
     authenticate,
     complete_review,
     connect,
+    list_users,
     note_in_audit,
     reclassify,
     result_prefix,
@@ -265,6 +266,7 @@ def create_app(settings: Settings, *, db=None, store: ObjectStore | None = None)
             before=review.before(),
             after=review.after(),
             printed=datetime.now(UTC),
+            names={u.username: u.full_name for u in list_users(app.state.db)},
         )
 
     @app.get("/results/{result_id}/view", include_in_schema=False)

@@ -228,3 +228,60 @@ def test_a_session_cookie_signed_with_another_key_is_not_accepted(client, statio
     other = create_app(station.settings.updated(secret_key="z" * 40), db=station.db)
     with TestClient(other, cookies=client.cookies) as stranger:
         assert stranger.get("/api/me").status_code == 401
+
+
+def test_sign_off_posts_the_hl7_message_to_the_lis_and_a_failed_post_is_audited(station, as_user):
+    import http.server
+    import threading
+
+    from fastapi.testclient import TestClient
+    from webkit import sign_in as form_sign_in
+
+    from blastq.web.app import create_app
+
+    received = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server name
+            received.append(
+                (self.headers["Content-Type"], self.rfile.read(int(self.headers["Content-Length"])))
+            )
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for url, sample_prefix in (
+            (f"http://127.0.0.1:{server.server_port}/hl7", "LIS"),
+            ("http://127.0.0.1:9/", "NOLIS"),
+        ):
+            sample_id, name = station.new_sample(sample_prefix)
+            app = create_app(station.settings.updated(lis_url=url), db=station.db)
+            with TestClient(app) as client:
+                client.headers["X-CSRF-Token"] = form_sign_in(client, "ana")
+                client.post(f"/api/samples/{sample_id}/complete")
+                client.post("/logout", data={"csrf": client.headers["X-CSRF-Token"]})
+                client.headers["X-CSRF-Token"] = form_sign_in(client, "pat")
+                assert client.post(f"/api/samples/{sample_id}/sign-off").json()["state"] == "signed off"
+                trail = client.get(f"/api/samples/{sample_id}/audit").json()
+            if sample_prefix == "LIS":
+                [(content_type, body)] = received
+                assert content_type == "application/hl7-v2" and name.encode() in body
+                assert parse_message(body.decode(), find_groups=True).msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+                assert all(a["action"] != "lis" for a in trail)
+            else:
+                assert trail[-1]["action"] == "lis" and "LIS post failed" in trail[-1]["note"]
+    finally:
+        server.shutdown()
+
+
+def test_names_from_the_data_are_escaped_in_every_page(as_user, station):
+    sample_id, name = station.new_sample("<script>alert(1)</script>")
+    client = as_user("vic")
+    for url in ("/", f"/samples/{sample_id}", f"/samples/{sample_id}/report"):
+        page = client.get(url).text
+        assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
