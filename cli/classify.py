@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -305,7 +306,7 @@ def classifier() -> None:
 )
 def classifier_train(
     from_reviews: bool,
-    since: str | None,
+    since: datetime | None,
     cells_dir: Path | None,
     mpp: float | None,
     out: Path,
@@ -351,7 +352,7 @@ def classifier_train(
         from blastq.core.adapters import connect, load_settings, store_from_settings
 
         settings = load_settings()
-        when = _since(since)
+        when = since.astimezone() if since else None  # naive: local time
         lab = review_cells(
             connect(settings.database_url.get_secret_value()), store_from_settings(settings), when
         )
@@ -456,20 +457,6 @@ def classifier_rollback() -> None:
 
     model = rollback(connect(load_settings().database_url.get_secret_value()), kind="classifier")
     click.echo(f"promoted classifier {model.version} again")
-
-
-def _since(text: str | None):
-    from datetime import UTC, datetime
-
-    from blastq.core.common import InvalidConfig
-
-    if text is None:
-        return None
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidConfig(f"--since {text!r}: expected a date, YYYY-MM-DD") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def register(main: click.Group) -> None:

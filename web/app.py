@@ -43,6 +43,7 @@ from blastq.core.adapters import (
     sample_name,
     sample_review,
     sign_off,
+    stats_dict,
     store_from_settings,
     worklist,
 )
@@ -466,8 +467,8 @@ def _review_dict(review: SampleReview) -> dict:
         "signed_by": s.signed_by,
         "signed_at": s.signed_at.isoformat() if s.signed_at else None,
         "pending_images": review.pending,
-        "before": _stats(review.before()),
-        "after": _stats(review.after()),
+        "before": stats_dict(review.before()),
+        "after": stats_dict(review.after()),
         "cells_reclassified": review.changed(),
         "cells": [
             {
@@ -480,14 +481,4 @@ def _review_dict(review: SampleReview) -> dict:
             }
             for c in review.cells
         ],
-    }
-
-
-def _stats(s) -> dict:
-    return {
-        "white_cells": s.white_cells,
-        "blasts": s.blasts,
-        "blast_percent": s.blast_percent,
-        "verdict": s.verdict,
-        "differential": s.differential,
     }

@@ -66,6 +66,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "reviewed_cells",
             "sample_review",
             "sign_off",
+            "stats_dict",
             "worklist",
             "PERMISSIONS",
             "User",

@@ -22,7 +22,7 @@ class Station:
         from blastq.core.adapters import add_to_sample, ensure_sample
 
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        sample_id = ensure_sample(self.db, name, self.threshold, 10)
+        sample_id = ensure_sample(self.db, name, self.threshold, 5)
         add_to_sample(self.db, sample_id, self.result_id)
         return sample_id, name
 

@@ -85,6 +85,8 @@ def test_review_by_keyboard_then_sign_off_report_and_lis_message(browser, server
     page.goto(f"{server}/samples/{sample_id}")
     assert "/login" in page.url  # strangers are sent to sign in
     sign_in(page, server, "ana")
+    row = page.locator("#worklist-rows tr", has_text=name)
+    assert row.get_attribute("class") == "verdict-flagged"  # the field's blasts are well over 20%
     page.click(f"text={name}")
     page.wait_for_url(f"{server}/samples/{sample_id}")
 

@@ -93,6 +93,7 @@ from blastq.core.adapters.db.review import (
     sample_name,
     sample_review,
     sign_off,
+    stats_dict,
     worklist,
 )
 from blastq.core.adapters.db.schema import (
@@ -239,6 +240,7 @@ __all__ = [
     "samples_table",
     "set_user",
     "sign_off",
+    "stats_dict",
     "stale_jobs",
     "touch_job",
     "training_run_status",

@@ -117,8 +117,8 @@ class SampleReview:
         """Before and after, verdicts, models: what a signature is put to (kept with the signed version)."""
         before, after = self.before(), self.after()
         return {
-            "before": _stats_dict(before),
-            "after": _stats_dict(after),
+            "before": stats_dict(before),
+            "after": stats_dict(after),
             "cells_reclassified": self.changed(),
             "models": sorted({i.model_version for i in self.images}),
             "classifiers": sorted({i.classifier_version for i in self.images if i.classifier_version}),
@@ -126,7 +126,8 @@ class SampleReview:
         }
 
 
-def _stats_dict(s) -> dict:
+def stats_dict(s) -> dict:
+    """The figures a review shows of core.cells.SlideStats, as JSON."""
     return {
         "white_cells": s.white_cells,
         "blasts": s.blasts,
