@@ -166,8 +166,16 @@ def blast_caller() -> None:
 
 
 @blast_caller.command("fit", context_settings=CONTEXT)
-@click.argument(
-    "cells_csv", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+@click.argument("cells_csv", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--from-reviews",
+    is_flag=True,
+    help="Fit on the cells of the signed-off reviews (blastq serve) instead of cells.csv files.",
+)
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="With --from-reviews: only reviews signed off since this local date/time.",
 )
 @click.option(
     "--out",
@@ -193,7 +201,13 @@ def blast_caller() -> None:
     "--version", "caller_version", default="lab-caller", show_default=True, help="Name stored in the file."
 )
 def blast_caller_fit(
-    cells_csv: tuple[Path, ...], out: Path, truth_column: str, sensitivity: float, caller_version: str
+    cells_csv: tuple[Path, ...],
+    from_reviews: bool,
+    since: datetime | None,
+    out: Path,
+    truth_column: str,
+    sensitivity: float,
+    caller_version: str,
 ) -> None:
     """Fit a blast caller from blastq cells.csv files (one per image) with a truth column.
 
@@ -201,21 +215,34 @@ def blast_caller_fit(
     every blast, a type (or `other`) for every cell that is not one. The figures printed are held out by
     image (5 folds): what the caller does on an image it was not fitted on.
 
-    Example: blastq blast-caller fit out/*/cells.csv --out lab-caller.json
+    Or, with --from-reviews, fit on every cell of the signed-off reviews: a cell is a blast when the
+    reviewer left it one (unidentified cells, smudges and artefacts are left out); held out by sample.
+
+    \b
+    Examples:
+      blastq blast-caller fit out/*/cells.csv --out lab-caller.json
+      blastq blast-caller fit --from-reviews --out lab-caller.json
     """
     from blastq.core.cells import write_caller
+    from blastq.core.common import InvalidConfig
     from blastq.trainer.blastcaller import fit_caller, read_labelled_cells
 
-    cells = read_labelled_cells(cells_csv, truth_column)
-    caller = fit_caller(
-        cells,
-        version=caller_version,
-        trained_on=f"{len(cells.is_blast)} labelled cells from {len(cells_csv)} cells.csv files",
-        sensitivity=sensitivity,
-    )
+    if from_reviews == bool(cells_csv):
+        raise InvalidConfig("give cells.csv files or --from-reviews (one of them)")
+    if from_reviews:
+        from blastq.core.adapters import connect, load_settings, reviewed_cells
+        from blastq.trainer.blastcaller import reviewed_labelled_cells
+
+        db = connect(load_settings().database_url.get_secret_value())
+        cells = reviewed_labelled_cells(reviewed_cells(db, since.astimezone() if since else None))
+        trained_on = f"{len(cells.is_blast)} reviewed cells from {len(cells.sources)} signed-off samples"
+    else:
+        cells = read_labelled_cells(cells_csv, truth_column)
+        trained_on = f"{len(cells.is_blast)} labelled cells from {len(cells_csv)} cells.csv files"
+    caller = fit_caller(cells, version=caller_version, trained_on=trained_on, sensitivity=sensitivity)
     m = caller.metrics
     click.echo(
-        f"{m['blasts']} blasts and {m['others']} other cells from {m['images']} images; held out: {m['held_out']}"
+        f"{m['blasts']} blasts and {m['others']} other cells from {m['images']} {'samples' if from_reviews else 'images'}; held out: {m['held_out']}"
     )
     if "sensitivity" in m:
         share = m["share_rule"]

@@ -206,6 +206,19 @@ def fit_caller(
 CALLER_FIT_SEED0 = 9_300_000
 
 
+# Review classes that say nothing about whether a cell is a blast.
+UNKNOWN_BLAST_STATUS = ("unidentified", "smudge", "artefact")
+
+
+def reviewed_labelled_cells(cells: Sequence) -> LabelledCells:
+    """Cells of signed-off reviews (core.adapters.ReviewedCell) as a caller's training set: blast or not
+    as the reviewer left it, grouped by sample; unidentified cells, smudges and artefacts left out."""
+    records = [(c.label == "blast", c, c.sample) for c in cells if c.label not in UNKNOWN_BLAST_STATUS]
+    if not records:
+        raise InvalidDataset("no reviewed cells: sign off reviews in the review station first (blastq serve)")
+    return _labelled(records)
+
+
 def _labelled(records: Sequence[tuple[bool, CellRecord, str]]) -> LabelledCells:
     names = sorted({name for _, _, name in records})
     index = {name: i for i, name in enumerate(names)}

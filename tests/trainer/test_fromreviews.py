@@ -185,6 +185,20 @@ def test_train_from_reviews_end_to_end(tmp_path, monkeypatch, smear):
     total = sum(len(sample_review(runner.db, f"S{k}").cells) for k in range(4))
     assert split_written["train_cells"] + split_written["heldout_cells"] == total - 4
 
+    # The blast / not-blast call from the same reviews: a caller file the pipeline reads.
+    from blastq.core.cells.blastcall import read_caller
+
+    caller_path = tmp_path / "caller.json"
+    fitted = CliRunner().invoke(main, ["blast-caller", "fit", "--from-reviews", "--out", str(caller_path)])
+    assert fitted.exit_code == 0, fitted.output
+    assert "from 4 samples" in fitted.output
+    caller = read_caller(caller_path)
+    assert caller.trained_on == f"{total - 4} reviewed cells from 4 signed-off samples"
+    both = CliRunner().invoke(
+        main, ["blast-caller", "fit", "--from-reviews", str(caller_path), "--out", "x.json"]
+    )
+    assert both.exit_code == 2 and "one of them" in both.output
+
 
 def test_the_command_says_what_is_missing(tmp_path):
     from blastq.cli.main import main

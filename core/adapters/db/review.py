@@ -54,6 +54,8 @@ class ReviewCell:
     area_um2: float
     nc_ratio: float
     labelled_by: str | None  # who gave `current`, when a person did
+    circularity: float = 0.0
+    nucleus_area_um2: float = 0.0
 
     @property
     def key(self) -> str:
@@ -250,6 +252,8 @@ def _review(conn: Connection, sample) -> SampleReview:
                 area_um2=c.area_um2,
                 nc_ratio=c.nc_ratio,
                 labelled_by=label.labelled_by if label is not None else None,
+                circularity=c.circularity,
+                nucleus_area_um2=c.nucleus_area_um2,
             )
         )
     order = {r.id: i for i, r in enumerate(images)}
@@ -594,6 +598,12 @@ class ReviewedCell:
     analyser: str
     labelled_by: str  # who gave or confirmed the class
     signed_at: datetime
+    # The cell's measurements (what a blast caller decides from).
+    blast_probability: float = 0.0
+    area_um2: float = 0.0
+    nc_ratio: float = 0.0
+    circularity: float = 0.0
+    nucleus_area_um2: float = 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -640,6 +650,11 @@ def reviewed_cells(engine: Engine, since: datetime | None = None) -> list[Review
                         analyser=c.analyser,
                         labelled_by=label.labelled_by if label is not None else (r.reviewed_by or ""),
                         signed_at=signed_at,
+                        blast_probability=c.blast_probability,
+                        area_um2=c.area_um2,
+                        nc_ratio=c.nc_ratio,
+                        circularity=c.circularity,
+                        nucleus_area_um2=c.nucleus_area_um2,
                     )
                 )
         return out
