@@ -159,3 +159,18 @@ def test_a_viewer_cannot_reclassify_in_the_browser(browser, server, station):
     assert page.locator("figure.cell").first.get_attribute("data-class") == cls
     assert page.locator("button[data-action]").count() == 0
     context.close()
+
+
+def test_cells_without_a_crop_say_so_and_can_still_be_reviewed(browser, server, station):
+    sample_id, _ = station.new_sample("NOCROP")
+    context = browser.new_context()
+    page = context.new_page()
+    page.route("**/cells/**", lambda route: route.fulfill(status=404, body="no crop"))
+    sign_in(page, server, "ana", f"/samples/{sample_id}")
+    cells = page.locator("figure.cell").count()
+    page.wait_for_function(f"document.querySelectorAll('.nocrop').length === {cells}")
+    first = page.locator("figure.cell").first.get_attribute("data-cell")
+    page.focus("#gallery")
+    page.keyboard.press("u")
+    page.locator(f'div.cells[data-group="unidentified"] figure[data-cell="{first}"]').wait_for()
+    context.close()

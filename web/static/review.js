@@ -26,6 +26,14 @@
 
   const sample = document.getElementById("sample");
   if (!sample) return;
+  // A cell without a crop (a whole slide's, or recorded before galleries): say so instead of a broken image.
+  const noCrop = (img) => img.replaceWith(Object.assign(document.createElement("div"), {
+    className: "nocrop", textContent: "no crop: open it on its image (o)",
+  }));
+  document.querySelectorAll("figure.cell img").forEach((img) => {
+    if (img.complete && img.naturalWidth === 0 && img.getAttribute("src")) noCrop(img);
+    else img.addEventListener("error", () => noCrop(img), { once: true });
+  });
   const sampleId = sample.dataset.sample;
   const locked = sample.dataset.locked === "true";
   const message = document.getElementById("message");
