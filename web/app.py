@@ -74,6 +74,9 @@ CLASS_KEYS = {
     "artefact": "a",
 }
 Me = Annotated[User, Depends(current_user)]
+# Cells shown per class on a sample's page: a whole slide has tens of thousands; the figures count them
+# all, and the API reclassifies any of them.
+GROUP_SHOWN = 500
 
 
 class Reclassify(BaseModel):
@@ -252,7 +255,7 @@ def create_app(settings: Settings, *, db=None, store: ObjectStore | None = None)
             before=review.before(),
             after=review.after(),
             audit=audit_trail(app.state.db, review.state.sample),
-            groups=_groups(review),
+            groups=class_groups(review),
             sample_id=sample_id,
         )
 
@@ -440,13 +443,14 @@ def _download(data: bytes, media_type: str, filename: str) -> Response:
     )
 
 
-def _groups(review: SampleReview) -> list[tuple[str, list]]:
-    """Cells by current class, the classes in REVIEW_CLASSES order; within one, the analyser's doubts first."""
+def class_groups(review: SampleReview, shown: int = GROUP_SHOWN) -> list[tuple[str, list, int]]:
+    """(class, its first `shown` cells, how many it has), the classes in REVIEW_CLASSES order; within
+    one, the analyser's doubts first, then the cells that have a crop."""
     groups = []
     for name in REVIEW_CLASSES:
         cells = [c for c in review.cells if c.current == name]
         cells.sort(key=lambda c: (not c.flagged_for_review, c.result_id, c.cell_id))
-        groups.append((name, cells))
+        groups.append((name, cells[:shown], len(cells)))
     return groups
 
 

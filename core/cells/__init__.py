@@ -39,7 +39,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "type_cells",
         ),
         "features": ("features_matrix",),
-        "gallery": ("CellGallery", "build_gallery", "gallery_crop"),
+        "gallery": ("CellGallery", "GalleryBuilder", "WSI_GALLERY_CELLS", "build_gallery", "gallery_crop"),
         "instances": (
             "CELL_COLUMNS",
             "CellMaps",

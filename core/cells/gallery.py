@@ -26,6 +26,9 @@ GALLERY_COLUMNS = 16
 # Beyond this many cells an image's gallery stops (their rows, figures and review still count): a
 # sheet of 2048 crops is 2048 x 4096 px, about 100 MB while it is drawn.
 MAX_GALLERY_CELLS = 2048
+# A whole slide's gallery: its first cells in chunk order (a manual differential counts 100 to 500 along
+# its track), so its memory stays bounded whatever the slide's size.
+WSI_GALLERY_CELLS = 1024
 OUTSIDE, CELL, NUCLEUS = 0, 1, 2  # the values of the labels sheet
 
 
@@ -63,28 +66,73 @@ def square(index: int, px: int = CROP_PX) -> tuple[slice, slice]:
     return slice(row * px, (row + 1) * px), slice(column * px, (column + 1) * px)
 
 
+class GalleryBuilder:
+    """A gallery filled a few cells at a time (a whole slide's chunks), up to `limit` cells; the crops are
+    kept apart until `build` lays out the sheet."""
+
+    def __init__(self, limit: int = MAX_GALLERY_CELLS):
+        self.limit = limit
+        self.ids: list[int] = []
+        self.squares: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.ids) >= self.limit
+
+    def add(
+        self,
+        instances: np.ndarray,
+        nuclei: np.ndarray,
+        cell_ids: Sequence[int],
+        work: np.ndarray,
+        work_mpp: float,
+        as_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Crops of `cell_ids` (ids in `instances`) from `work`, the preprocessed image the classifiers
+        crop from, at `work_mpp`; recorded under `as_ids` (default the same ids). Beyond the limit, none."""
+        room = self.limit - len(self.ids)
+        if room <= 0:
+            return
+        ids = list(cell_ids)[:room]
+        named = list(as_ids if as_ids is not None else cell_ids)[:room]
+        h, w = work.shape[:2]
+        instances = resample_to_shape(instances, h, w, labels=True)
+        nuclei = resample_to_shape(nuclei, h, w, labels=True)
+        for name, raw in zip(
+            named, crops_from_instances(work, instances, nuclei, work_mpp, ids), strict=True
+        ):
+            rgb = np.full((CROP_PX, CROP_PX, 3), BLANK, np.uint8)
+            labels = np.zeros((CROP_PX, CROP_PX), np.uint8)
+            try:
+                crop = normalise_crop(raw, blank=False)
+            except MemoryError:
+                raise
+            except Exception:  # one cell that cannot be cropped keeps a white square; the others are drawn
+                crop = None
+            if crop is not None:
+                rgb = crop.rgb
+                labels = np.where(crop.nucleus, NUCLEUS, np.where(crop.cell, CELL, OUTSIDE)).astype(np.uint8)
+            self.ids.append(int(name))
+            self.squares.append((rgb, labels))
+
+    def build(self) -> CellGallery:
+        rgb = np.full((*sheet_shape(len(self.ids)), 3), BLANK, np.uint8)
+        labels = np.zeros(sheet_shape(len(self.ids)), np.uint8)
+        for index, (square_rgb, square_labels) in enumerate(self.squares):
+            where = square(index)
+            rgb[where] = square_rgb
+            labels[where] = square_labels
+        return CellGallery(rgb, labels, tuple(self.ids))
+
+
 def build_gallery(
     instances: np.ndarray, nuclei: np.ndarray, cell_ids: Sequence[int], work: np.ndarray, work_mpp: float
 ) -> CellGallery:
     """The gallery of `cell_ids` (at most MAX_GALLERY_CELLS) from `work`, the preprocessed image the
     classifiers crop from, at `work_mpp`; `instances` and `nuclei` at any size (resampled to work's)."""
-    h, w = work.shape[:2]
-    instances = resample_to_shape(instances, h, w, labels=True)
-    nuclei = resample_to_shape(nuclei, h, w, labels=True)
-    ids = tuple(cell_ids)[:MAX_GALLERY_CELLS]
-    rgb = np.full((*sheet_shape(len(ids)), 3), BLANK, np.uint8)
-    labels = np.zeros(sheet_shape(len(ids)), np.uint8)
-    for index, raw in enumerate(crops_from_instances(work, instances, nuclei, work_mpp, ids)):
-        try:
-            crop = normalise_crop(raw, blank=False)
-        except MemoryError:
-            raise
-        except Exception:  # one cell that cannot be cropped keeps a white square; the others are drawn
-            continue
-        where = square(index)
-        rgb[where] = crop.rgb
-        labels[where] = np.where(crop.nucleus, NUCLEUS, np.where(crop.cell, CELL, OUTSIDE))
-    return CellGallery(rgb, labels, ids)
+    builder = GalleryBuilder()
+    builder.add(instances, nuclei, cell_ids, work, work_mpp)
+    return builder.build()
 
 
 def gallery_crop(rgb: np.ndarray, labels: np.ndarray, index: int, px: int = CROP_PX, mpp: float = CROP_MPP):

@@ -15,6 +15,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "COLOUR_WHITE_CELL",
             "blastq_version",
             "cells_csv_bytes",
+            "gallery_artifacts",
             "geojson_bytes",
             "overlay",
             "png_bytes",

@@ -40,9 +40,12 @@ import numpy as np
 from blastq.core.adapters import Settings, setting_default
 from blastq.core.cells import (
     LABEL_BLAST,
+    WSI_GALLERY_CELLS,
     CellClassifier,
+    CellGallery,
     CellMaps,
     CellRecord,
+    GalleryBuilder,
     SlideStats,
     call_rule,
     extract_cells,
@@ -320,6 +323,7 @@ def process_whole_slide(
     cells: list[CellRecord] = []
     rings: list[list[list[float]]] = []
     is_blast = [False]  # by global cell id (0: background)
+    gallery = GalleryBuilder(WSI_GALLERY_CELLS)
     has_data = getattr(reader, "has_data", None)
 
     def load(chunk: Chunk) -> tuple[np.ndarray, np.ndarray] | None:
@@ -365,6 +369,12 @@ def process_whole_slide(
                 if taken and classifier is not None:
                     maps = type_cells(replace(maps, cells=tuple(taken)), work, info.mpp, classifier)
                     taken = list(maps.cells)
+                if taken and not gallery.full:
+                    first = len(cells) + 1  # the slide-wide ids the loop below gives them
+                    ids = [c.cell_id for c in taken]
+                    gallery.add(
+                        maps.instances, maps.nuclei, ids, work, info.mpp, range(first, first + len(ids))
+                    )
                 _paint(maps, taken, chunk, instances, nuclei, len(cells) + 1)
                 for cell in taken:
                     gid = len(cells) + 1
@@ -422,7 +432,7 @@ def process_whole_slide(
         chunks=len(chunks),
         files=files,
     )
-    files.update(_write_cell_files(result, rings, thumb, thumb_scale * scale, out_dir))
+    files.update(_write_cell_files(result, rings, thumb, thumb_scale * scale, out_dir, gallery.build()))
     return result
 
 
@@ -551,13 +561,20 @@ def _paste_thumb(thumb: np.ndarray, raw: np.ndarray, chunk: Chunk, t: float) -> 
 
 
 def _write_cell_files(
-    result: WholeSlideResult, rings: list, thumb: np.ndarray, thumb_per_px: float, out_dir: Path
+    result: WholeSlideResult,
+    rings: list,
+    thumb: np.ndarray,
+    thumb_per_px: float,
+    out_dir: Path,
+    gallery: CellGallery,
 ) -> dict[str, Path]:
-    """overlay.png (the overview with outlines), cells.csv, cells.geojson, summary.json, report.html."""
+    """overlay.png (the overview with outlines), cells.csv, cells.geojson, summary.json, report.html, and
+    the gallery of its first cells."""
     from blastq.core.outputs import (
         COLOUR_BLAST,
         COLOUR_WHITE_CELL,
         cells_csv_bytes,
+        gallery_artifacts,
         geojson_bytes,
         png_bytes,
         report_html,
@@ -577,6 +594,7 @@ def _write_cell_files(
             {**summary_dict(result), "analysis_mpp": result.analysis_mpp, "chunks": result.chunks}, indent=2
         ).encode(),
         "report.html": report_html(result, overview, result.cells),
+        **{a.name: a.data for a in gallery_artifacts(gallery)},
     }
     paths = {}
     for name, data in files.items():

@@ -408,7 +408,7 @@ def test_a_whole_slide_runs_chunk_by_chunk_and_is_recorded(cli, tmp_path):
         assert c.execute(text("select white_cells from results")).scalar() == summary["white_cells"]
         assert c.execute(text("select count(*) from cells")).scalar() == summary["white_cells"]
     stored = {p.name for p in (tmp_path / "data" / "store" / "slides").rglob("*") if p.is_file()}
-    assert {"mask.tif", "instances.tif", "cells.geojson"} <= stored
+    assert {"mask.tif", "instances.tif", "cells.geojson", "gallery.png", "gallery.json"} <= stored
 
 
 def test_a_truncated_whole_slide_fails_with_one_line(cli, tmp_path):

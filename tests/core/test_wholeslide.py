@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -104,7 +105,16 @@ def test_whole_slide_files_and_typing(shipped_engine, tmp_path):
         classifier=classifier,
     )
     names = {"mask.tif", "nuclei.tif", "instances.tif", "overlay.png", "cells.csv", "cells.geojson"}
-    assert names | {"summary.json", "report.html"} == set(result.files)
+    gallery = {"gallery.png", "gallery-labels.png", "gallery.json"}
+    assert names | gallery | {"summary.json", "report.html"} == set(result.files)
+    # The gallery holds the slide's cells under their slide-wide ids, each square with its cell.
+    from blastq.core.cells import gallery_crop
+
+    index = json.loads((out / "gallery.json").read_text())
+    assert index["cell_ids"] == [c.cell_id for c in result.cells]
+    sheet = cv2.imread(str(out / "gallery.png"))[..., ::-1]
+    labels = cv2.imread(str(out / "gallery-labels.png"), cv2.IMREAD_UNCHANGED)
+    assert all(gallery_crop(sheet, labels, i).cell.any() for i in range(len(index["cell_ids"])))
     assert all(p.is_file() for p in result.files.values())
     assert all(c.cell_type for c in result.cells)
     assert sum(d["count"] for d in result.stats.differential.values()) == len(result.cells)

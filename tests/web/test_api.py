@@ -285,3 +285,14 @@ def test_names_from_the_data_are_escaped_in_every_page(as_user, station):
     for url in ("/", f"/samples/{sample_id}", f"/samples/{sample_id}/report"):
         page = client.get(url).text
         assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_class_with_more_cells_than_a_page_shows_keeps_its_whole_count(station):
+    from blastq.core.adapters import sample_review
+    from blastq.web.app import class_groups
+
+    _, name = station.new_sample()
+    review = sample_review(station.db, name)
+    groups = {g: (cells, total) for g, cells, total in class_groups(review, shown=1)}
+    assert sum(total for _, total in groups.values()) == len(review.cells)
+    assert all(len(cells) == min(1, total) for cells, total in groups.values())

@@ -104,9 +104,11 @@
       }
       document.querySelector(`div.cells[data-group="${c.current}"]`).append(figure);
     });
+    // Counts from the review (a class may have more cells than the page shows).
+    const totals = {};
+    review.cells.forEach((c) => { totals[c.current] = (totals[c.current] || 0) + 1; });
     document.querySelectorAll("h2[data-group]").forEach((h) => {
-      const n = document.querySelectorAll(`div.cells[data-group="${h.dataset.group}"] figure`).length;
-      h.querySelector("small").textContent = `(${n})`;
+      h.querySelector("small").textContent = `(${totals[h.dataset.group] || 0})`;
     });
     const state = document.getElementById("state");
     state.textContent = review.state + (review.version > 1 ? ` (version ${review.version})` : "");
