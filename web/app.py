@@ -37,9 +37,11 @@ from blastq.core.adapters import (
     complete_review,
     connect,
     list_users,
+    lone_images,
     note_in_audit,
     reclassify,
     result_prefix,
+    review_alone,
     sample_name,
     sample_review,
     sign_off,
@@ -228,6 +230,7 @@ def create_app(settings: Settings, *, db=None, store: ObjectStore | None = None)
             "worklist.html",
             me,
             entries=entries,
+            lone=lone_images(app.state.db),
             states=SAMPLE_STATES,
             state=state,
             batch=batch,
@@ -350,6 +353,19 @@ def create_app(settings: Settings, *, db=None, store: ObjectStore | None = None)
     def api_sample(sample_id: int, me: Me) -> dict:
         """A sample in review: state, figures before and after review, every cell."""
         return _review_dict(review_of(sample_id))
+
+    @app.get("/api/images", tags=["samples"])
+    def api_lone_images(me: Me) -> list[dict]:
+        """Recorded images in no sample (run or submitted without --sample), newest first, flagged first."""
+        return [{**i.__dict__, "created_at": i.created_at.isoformat()} for i in lone_images(app.state.db)]
+
+    @app.post("/api/images/{result_id}/review", tags=["review"])
+    def api_review_alone(result_id: int, request: Request, me: Me) -> dict:
+        """Put an image in a sample of its own to review it; returns that sample (the same one again on a
+        second call)."""
+        _changing(request, me, "reclassify")
+        name = review_alone(app.state.db, result_id)
+        return _review_dict(sample_review(app.state.db, name))
 
     @app.post("/api/samples/{sample_id}/reclassify", tags=["review"])
     def api_reclassify(sample_id: int, body: Reclassify, request: Request, me: Me) -> dict:

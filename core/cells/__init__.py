@@ -59,6 +59,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "VERDICT_NOT_FLAGGED",
             "NOT_COUNTED",
             "REVIEW_CLASSES",
+            "SAMPLE_NAME_CHARS",
             "analyser_class",
             "check_sample_name",
             "class_stats",

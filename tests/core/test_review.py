@@ -230,3 +230,33 @@ def test_two_reviewers_at_once_leave_one_label_and_two_audit_rows(migrated_db):
     trail = [a for a in audit_trail(migrated_db, name) if a.action == "reclassify"]
     assert len(trail) == 2 and trail[-1].to_label == cell.current
     assert trail[1].from_label == trail[0].to_label  # the second saw the first's change
+
+
+def lone_result(engine, cells=FIVE, image="lone.png"):
+    """A recorded image in no sample; returns its result id."""
+    sha = uuid.uuid4().hex
+    summary = {
+        "sha256": sha, "model_version": "v1", "params_key": "k1", "image": image, "width": 64,
+        "height": 64, "mpp": 0.2, "mpp_source": "user", "white_cells": len(cells), "blasts": 1,
+        "blast_percent": 20.0, "flagged": True, "threshold_percent": 15.0, "seconds": 0.5,
+        "review_cells": 0, "differential": {}, "classifier_version": "c1", "verdict": "flagged",
+        "min_white_cells": 3,
+    }  # fmt: skip
+    return record_result(engine, summary, cells, f"slides/{sha}")
+
+
+def test_an_image_in_no_sample_is_listed_and_reviewed_as_a_sample_of_its_own(migrated_db):
+    from blastq.core.adapters import lone_images, review_alone
+
+    result_id = lone_result(migrated_db, image="smear\n7.png")
+    listed = [i for i in lone_images(migrated_db) if i.result_id == result_id]
+    assert listed and listed[0].verdict == "flagged"
+    name = review_alone(migrated_db, result_id)
+    assert name.isprintable() and name.endswith(f" #{result_id}")
+    assert review_alone(migrated_db, result_id) == name  # the same sample again
+    review = sample_review(migrated_db, name)
+    assert (review.threshold_percent, review.min_white_cells) == (15.0, 3)  # the result's own rule
+    assert len(review.cells) == 5 and review.after().verdict == "flagged"
+    assert result_id not in [i.result_id for i in lone_images(migrated_db)]
+    with pytest.raises(NotFound):
+        review_alone(migrated_db, 10**9)

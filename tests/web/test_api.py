@@ -296,3 +296,41 @@ def test_a_class_with_more_cells_than_a_page_shows_keeps_its_whole_count(station
     groups = {g: (cells, total) for g, cells, total in class_groups(review, shown=1)}
     assert sum(total for _, total in groups.values()) == len(review.cells)
     assert all(len(cells) == min(1, total) for cells, total in groups.values())
+
+
+def test_an_image_in_no_sample_can_be_opened_for_review_by_a_technologist(as_user, station):
+    from blastq.core.adapters import record_result
+
+    cells = _station_cells(station)[:3]
+    sha = "f" * 64
+    values = {
+        "sha256": sha, "model_version": "v1", "params_key": "lone", "image": "lone.png", "width": 64,
+        "height": 64, "mpp": 0.2, "mpp_source": "user", "white_cells": 3, "blasts": 0,
+        "blast_percent": 0.0, "flagged": False, "threshold_percent": station.threshold,
+        "seconds": 0.1, "review_cells": 0, "differential": {}, "classifier_version": "", "verdict": "",
+        "min_white_cells": 1,
+    }  # fmt: skip
+    result_id = record_result(station.db, values, cells, f"slides/{sha}")
+    viewer = as_user("vic")
+    assert any(i["result_id"] == result_id for i in viewer.get("/api/images").json())
+    assert f'data-review-image="{result_id}"' not in viewer.get("/").text  # a viewer gets no button
+    assert viewer.post(f"/api/images/{result_id}/review").status_code == 403
+    tech = as_user("ana")
+    assert f'data-review-image="{result_id}"' in tech.get("/").text
+    opened = tech.post(f"/api/images/{result_id}/review").json()
+    assert opened["sample"] == f"lone.png #{result_id}" and len(opened["cells"]) == 3
+    assert all(i["result_id"] != result_id for i in tech.get("/api/images").json())
+
+
+def _station_cells(station):
+    from sqlalchemy import select
+
+    from blastq.core.adapters.db.schema import CellRow
+    from blastq.core.cells import CellRecord
+
+    names = [f for f in CellRecord.__dataclass_fields__]
+    with station.db.connect() as conn:
+        rows = conn.execute(
+            select(CellRow.__table__).where(CellRow.__table__.c.result_id == station.result_id)
+        )
+        return [CellRecord(**{n: getattr(r, n) for n in names}) for r in rows]

@@ -24,6 +24,16 @@
     }, 5000);
   }
 
+  // An image in no sample: made a sample of its own, then opened.
+  document.querySelectorAll("button[data-review-image]").forEach((button) => {
+    button.addEventListener("click", async () => {
+      try {
+        const review = await api(`/api/images/${button.dataset.reviewImage}/review`);
+        window.location = `/samples/${review.sample_id}`;
+      } catch (e) { button.textContent = e.message; }
+    });
+  });
+
   const sample = document.getElementById("sample");
   if (!sample) return;
   // A cell without a crop (a whole slide's, or recorded before galleries): say so instead of a broken image.

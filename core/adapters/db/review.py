@@ -404,6 +404,56 @@ def worklist(
     return entries
 
 
+@dataclass(frozen=True)
+class LoneImage:
+    """A recorded image that no sample holds (run or submitted without --sample): not reviewable until
+    it is put in a sample of its own (`review_alone`)."""
+
+    result_id: int
+    image: str
+    white_cells: int
+    blasts: int
+    blast_percent: float
+    verdict: str
+    created_at: datetime
+
+
+def lone_images(engine: Engine, limit: int = 200) -> list[LoneImage]:
+    """The newest `limit` recorded images that are in no sample, flagged first."""
+    query = (
+        select(results_table)
+        .where(results_table.c.id.not_in(select(members_table.c.result_id)))
+        .order_by(results_table.c.created_at.desc(), results_table.c.id.desc())
+        .limit(limit)
+    )
+    with reachable(engine), engine.connect() as conn:
+        rows = conn.execute(query).all()
+    images = [
+        LoneImage(r.id, r.image, r.white_cells, r.blasts, r.blast_percent, r.verdict, as_utc(r.created_at))
+        for r in rows
+    ]
+    images.sort(key=lambda i: i.verdict != "flagged")  # stable: newest first within
+    return images
+
+
+def review_alone(engine: Engine, result_id: int) -> str:
+    """Put a recorded image in a sample of its own (named "<image> #<result id>", judged by the rule its
+    result was judged by) and return the sample's name; the same sample again on a second call."""
+    from blastq.core.adapters.db.results import add_to_sample, ensure_sample
+    from blastq.core.cells import SAMPLE_NAME_CHARS
+
+    with reachable(engine), engine.connect() as conn:
+        row = conn.execute(select(results_table).where(results_table.c.id == result_id)).first()
+    if row is None:
+        raise NotFound(f"no result {result_id}", value=result_id)
+    suffix = f" #{result_id}"
+    image = "".join(ch if ch.isprintable() else "_" for ch in row.image)
+    name = image[: SAMPLE_NAME_CHARS - len(suffix)] + suffix
+    sample_id = ensure_sample(engine, name, row.threshold_percent, row.min_white_cells)
+    add_to_sample(engine, sample_id, result_id)
+    return name
+
+
 # --- changing ---------------------------------------------------------------------------------------
 
 
