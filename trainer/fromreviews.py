@@ -182,8 +182,10 @@ def held_out_group(name: str, share: float) -> bool:
     return int(digest[:8], 16) / 16**8 < share
 
 
-def split(cells: LabCells, share: float) -> tuple[LabCells, LabCells, dict]:
-    """(train, held out, the split written down). With two groups or more, each side gets at least one."""
+def split(cells: LabCells, share: float, swap: bool = False) -> tuple[LabCells, LabCells, dict]:
+    """(train, held out, the split written down). With two groups or more, each side gets at least one.
+    `swap`: the other way round (train on what the rule holds out): with share 0.5 the two ways are a
+    two-fold cross-validation by sample."""
     if not 0 < share < 1:
         raise InvalidConfig(f"held-out share must be between 0 and 1, got {share}")
     groups = sorted(set(cells.groups))
@@ -196,9 +198,12 @@ def split(cells: LabCells, share: float) -> tuple[LabCells, LabCells, dict]:
         out = {min(groups, key=lambda g: hashlib.sha256(f"blastq-holdout:{g}".encode()).hexdigest())}
     if out == set(groups):
         out.discard(max(groups, key=lambda g: hashlib.sha256(f"blastq-holdout:{g}".encode()).hexdigest()))
+    if swap:
+        out = set(groups) - out
     held = [g in out for g in cells.groups]
+    sign = ">=" if swap else "<"
     description = {
-        "rule": f'held out: sha256("blastq-holdout:" + group)[:8] / 16**8 < {share}',
+        "rule": f'held out: sha256("blastq-holdout:" + group)[:8] / 16**8 {sign} {share}',
         "unit": "sample" if cells.source == "reviews" else "image",
         "train_groups": sorted(set(groups) - out),
         "heldout_groups": sorted(out),
@@ -341,10 +346,11 @@ def adapt(
     lab_weight: float = 3.0,
     seed: int = 0,
     version: str = "",
+    swap: bool = False,
 ) -> Adaptation:
     """Split the lab's cells, refit on the training part, judge on the held-out part and on `tests`
     (name -> trainer.celldata.LabelledCells: the shipped test cells)."""
-    train, held, description = split(lab, heldout_share)
+    train, held, description = split(lab, heldout_share, swap)
     candidate = fine_tune(base, train, anchors, lab_weight=lab_weight, seed=seed, version=version)
     heldout = {
         "cells": len(held),

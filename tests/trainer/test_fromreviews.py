@@ -230,3 +230,11 @@ def test_a_cells_folder_must_hold_class_folders(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "not cell classes" in result.output
+
+
+def test_the_swapped_split_holds_out_exactly_what_the_rule_trains_on(lab_cells):
+    lab = lab_from(lab_cells)
+    train, held, described = split(lab, 0.5)
+    train_swapped, held_swapped, swapped = split(lab, 0.5, swap=True)
+    assert set(held_swapped.groups) == set(train.groups) and set(train_swapped.groups) == set(held.groups)
+    assert ">= 0.5" in swapped["rule"] and "< 0.5" in described["rule"]
