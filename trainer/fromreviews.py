@@ -22,7 +22,6 @@ on what else is in the set, and a sample is wholly on one side. The split is wri
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,12 +33,14 @@ from blastq.core.cells import (
     CELL_TYPES,
     CellClassifier,
     CellCrop,
+    CellGallery,
     ClassifierInfo,
     blank_outside,
     features_matrix,
     gallery_crop,
 )
 from blastq.core.common import InvalidConfig, InvalidDataset
+from blastq.core.outputs import read_gallery
 
 OTHER = "other"  # not a blast; which normal type is not known
 LAB_CLASSES: tuple[str, ...] = (*CELL_TYPES, OTHER)
@@ -86,41 +87,21 @@ def review_cells(db, store, since=None) -> LabCells:
     from blastq.core.adapters import reviewed_cells
 
     cells = [c for c in reviewed_cells(db, since) if c.label in LAB_CLASSES]
-    sheets: dict[str, tuple[np.ndarray, np.ndarray, dict] | None] = {}
+    galleries: dict[str, CellGallery | None] = {}
     crops, labels, groups, names = [], [], [], []
     for cell in cells:
-        if cell.store_prefix not in sheets:
-            sheets[cell.store_prefix] = _sheet(store, cell.store_prefix)
-        sheet = sheets[cell.store_prefix]
-        if sheet is None or cell.cell_id not in sheet[2]["cell_ids"]:
-            continue  # recorded before galleries, or a whole slide: no crop to learn from
-        rgb, labels_sheet, index = sheet
-        crop = gallery_crop(
-            rgb, labels_sheet, index["cell_ids"].index(cell.cell_id), int(index["px"]), float(index["mpp"])
-        )
-        if not crop.cell.any():
+        if cell.store_prefix not in galleries:
+            galleries[cell.store_prefix] = read_gallery(store, cell.store_prefix)
+        gallery = galleries[cell.store_prefix]
+        # No gallery (recorded before galleries) or not in it (past a whole slide's first cells): no crop.
+        crop = gallery.crop(cell.cell_id) if gallery is not None else None
+        if crop is None or not crop.cell.any():
             continue
         crops.append(blank_outside(crop))
         labels.append(cell.label)
         groups.append(cell.sample)
         names.append(f"{cell.sample}/{cell.result_id}-{cell.cell_id}")
     return LabCells(crops, labels, groups, names, "reviews")
-
-
-def _sheet(store, prefix: str):
-    import cv2
-
-    try:
-        index = json.loads(store.get(f"{prefix}/gallery.json"))
-        rgb = cv2.imdecode(np.frombuffer(store.get(f"{prefix}/gallery.png"), np.uint8), cv2.IMREAD_COLOR)
-        labels = cv2.imdecode(
-            np.frombuffer(store.get(f"{prefix}/gallery-labels.png"), np.uint8), cv2.IMREAD_UNCHANGED
-        )
-    except FileNotFoundError:
-        return None
-    if rgb is None or labels is None or labels.shape != rgb.shape[:2]:
-        return None
-    return rgb[..., ::-1].copy(), labels, index
 
 
 def folder_cells(
@@ -279,23 +260,19 @@ class Figures:
 
 
 def figures(classifier: CellClassifier, crops: Sequence[CellCrop], labels: Sequence[str]) -> Figures:
-    from sklearn.metrics import f1_score
+    from blastq.trainer.compare import scores
 
     if not len(crops):
         return Figures(0, 0, 0.0, 0.0, None, None)
     predicted = classifier.predict_proba(list(crops)).argmax(axis=1)
-    blast = CELL_TYPES.index("blast")
     typed = [i for i, l in enumerate(labels) if l in CELL_TYPES]
     given = np.array([CELL_TYPES.index(labels[i]) for i in typed], np.int64)
-    got = predicted[typed]
-    accuracy = float((given == got).mean()) if typed else 0.0
-    present = sorted(set(given.tolist()))
-    macro = float(f1_score(given, got, labels=present, average="macro", zero_division=0)) if typed else 0.0
+    typing = scores(given, predicted[typed])  # macro over the types the cells hold, as the comparison's
     is_blast = np.array([l == "blast" for l in labels])
-    says = predicted == blast
+    says = predicted == CELL_TYPES.index("blast")
     sens = float(says[is_blast].mean()) if is_blast.any() else None
     spec = float((~says[~is_blast]).mean()) if (~is_blast).any() else None
-    return Figures(len(crops), len(typed), accuracy, macro, sens, spec)
+    return Figures(len(crops), len(typed), typing.accuracy, typing.macro_f1, sens, spec)
 
 
 def labelled_figures(classifier: CellClassifier, cells) -> Figures:

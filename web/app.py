@@ -8,15 +8,12 @@ result rows (their store prefix), never through a path taken from the request.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-import cv2
-import numpy as np
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -49,8 +46,9 @@ from blastq.core.adapters import (
     store_from_settings,
     worklist,
 )
-from blastq.core.cells import CELL_TYPES, REVIEW_CLASSES
+from blastq.core.cells import CELL_TYPES, REVIEW_CLASSES, CellGallery
 from blastq.core.common import BlastqError, NotAllowed, NotFound, ReviewConflict, StoreUnavailable
+from blastq.core.outputs import png_bytes, read_gallery
 from blastq.web.auth import (
     CSRF_HEADER,
     check_csrf,
@@ -97,27 +95,19 @@ class Gallery:
         self.store = store
         self.sheet = lru_cache(maxsize=keep)(self._sheet)
 
-    def _sheet(self, prefix: str) -> tuple[np.ndarray, dict]:
-        index = json.loads(self.store.get(f"{prefix}/gallery.json"))
-        data = np.frombuffer(self.store.get(f"{prefix}/gallery.png"), np.uint8)
-        sheet = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        if sheet is None:
-            raise StoreUnavailable("gallery sheet does not decode", path=f"{prefix}/gallery.png")
-        return sheet, index
+    def _sheet(self, prefix: str) -> CellGallery:
+        gallery = read_gallery(self.store, prefix)
+        if gallery is None:  # raised, not returned: a gallery written later is then read, not a cached None
+            raise LookupError(prefix)
+        return gallery
 
     def crop_png(self, prefix: str, cell_id: int) -> bytes | None:
         """The cell's crop as PNG; None when the image has no gallery or the cell is not in it."""
         try:
-            sheet, index = self.sheet(prefix)
-        except (FileNotFoundError, KeyError, NotFound):
+            crop = self.sheet(prefix).crop(cell_id)
+        except LookupError:
             return None
-        ids = index.get("cell_ids", [])
-        if cell_id not in ids:
-            return None
-        px, columns = int(index["px"]), int(index["columns"])
-        row, column = divmod(ids.index(cell_id), columns)
-        ok, buf = cv2.imencode(".png", sheet[row * px : (row + 1) * px, column * px : (column + 1) * px])
-        return buf.tobytes() if ok else None
+        return None if crop is None else png_bytes(crop.rgb)
 
 
 def create_app(settings: Settings, *, db=None, store: ObjectStore | None = None) -> FastAPI:

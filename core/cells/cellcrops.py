@@ -76,29 +76,42 @@ def normalise_crop(
     A cell larger than the window is cut at the window's edge (its measurements then come out smaller:
     such cells are rare at 25.6 um and the classifiers still see most of them).
     """
+    blanked, shown = normalised_views(crop, mpp, size_px)
+    return blanked if blank else shown
+
+
+def normalised_views(
+    crop: CellCrop, mpp: float = CROP_MPP, size_px: int = CROP_PX
+) -> tuple[CellCrop, CellCrop]:
+    """(blanked, with its neighbours): both views of `normalise_crop` from one resampling."""
     rgb = resample(crop.rgb, crop.mpp, mpp)
     cell = resample_labels(crop.cell, crop.mpp, mpp)
     nucleus = resample_labels(crop.nucleus, crop.mpp, mpp) & cell
     if cell.shape != rgb.shape[:2]:  # rounding can differ by a pixel between the two resizes
         cell = cv2.resize(cell.astype(np.uint8), rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
         nucleus = cv2.resize(nucleus.astype(np.uint8), rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+    out_blanked = np.full((size_px, size_px, 3), BLANK, np.uint8)
     out_rgb = np.full((size_px, size_px, 3), BLANK, np.uint8)
     out_cell = np.zeros((size_px, size_px), bool)
     out_nucleus = np.zeros((size_px, size_px), bool)
     if cell.any():
         cy, cx = (int(round(v)) for v in ndi.center_of_mass(cell))
         near = ndi.binary_dilation(cell, iterations=max(1, int(round(CONTEXT_UM / mpp))))
-        shown = np.where(near[..., None], rgb, np.uint8(BLANK)) if blank else rgb
         # Paste the window [cy - size/2, cy + size/2) of the source into the output.
         top, left = cy - size_px // 2, cx - size_px // 2
         sy0, sx0 = max(0, top), max(0, left)
         sy1, sx1 = min(cell.shape[0], top + size_px), min(cell.shape[1], left + size_px)
         dy, dx = sy0 - top, sx0 - left
         region = (slice(dy, dy + sy1 - sy0), slice(dx, dx + sx1 - sx0))
-        out_rgb[region] = shown[sy0:sy1, sx0:sx1]
-        out_cell[region] = cell[sy0:sy1, sx0:sx1]
-        out_nucleus[region] = nucleus[sy0:sy1, sx0:sx1]
-    return CellCrop(out_rgb, out_cell, out_nucleus, mpp)
+        source = (slice(sy0, sy1), slice(sx0, sx1))
+        out_rgb[region] = rgb[source]
+        out_blanked[region] = np.where(near[source][..., None], rgb[source], np.uint8(BLANK))
+        out_cell[region] = cell[source]
+        out_nucleus[region] = nucleus[source]
+    return (
+        CellCrop(out_blanked, out_cell, out_nucleus, mpp),
+        CellCrop(out_rgb, out_cell, out_nucleus, mpp),
+    )
 
 
 def blank_outside(crop: CellCrop) -> CellCrop:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from blastq.core.cells.cellcrops import (
     CellCrop,
     crops_from_instances,
     crops_to_array,
-    normalise_crop,
+    normalised_views,
 )
 from blastq.core.cells.instances import LABEL_BLAST, CellMaps, failure_reason, joined_reasons
 from blastq.core.common import ModelInvalid, ModelNotFound, atomic_write
@@ -396,11 +396,19 @@ def default_classifier_path() -> Path:
     return Path(__file__).parents[1] / "weights" / "blastq-cells-default.pt"
 
 
-def type_cells(maps: CellMaps, work: np.ndarray, work_mpp: float, classifier: CellClassifier) -> CellMaps:
+def type_cells(
+    maps: CellMaps,
+    work: np.ndarray,
+    work_mpp: float,
+    classifier: CellClassifier,
+    on_crop: Callable[[int, CellCrop | None], None] | None = None,
+) -> CellMaps:
     """`maps` with every cell typed from `work` (the preprocessed image at `work_mpp`).
 
     A cell that cannot be cropped, measured or typed is marked for review with the reason, given
-    UNTYPED_PROBABILITIES, and the other cells are typed as if it were not there.
+    UNTYPED_PROBABILITIES, and the other cells are typed as if it were not there. `on_crop(cell_id, crop)`
+    gets each cell's crop with its neighbours (None where cropping failed), cut in the same pass: the
+    gallery (core.cells.gallery) is filled without cropping every cell again.
     """
     if not maps.cells:
         return maps
@@ -409,15 +417,19 @@ def type_cells(maps: CellMaps, work: np.ndarray, work_mpp: float, classifier: Ce
     nuclei = resample_to_shape(maps.nuclei, h, w, labels=True)
     ids = [c.cell_id for c in maps.cells]
     crops, reasons = [], []
-    for raw in crops_from_instances(work, instances, nuclei, work_mpp, ids):
+    for cell_id, raw in zip(ids, crops_from_instances(work, instances, nuclei, work_mpp, ids), strict=True):
         try:
-            crop = normalise_crop(raw)
+            crop, shown = normalised_views(raw)
         except MemoryError:
             raise
         except Exception as exc:
             crops.append(raw)
             reasons.append(failure_reason("crop", exc))
+            if on_crop is not None:
+                on_crop(cell_id, None)
             continue
+        if on_crop is not None:
+            on_crop(cell_id, shown)
         crops.append(crop)
         # A cell a few pixels across at a coarse input scale can vanish when resampled to the crop scale.
         reasons.append("" if crop.cell.any() else f"too small to type: no pixels at {crop.mpp} um/px")

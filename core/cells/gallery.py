@@ -45,6 +45,12 @@ class CellGallery:
     px: int = CROP_PX
     mpp: float = CROP_MPP
 
+    def crop(self, cell_id: int) -> CellCrop | None:
+        """Cell `cell_id`'s crop with its neighbours; None when the gallery does not hold it."""
+        if cell_id not in self.cell_ids:
+            return None
+        return gallery_crop(self.rgb, self.labels, self.cell_ids.index(cell_id), self.px, self.mpp)
+
     def index(self) -> dict:
         """What a reader of the sheet needs besides its pixels (gallery.json)."""
         return {
@@ -101,19 +107,25 @@ class GalleryBuilder:
         for name, raw in zip(
             named, crops_from_instances(work, instances, nuclei, work_mpp, ids), strict=True
         ):
-            rgb = np.full((CROP_PX, CROP_PX, 3), BLANK, np.uint8)
-            labels = np.zeros((CROP_PX, CROP_PX), np.uint8)
             try:
                 crop = normalise_crop(raw, blank=False)
             except MemoryError:
                 raise
             except Exception:  # one cell that cannot be cropped keeps a white square; the others are drawn
                 crop = None
-            if crop is not None:
-                rgb = crop.rgb
-                labels = np.where(crop.nucleus, NUCLEUS, np.where(crop.cell, CELL, OUTSIDE)).astype(np.uint8)
-            self.ids.append(int(name))
-            self.squares.append((rgb, labels))
+            self.add_crop(name, crop)
+
+    def add_crop(self, cell_id: int, crop: CellCrop | None) -> None:
+        """One cell's normalised crop with its neighbours (None: a white square); none beyond the limit."""
+        if self.full:
+            return
+        rgb = np.full((CROP_PX, CROP_PX, 3), BLANK, np.uint8)
+        labels = np.zeros((CROP_PX, CROP_PX), np.uint8)
+        if crop is not None:
+            rgb = crop.rgb
+            labels = np.where(crop.nucleus, NUCLEUS, np.where(crop.cell, CELL, OUTSIDE)).astype(np.uint8)
+        self.ids.append(int(cell_id))
+        self.squares.append((rgb, labels))
 
     def build(self) -> CellGallery:
         rgb = np.full((*sheet_shape(len(self.ids)), 3), BLANK, np.uint8)

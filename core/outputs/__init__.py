@@ -19,6 +19,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "geojson_bytes",
             "overlay",
             "png_bytes",
+            "read_gallery",
             "render_artifacts",
             "report_html",
             "sample_artifacts",

@@ -334,6 +334,29 @@ def render_artifacts(result: FieldResult, rgb: np.ndarray) -> list[Artifact]:
     ]
 
 
+def read_gallery(store, prefix: str) -> CellGallery | None:
+    """The gallery a result keeps under `prefix` in an object store (what gallery_artifacts wrote); None
+    when it has none (recorded before galleries) or its files do not read as one."""
+    try:
+        index = json.loads(store.get(f"{prefix}/gallery.json"))
+        sheet = store.get(f"{prefix}/gallery.png")
+        labels_png = store.get(f"{prefix}/gallery-labels.png")
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON
+        return None
+    rgb = cv2.imdecode(np.frombuffer(sheet, np.uint8), cv2.IMREAD_COLOR)
+    labels = cv2.imdecode(np.frombuffer(labels_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if rgb is None or labels is None or labels.shape != rgb.shape[:2] or not isinstance(index, dict):
+        return None
+    try:
+        ids = tuple(int(i) for i in index["cell_ids"])
+        px, mpp = int(index["px"]), float(index["mpp"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return CellGallery(np.ascontiguousarray(rgb[..., ::-1]), labels, ids, px, mpp)
+
+
 def gallery_artifacts(gallery) -> list[Artifact]:
     """The gallery sheets and their index (core.cells.gallery); none for a result without one."""
     if gallery is None:

@@ -23,8 +23,8 @@ from blastq.core.cells import (
     CellClassifier,
     CellGallery,
     CellMaps,
+    GalleryBuilder,
     SlideStats,
-    build_gallery,
     call_rule,
     caller_setting,
     extract_cells,
@@ -260,10 +260,13 @@ def process_slide(
         probs, slide.rgb, slide.mpp, blast_threshold=config.blast_cell_threshold, caller=config.blast_caller
     )
     del probs
+    gallery = GalleryBuilder()
     if classifier is not None:
-        # Crops come from the model's view of the slide: the classifiers were trained on that.
-        maps = type_cells(maps, work, info.mpp, classifier)
-    gallery = build_gallery(maps.instances, maps.nuclei, [c.cell_id for c in maps.cells], work, info.mpp)
+        # Crops come from the model's view of the slide: the classifiers were trained on that. The
+        # gallery's crops are cut in the same pass.
+        maps = type_cells(maps, work, info.mpp, classifier, on_crop=gallery.add_crop)
+    else:
+        gallery.add(maps.instances, maps.nuclei, [c.cell_id for c in maps.cells], work, info.mpp)
     stats = slide_stats(maps.cells, config.blast_threshold_percent, config.min_white_cells)
     height, width = slide.rgb.shape[:2]
     model = ModelIdentity.of(info, classifier.info.sha256 if classifier is not None else "")
@@ -284,7 +287,7 @@ def process_slide(
         classifier_version=classifier.info.version if classifier is not None else "",
         blast_call=call_rule(config.blast_cell_threshold, config.blast_caller),
         mpp_confidence=slide.mpp_confidence,
-        gallery=gallery,
+        gallery=gallery.build(),
     )
 
 

@@ -366,15 +366,20 @@ def process_whole_slide(
                 )
                 del probs
                 taken = _take_cells(maps, chunk, instances, chunks, chunk_px, n_cols)
+                # The slide-wide ids the loop below gives the taken cells: the gallery keeps those.
+                slide_id = {c.cell_id: len(cells) + 1 + k for k, c in enumerate(taken)}
                 if taken and classifier is not None:
-                    maps = type_cells(replace(maps, cells=tuple(taken)), work, info.mpp, classifier)
-                    taken = list(maps.cells)
-                if taken and not gallery.full:
-                    first = len(cells) + 1  # the slide-wide ids the loop below gives them
-                    ids = [c.cell_id for c in taken]
-                    gallery.add(
-                        maps.instances, maps.nuclei, ids, work, info.mpp, range(first, first + len(ids))
+                    maps = type_cells(
+                        replace(maps, cells=tuple(taken)),
+                        work,
+                        info.mpp,
+                        classifier,
+                        on_crop=lambda cell_id, crop, ids=slide_id: gallery.add_crop(ids[cell_id], crop),
                     )
+                    taken = list(maps.cells)
+                elif taken and not gallery.full:
+                    ids = list(slide_id)
+                    gallery.add(maps.instances, maps.nuclei, ids, work, info.mpp, [slide_id[i] for i in ids])
                 _paint(maps, taken, chunk, instances, nuclei, len(cells) + 1)
                 for cell in taken:
                     gid = len(cells) + 1
