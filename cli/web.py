@@ -42,11 +42,34 @@ def serve(host: str, port: int, workers: int) -> None:
 
     settings = load_settings()
     check_local_folders(settings)
+    _check_port(host, port)
     session_key(settings)  # made (or checked) before the workers start, so they share one
     if not list_users(connect_db(settings.database_url.get_secret_value())):
         click.echo("WARNING no accounts yet: add one with `blastq users add NAME --role ROLE`", err=True)
     click.echo(f"review station on http://{host}:{port}/ (stop with Ctrl+C)", err=True)
     uvicorn.run("blastq.web.main:app", host=host, port=port, workers=workers, log_level="info", factory=False)
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line, before anything starts, when the address cannot be listened on (in use, not this
+    machine's): uvicorn would print its own traceback-like lines after the application had started."""
+    import socket
+
+    from blastq.core.common import InvalidConfig
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidConfig(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InvalidConfig(
+                f"cannot listen on {host}:{port}: {exc.strerror} (another blastq serve?)"
+            ) from None
 
 
 @click.group(context_settings=CONTEXT)

@@ -334,3 +334,22 @@ def _station_cells(station):
             select(CellRow.__table__).where(CellRow.__table__.c.result_id == station.result_id)
         )
         return [CellRecord(**{n: getattr(r, n) for n in names}) for r in rows]
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path, monkeypatch):
+    import socket
+
+    from click.testing import CliRunner
+
+    from blastq.cli.main import main
+
+    monkeypatch.setenv("BLASTQ_DATA_DIR", str(tmp_path / "data"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--port", str(port)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"blastq: error: cannot listen on 127.0.0.1:{port}: Address already in use (another blastq serve?)"
+    )
