@@ -7,10 +7,10 @@ the shipped cell classifier. The same work is then done stage by stage with the 
 functions, each stage timed on its own:
 
   prepare    prepare_image: resample to the model's scale + flat-field/CLAHE preprocessing
-  tiling     pad_to_tiles, tile_grid and the empty-tile check (is_empty_tile) on every tile
-  batching   cutting the non-empty tiles out, stacking them, to_model_input (NCHW float32)
+  tiling     pad_to_stride, plan_tiles, the stain check (needed_blocks) and fit_to_stain on every tile
+  batching   cutting the tiles that run out, stacking them, to_model_input (NCHW float32)
   engine     engine.infer on those batches only: the pure engine time for the same tiles and batch size
-  stitching  logits_to_probabilities, Stitcher.add/add_background, result, crop (and resize)
+  stitching  Stitcher.add_logits (probabilities of each tile's own pixels), result, crop (and resize)
   cells      extract_cells (threshold, watershed split, measurements)
   typing     type_cells with load_cell_classifier("default")
   stats      slide_stats
@@ -47,12 +47,12 @@ from blastq.core.segment import (
     ModelInfo,
     Stitcher,
     cpu_cores,
-    is_empty_tile,
+    fit_to_stain,
     iter_batches,
     load_engine,
-    logits_to_probabilities,
-    pad_to_tiles,
-    tile_grid,
+    needed_blocks,
+    pad_to_stride,
+    plan_tiles,
     to_model_input,
 )
 from blastq.core.synth import generate_field
@@ -85,13 +85,13 @@ def staged_run(
     wh, ww = work.shape[:2]
 
     def cut_tiles():
-        padded = pad_to_tiles(work, config.tile_px)
-        tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
-        empty = [config.skip_empty_tiles and is_empty_tile(padded[t.slices]) for t in tiles]
-        return padded, tiles, empty
+        padded = pad_to_stride(work, engine.stride)
+        tiles = plan_tiles(padded.shape[0], padded.shape[1], config.tile_px, config.overlap_px, engine.stride)
+        needed = needed_blocks(padded, config.overlap_px // 2)
+        fitted = [fit_to_stain(t, needed, config.overlap_px // 2, engine.stride) for t in tiles]
+        return padded, [t for t in fitted if t is not None]
 
-    padded, tiles, empty = clock.run("tiling", cut_tiles)
-    todo = [t for t, e in zip(tiles, empty, strict=True) if not e]
+    padded, todo = clock.run("tiling", cut_tiles)
     batches = list(iter_batches(todo, config.batch_size))
     inputs = clock.run(
         "batching", lambda: [to_model_input(np.stack([padded[t.slices] for t in b])) for b in batches]
@@ -99,13 +99,10 @@ def staged_run(
     logits = clock.run("engine", lambda: [engine.infer(x) for x in inputs])
 
     def stitch():
-        stitcher = Stitcher(N_OUTPUTS, padded.shape[0], padded.shape[1], config.tile_px)
-        for t, e in zip(tiles, empty, strict=True):
-            if e:
-                stitcher.add_background(t)
+        stitcher = Stitcher(N_OUTPUTS, padded.shape[0], padded.shape[1])
         for batch, y in zip(batches, logits, strict=True):
-            for t, p in zip(batch, logits_to_probabilities(y), strict=True):
-                stitcher.add(t, p)
+            for t, tile_logits in zip(batch, y, strict=True):
+                stitcher.add_logits(t, tile_logits)
         probs = stitcher.result()[:, :wh, :ww]
         if (wh, ww) != (height, width):
             probs = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in probs])

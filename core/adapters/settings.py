@@ -78,9 +78,15 @@ class Settings(BaseSettings):
     blast_cell_threshold: float = Field(DEFAULT_BLAST_CELL_THRESHOLD, gt=0, lt=1, **_CHECKED)
     # Fewer white cells than this (in an image, or pooled in a sample) give no verdict: "insufficient cells".
     min_white_cells: int = Field(DEFAULT_MIN_WHITE_CELLS, ge=0)
-    tile_px: int = 256
-    overlap_px: int = 64
-    batch_size: int = 8
+    # Tiles of up to tile_px (at the model's scale) overlapping by overlap_px: with overlap_px // 2 at least
+    # the model's context (58 px for the shipped U-Net) the map is the whole-image answer, and 1024 px tiles
+    # compute each output pixel ~1.2 times where 256 px ones did 1.8 (core.segment.tiling). ONNX Runtime on
+    # 2 cores runs as many pixels per second at 256 as at 1536 px (benchmarks/bench_efficiency.py).
+    tile_px: int = 1024
+    overlap_px: int = 128
+    # Tiles per engine call: one 1024 px tile is already twice the pixels of the old 8 x 256 px batch
+    # (0.6 GB resident on CPU; 2 tiles: 0.9 GB, no faster). On a GPU more help (benchmarks/bench_gpu.py).
+    batch_size: int = 1
     # Whole slides: chunk side at the model's scale. Peak memory grows with its square (3072: 1.7 GiB on
     # a 20k slide, benchmarks/bench_wsi_memory.py); smaller chunks repeat more margin tiles.
     wsi_chunk_px: int = 3072

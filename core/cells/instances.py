@@ -114,12 +114,14 @@ def split_instances(
     seed_kept = np.bincount(seeds[markers], minlength=n_seeds + 1) >= MIN_MARKER_AREA_UM2 * px_per_um2
     seed_kept[0] = False
     unseeded_offset = int(np.flatnonzero(seed_kept).max()) if seed_kept.any() else 0
-    # The distance transform and the seeds are built blob by blob on the blob's bounding box (+1 px where
-    # the image goes on), a fraction of the image's pixels. The distances are those of the whole image:
-    # a blob pixel's nearest background pixel lies within a pixel of the blob's box (blobs are
-    # 4-connected, so the first non-blob pixel on a monotone path to any other pixel is background).
-    neg_distance = np.zeros(foreground.shape, np.float64)
-    watershed_seeds = np.zeros(foreground.shape, np.int32)
+    # Blob by blob, on the blob's bounding box (+1 px where the image goes on): a blob with one marker is
+    # that marker's cell, one with none seeds itself (numbered after every marker), and only a blob with
+    # several markers needs the watershed, on the distance to the background within its box. The
+    # distances are those of the whole image: a blob pixel's nearest background pixel lies within a pixel
+    # of the blob's box (blobs are 4-connected, so the first non-blob pixel on a monotone path to any
+    # other pixel is background). A blob's split depends on that blob alone, so two whole-slide windows
+    # that both hold it split it alike.
+    labels = np.zeros(foreground.shape, np.int32)
     height, width = foreground.shape
     for k, (ys, xs) in enumerate(ndi.find_objects(blobs), start=1):
         box = (
@@ -128,15 +130,14 @@ def split_instances(
         )
         blob = blobs[box] == k
         blob_seeds = np.where(blob & seed_kept[seeds[box]], seeds[box], 0)
-        if not blob_seeds.any():  # the marker head missed it: the blob seeds itself, after every marker
-            blob_seeds = np.where(blob, k + unseeded_offset, 0)
-        neg_distance[box][blob] = -ndi.distance_transform_edt(blob)[blob]
-        watershed_seeds[box][blob] = blob_seeds[blob]
-    # One watershed over the whole image rather than one per blob: skimage's queue breaks ties between
-    # equally deep marker pixels by its heap layout, which depends on every marker in the image, and
-    # blob-wise runs moved a few boundary pixels between touching cells (synthetic discs).
-    labels = watershed(neg_distance, watershed_seeds, mask=foreground)
-    del neg_distance, watershed_seeds
+        ids = np.unique(blob_seeds[blob_seeds > 0])
+        if len(ids) == 0:  # the marker head missed it: the blob seeds itself, after every marker
+            labels[box][blob] = k + unseeded_offset
+        elif len(ids) == 1:
+            labels[box][blob] = ids[0]
+        else:
+            split = watershed(-ndi.distance_transform_edt(blob), blob_seeds, mask=blob)
+            labels[box][blob] = split[blob]
     # Small objects dropped and the rest numbered 1..n in label order, counted over the foreground only.
     at_cells = labels[foreground]
     sizes = np.bincount(at_cells)

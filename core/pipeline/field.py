@@ -40,11 +40,11 @@ from blastq.core.segment import (
     ModelInfo,
     Stitcher,
     Tile,
-    is_empty_tile,
+    fit_to_stain,
     iter_batches,
-    logits_to_probabilities,
-    pad_to_tiles,
-    tile_grid,
+    needed_blocks,
+    pad_to_stride,
+    plan_tiles,
     to_model_input,
 )
 
@@ -156,20 +156,24 @@ def segment_prepared(
     config: PipelineConfig = PipelineConfig(),
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, int, int]:
-    """Probabilities for a prepared image (`prepare_image`), resized to out_shape (the input's H, W)."""
+    """Probabilities for a prepared image (`prepare_image`), resized to out_shape (the input's H, W).
+
+    The image is cut by `plan_tiles` (tiles of up to tile_px, overlapping by overlap_px, each deciding the
+    pixels it is most central to: the whole-image answer when overlap_px // 2 reaches the model's context);
+    with skip_empty_tiles, tiles of plain plasma do not run and tiles mostly of plasma run cut down to their
+    stained part (`fit_to_stain`). (tiles total, tiles run) count the planned tiles."""
     if config.tile_px % engine.stride:
         raise InvalidConfig(f"tile_px={config.tile_px} must be a multiple of {engine.stride} for this model")
     height, width = out_shape
     wh, ww = work.shape[:2]
-    work = pad_to_tiles(work, config.tile_px)
-    tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
-    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1], config.tile_px)
-    todo = []
-    for tile in tiles:
-        if config.skip_empty_tiles and is_empty_tile(work[tile.slices]):
-            stitcher.add_background(tile)
-        else:
-            todo.append(tile)
+    work = pad_to_stride(work, engine.stride)
+    tiles = plan_tiles(work.shape[0], work.shape[1], config.tile_px, config.overlap_px, engine.stride)
+    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1])
+    todo = tiles
+    if config.skip_empty_tiles:
+        needed = needed_blocks(work, config.overlap_px // 2)
+        fitted = (fit_to_stain(tile, needed, config.overlap_px // 2, engine.stride) for tile in tiles)
+        todo = [tile for tile in fitted if tile is not None]
     done = len(tiles) - len(todo)
     if progress:
         progress(done, len(tiles))
@@ -207,8 +211,10 @@ def _run_batches(
         return to_model_input(np.stack([work[t.slices] for t in batch]))
 
     def stitch(batch: list[Tile], logits: np.ndarray) -> int:
-        for tile, probs in zip(batch, logits_to_probabilities(logits), strict=True):
-            stitcher.add(tile, probs)
+        if len(logits) != len(batch):
+            raise ValueError(f"the engine gave {len(logits)} outputs for a batch of {len(batch)} tiles")
+        for tile, tile_logits in zip(batch, logits, strict=True):
+            stitcher.add_logits(tile, tile_logits)
         return len(batch)
 
     if not _engine_on_gpu(engine):

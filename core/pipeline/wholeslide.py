@@ -63,7 +63,7 @@ from blastq.core.image import (
 from blastq.core.pipeline.field import PipelineConfig, segment_prepared
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key, whole_slide_result_key
 from blastq.core.pipeline.scratch import new_scratch_folder
-from blastq.core.segment import Engine, ModelInfo, tile_grid
+from blastq.core.segment import Engine, ModelInfo, plan_tiles
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
@@ -76,6 +76,8 @@ MPP_ESTIMATE_PX = 2048
 # Longest side of overlay.png for a whole slide (the TIFFs carry the full resolution).
 OVERVIEW_PX = 2048
 PLASMA = 245  # fill for window parts outside the slide, as the readers do
+# Chunk sides and margins are multiples of this: a multiple of the stride of any U-Net up to depth 7.
+WINDOW_ALIGN_PX = 64
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,8 @@ class WholeSlideConfig:
     """How a slide is cut into chunks; results depend on it slightly (its hash joins the result key)."""
 
     chunk_px: int = setting_default("wsi_chunk_px")  # core side at the model's scale; plus the margin
-    margin_px: int | None = None  # default: CELL_RADIUS_UM at the model's scale + the tile overlap
-    # Both are rounded up to whole tile steps (tile_px - overlap_px): see grid().
+    margin_px: int | None = None  # default: CELL_RADIUS_UM at the model's scale + half the tile overlap
+    # Both are rounded up to multiples of WINDOW_ALIGN_PX: see grid().
     # The most pixels a slide may have at the model's scale (BLASTQ_MAX_SLIDE_PIXELS), refused before
     # any chunk is read. Not part of the result key: it decides whether a slide runs, not what it gives.
     max_pixels: int = setting_default("max_slide_pixels")
@@ -98,21 +100,27 @@ class WholeSlideConfig:
             raise InvalidConfig(f"max_slide_pixels must be a positive integer, got {self.max_pixels!r}")
 
     def grid(self, model_mpp: float, pipeline: PipelineConfig) -> tuple[int, int]:
-        """(chunk side, margin) in model pixels, both whole multiples of the tile step.
+        """(chunk side, margin) in model pixels, both multiples of WINDOW_ALIGN_PX.
 
-        Windows then start on the tile grid a whole image would use, so two windows that cover a pixel
-        run the same tiles there and mostly agree on it exactly: a cell on a border looks the same
-        from both sides (the ownership rule does not rely on it, but fewer cells are split differently).
+        Windows then start on multiples of the model's stride, as the tiles of a whole image do, so the
+        tiles' answers are the whole image's wherever a window has the model's context (the tiling is
+        exact: core.segment.tiling), and two windows that cover a pixel mostly agree on it exactly: a
+        cell on a border looks the same from both sides (the ownership rule does not rely on it, but
+        fewer cells are split differently).
         """
-        step = pipeline.tile_px - pipeline.overlap_px
         margin = self.margin_px
         if margin is None:
-            margin = math.ceil(CELL_RADIUS_UM / model_mpp) + pipeline.overlap_px
-        return _round_up(self.chunk_px, step), _round_up(margin, step)
+            margin = math.ceil(CELL_RADIUS_UM / model_mpp) + pipeline.overlap_px // 2
+        return _round_up(self.chunk_px, WINDOW_ALIGN_PX), _round_up(margin, WINDOW_ALIGN_PX)
 
 
 def _round_up(value: int, step: int) -> int:
     return max(step, -(-value // step) * step)
+
+
+def _padded(height: int, width: int, stride: int) -> tuple[int, int]:
+    """A window's sides padded to multiples of the stride, as segment_prepared pads it."""
+    return -(-height // stride) * stride, -(-width // stride) * stride
 
 
 @dataclass(frozen=True)
@@ -307,7 +315,14 @@ def process_whole_slide(
     n_cols = math.ceil(width / chunk_px)
     pre = PreprocessConfig(**info.preprocess)
     tiles_per_chunk = [
-        len(tile_grid(w[1] - w[0], w[3] - w[2], config.tile_px, config.overlap_px))
+        len(
+            plan_tiles(
+                *_padded(w[1] - w[0], w[3] - w[2], engine.stride),
+                config.tile_px,
+                config.overlap_px,
+                engine.stride,
+            )
+        )
         for w in (c.window for c in chunks)
     ]
     tiles_total, tiles_before, tiles_run = sum(tiles_per_chunk), 0, 0

@@ -1,7 +1,7 @@
 """segment: pixels -> per-pixel probability maps.
 
 unet (the network and its checkpoints) -> engines (torch, ONNX Runtime, TensorRT: one interface) run it on
-tiling's overlapping tiles -> stitch blends the tiles' predictions into one map without seams.
+tiling's overlapping tiles -> stitch writes each tile's own pixels into one map (the whole-image answer).
 """
 
 from blastq.core import room_api
@@ -23,15 +23,19 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         ),
         "stitch": (
             "Stitcher",
-            "blend_window",
+            "background_map",
             "logits_to_probabilities",
         ),
         "tiling": (
             "Tile",
+            "axis_layout",
+            "fit_to_stain",
             "is_empty_tile",
             "iter_batches",
-            "pad_to_tiles",
-            "tile_grid",
+            "needed_blocks",
+            "pad_to_stride",
+            "plan_tiles",
+            "stained_pixels",
         ),
         "unet": (
             "CLASS_NAMES",
@@ -43,6 +47,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "UNet",
             "default_model_path",
             "load_plain",
+            "receptive_radius",
             "save_checkpoint",
             "to_model_input",
         ),

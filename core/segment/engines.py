@@ -82,14 +82,23 @@ class TorchEngine:
     that fails to compile runs eagerly, with a warning, instead of failing the slide.
     """
 
-    def __init__(self, model: UNet, device: str = "cpu", fp16: bool = False, compile: bool | None = None):
+    def __init__(
+        self,
+        model: UNet,
+        device: str = "cpu",
+        fp16: bool = False,
+        compile: bool | None = None,
+        bf16: bool = False,
+    ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidConfig(f"device {device} asked for, but this torch build sees no CUDA GPU")
         # channels_last: oneDNN/cuDNN convolutions run faster in NHWC; results are the same.
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.fp16 = fp16 and self.device.type == "cuda"
-        self.precision = "fp16" if self.fp16 else "fp32"
+        # bfloat16 autocast (CPU and CUDA): fp32's range, 8 bits of mantissa; for benchmarks/bench_gpu.py.
+        self.bf16 = bf16 and not self.fp16
+        self.precision = "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
         self.stride = model.stride
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self._forward: Callable[[torch.Tensor], torch.Tensor] = (
@@ -100,7 +109,8 @@ class TorchEngine:
 
     def _name(self) -> str:
         dev = f"torch-{self.device.type}"
-        return f"{dev}{'-fp16' if self.fp16 else ''}{'-compiled' if self.compiled else ''}"
+        precision = f"-{self.precision}" if self.precision != "fp32" else ""
+        return f"{dev}{precision}{'-compiled' if self.compiled else ''}"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
@@ -121,7 +131,8 @@ class TorchEngine:
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         # Compiled graphs are traced under no_grad: inference-mode tensors have tripped Dynamo before.
         grad_off = torch.no_grad() if self.compiled else torch.inference_mode()
-        with grad_off, torch.autocast(self.device.type, enabled=self.fp16, dtype=torch.float16):
+        dtype = torch.bfloat16 if self.bf16 else torch.float16
+        with grad_off, torch.autocast(self.device.type, enabled=self.fp16 or self.bf16, dtype=dtype):
             return self._forward(x)
 
 

@@ -1,4 +1,9 @@
-"""Blending overlapping tile predictions into one probability map without seams."""
+"""Putting the tiles' predictions together into one probability map.
+
+Each tile decides the pixels of its `own` region (core.segment.tiling): the map is written, not blended,
+and with the tiles' overlap at least twice the model's context it equals the model run on the whole image.
+Pixels no tile decides (plain plasma the engine was spared) are certain background.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,6 @@ import numpy as np
 
 from blastq.core.segment.tiling import Tile
 from blastq.core.segment.unet import N_CLASSES
-
-
-def blend_window(tile_px: int, sigma_scale: float = 0.125) -> np.ndarray:
-    """A Gaussian tile weight (HW float32), peak 1 at the centre, floor 1e-3 at the corners.
-
-    Tile borders see the least context, so their predictions are the least trusted: a smooth
-    weight lets each pixel be decided mostly by the tile it is most central in, and the weights change
-    gradually, so no step appears where one tile's area ends (sigma = tile/8, as nnU-Net uses).
-    """
-    r = np.arange(tile_px, dtype=np.float64) - (tile_px - 1) / 2
-    g = np.exp(-(r**2) / (2 * (sigma_scale * tile_px) ** 2))
-    w = np.outer(g, g)
-    w /= w.max()
-    return np.maximum(w, 1e-3).astype(np.float32)
 
 
 def logits_to_probabilities(logits: np.ndarray) -> np.ndarray:
@@ -31,36 +22,41 @@ def logits_to_probabilities(logits: np.ndarray) -> np.ndarray:
     return np.concatenate([cls, rest], axis=1).astype(np.float32)
 
 
-class Stitcher:
-    """Accumulates window-weighted tile probabilities into a (C, H, W) map."""
+def background_map(channels: int, height: int, width: int) -> np.ndarray:
+    """A (C, H, W) float32 map of certain background: class 0 at 1, every other channel 0."""
+    out = np.zeros((channels, height, width), np.float32)
+    out[0] = 1.0
+    return out
 
-    def __init__(self, channels: int, height: int, width: int, tile_px: int):
-        self.acc = np.zeros((channels, height, width), np.float32)
-        self.weight = np.zeros((height, width), np.float32)
-        self.window = blend_window(tile_px)
+
+class Stitcher:
+    """Writes each tile's CHW probabilities over the pixels it owns into one (C, H, W) map."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        self.map: np.ndarray | None = background_map(channels, height, width)
 
     def add(self, tile: Tile, probs: np.ndarray) -> None:
-        """Add one tile's CHW probabilities."""
-        ys, xs = tile.slices
-        self.acc[:, ys, xs] += probs * self.window
-        self.weight[ys, xs] += self.window
+        """Add one tile's CHW probabilities (its whole window; only its own pixels are kept)."""
+        if probs.shape[1:] != tile.shape:
+            raise ValueError(f"tile {tile.shape} got probabilities of shape {probs.shape[1:]}")
+        self.add_own(tile, probs[(slice(None), *tile.own_in_tile)])
 
-    def add_background(self, tile: Tile) -> None:
-        """Add a skipped (empty) tile as certain background, so neighbours blend into it smoothly."""
-        ys, xs = tile.slices
-        self.acc[0, ys, xs] += self.window
-        self.weight[ys, xs] += self.window
+    def add_logits(self, tile: Tile, logits: np.ndarray) -> None:
+        """Add one tile's CHW logits: turned into probabilities over its own pixels only."""
+        if logits.shape[1:] != tile.shape:
+            raise ValueError(f"tile {tile.shape} got logits of shape {logits.shape[1:]}")
+        own = logits[(slice(None), *tile.own_in_tile)]
+        self.add_own(tile, logits_to_probabilities(own[None])[0])
+
+    def add_own(self, tile: Tile, probs: np.ndarray) -> None:
+        """Add the CHW probabilities of the pixels the tile owns (shape: its own region)."""
+        if self.map is None:
+            raise RuntimeError("Stitcher.add() after result(): the map was handed over already")
+        self.map[(slice(None), *tile.own_slices)] = probs
 
     def result(self) -> np.ndarray:
-        """The blended (C, H, W) map. Divides in place, without a second map-sized array (a 4096 px slide's
-        map is 335 MB): call it once, after the last tile."""
-        if self.acc is None:
+        """The (C, H, W) map; handed over once (a 4096 px slide's map is 335 MB, never copied)."""
+        if self.map is None:
             raise RuntimeError("Stitcher.result() was called twice: the map was handed over already")
-        uncovered = self.weight == 0
-        np.maximum(self.weight, 1e-12, out=self.weight)
-        self.acc /= self.weight
-        if uncovered.any():
-            self.acc[:, uncovered] = 0.0
-            self.acc[0, uncovered] = 1.0
-        out, self.acc = self.acc, None
+        out, self.map = self.map, None
         return out

@@ -90,6 +90,37 @@ class Decoder(nn.Module):
         return x
 
 
+def receptive_radius(depth: int) -> int:
+    """The farthest input pixel any output pixel of a `depth`-level U-Net depends on, in input pixels.
+
+    Exact for this architecture: the interval of input pixels behind one output pixel is followed back
+    through every layer (3x3 convs widen it by one pixel at their level, a 2x max-pool maps it to its
+    2x-finer window, 2x bilinear upsampling to the two coarser pixels it reads, the skip joins both
+    paths), for each of the stride's phases. Tiles overlapping by twice this, cut in the middle, give the
+    whole-image answer (core.segment.tiling)."""
+
+    def encoder(level: int, lo: int, hi: int) -> tuple[int, int]:
+        lo, hi = lo - 2, hi + 2  # the level's two 3x3 convs
+        return (lo, hi) if level == 0 else encoder(level - 1, 2 * lo, 2 * hi + 1)
+
+    def decoder(level: int, lo: int, hi: int) -> tuple[int, int]:
+        if level == depth - 1:
+            return encoder(level, lo, hi)
+        lo, hi = lo - 2, hi + 2  # the level's two 3x3 convs, over the skip and the upsampled path
+        skip = encoder(level, lo, hi)
+        # align_corners=False: output j reads coarse floor((j + 0.5) / 2 - 0.5) and the one after it.
+        up = decoder(level + 1, (2 * lo - 1) // 4, (2 * hi - 1) // 4 + 1)
+        return min(skip[0], up[0]), max(skip[1], up[1])
+
+    stride = 2 ** (depth - 1)
+    base = 16 * stride * 2**depth  # far from index 0: floor divisions act the same on every phase
+    radius = 0
+    for p in range(base, base + stride):
+        lo, hi = decoder(0, p, p)
+        radius = max(radius, p - lo, hi - p)
+    return radius
+
+
 # State-dict names of checkpoint format 1 (one flat module) and where they live now.
 _FORMAT_1_NAMES = (("down.", "encoder.blocks."), ("up.", "decoder.up."), ("dec.", "decoder.blocks."))
 
@@ -114,6 +145,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.decoder(self.encoder(x)))
+
+    @property
+    def context_px(self) -> int:
+        """Receptive-field radius: how far from an output pixel an input pixel can change it (58 at depth 4)."""
+        return receptive_radius(self.depth)
 
     def arch(self) -> dict[str, int]:
         return {

@@ -14,20 +14,19 @@ def as_slide(rgb, mpp=0.2):
     return Slide(rgb=rgb, mpp=mpp, mpp_source="user", name="t.png", sha256="0" * 64)
 
 
-def test_tiled_and_whole_masks_agree_away_from_borders(shipped_engine, smear):
-    """Tiles of 128 px with Gaussian blending vs one 768 px tile: the masks agree on >= 99% of pixels."""
+def test_tiled_and_whole_image_maps_are_the_same(shipped_engine, smear):
+    """256 px tiles overlapping by twice the model's context vs one 768 px tile: the same map, seams none."""
     engine, info = shipped_engine
     tiled, n_tiles, _ = segment_probabilities(
-        smear.image, 0.2, engine, info, PipelineConfig(tile_px=128, overlap_px=48)
+        smear.image, 0.2, engine, info, PipelineConfig(tile_px=256, overlap_px=128, skip_empty_tiles=False)
     )
     whole, n_whole, _ = segment_probabilities(
-        smear.image, 0.2, engine, info, PipelineConfig(tile_px=768, overlap_px=0)
+        smear.image, 0.2, engine, info, PipelineConfig(tile_px=768, overlap_px=0, skip_empty_tiles=False)
     )
-    assert n_tiles > 30 and n_whole == 1
-    inner = (slice(16, -16), slice(16, -16))
-    agree = (tiled[:3].argmax(0) == whole[:3].argmax(0))[inner].mean()
-    assert agree >= 0.99
-    assert np.abs(tiled[:3] - whole[:3])[(slice(None), *inner)].mean() < 0.02
+    assert n_tiles == 25 and n_whole == 1
+    assert np.abs(tiled - whole).max() < 1e-4  # float summation order only
+    default, _, _ = segment_probabilities(smear.image, 0.2, engine, info)  # skipping plasma changes nothing
+    assert (default[:3].argmax(0) == whole[:3].argmax(0)).mean() > 0.9999
 
 
 def test_plain_plasma_has_no_cells_and_runs_no_tile(shipped_engine):
@@ -106,19 +105,21 @@ class FakeEngine:
 def sequential_probabilities(work, engine, config):
     """segment_prepared's batches as a plain loop (the reference for the overlapped one)."""
     from blastq.core.segment.stitch import Stitcher, logits_to_probabilities
-    from blastq.core.segment.tiling import is_empty_tile, iter_batches, pad_to_tiles, tile_grid
+    from blastq.core.segment.tiling import (
+        fit_to_stain,
+        iter_batches,
+        needed_blocks,
+        pad_to_stride,
+        plan_tiles,
+    )
     from blastq.core.segment.unet import N_OUTPUTS, to_model_input
 
     wh, ww = work.shape[:2]
-    work = pad_to_tiles(work, config.tile_px)
-    tiles = tile_grid(wh, ww, config.tile_px, config.overlap_px)
-    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1], config.tile_px)
-    todo = []
-    for tile in tiles:
-        if is_empty_tile(work[tile.slices]):
-            stitcher.add_background(tile)
-        else:
-            todo.append(tile)
+    work = pad_to_stride(work, engine.stride)
+    tiles = plan_tiles(work.shape[0], work.shape[1], config.tile_px, config.overlap_px, engine.stride)
+    needed, margin = needed_blocks(work, config.overlap_px // 2), config.overlap_px // 2
+    todo = [t for t in (fit_to_stain(t, needed, margin, engine.stride) for t in tiles) if t is not None]
+    stitcher = Stitcher(N_OUTPUTS, work.shape[0], work.shape[1])
     for batch in iter_batches(todo, config.batch_size):
         probs = logits_to_probabilities(
             engine.infer(to_model_input(np.stack([work[t.slices] for t in batch])))

@@ -149,10 +149,10 @@ def test_only_load_settings_reads_the_environment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BLASTQ_TILE_PX", "384")
     assert (
-        load_settings({"BLASTQ_DATA_DIR": str(tmp_path)}).tile_px == 256
+        load_settings({"BLASTQ_DATA_DIR": str(tmp_path)}).tile_px == 1024
     )  # the given mapping, not os.environ
     assert load_settings().tile_px == 384
-    assert Settings(data_dir=tmp_path).tile_px == 256  # built directly: the values given, nothing else
+    assert Settings(data_dir=tmp_path).tile_px == 1024  # built directly: the values given, nothing else
 
 
 def test_settings_updated_are_checked_like_any_others(tmp_path):

@@ -230,10 +230,12 @@ def test_chunk_cores_tile_the_slide_and_windows_hold_them():
     assert (cover == 1).all()
 
 
-def test_grid_is_whole_tile_steps():
-    config = PipelineConfig()  # step 192
-    assert WholeSlideConfig(chunk_px=3072).grid(0.2, config) == (3072, 192)
-    assert WholeSlideConfig(chunk_px=1000, margin_px=10).grid(0.2, config) == (1152, 192)
+def test_grid_is_aligned_and_the_margin_holds_a_cell_and_the_models_context():
+    config = PipelineConfig()  # overlap 128: a context of 64 px on either side of a cut
+    # 12.8 um of cell radius at 0.2 um/px (64 px) + 64 px of context, on multiples of 64 px
+    assert WholeSlideConfig(chunk_px=3072).grid(0.2, config) == (3072, 128)
+    assert WholeSlideConfig(chunk_px=1000, margin_px=10).grid(0.2, config) == (1024, 64)
+    assert WholeSlideConfig(chunk_px=3072).grid(0.1, config) == (3072, 192)  # 128 + 64 px
     with pytest.raises(InvalidConfig):
         WholeSlideConfig(chunk_px=10)
 
