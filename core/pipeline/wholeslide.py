@@ -63,7 +63,7 @@ from blastq.core.image import (
 from blastq.core.pipeline.field import PipelineConfig, segment_prepared
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key, whole_slide_result_key
 from blastq.core.pipeline.scratch import new_scratch_folder
-from blastq.core.segment import Engine, ModelInfo, plan_tiles
+from blastq.core.segment import MIN_INPUT_PX, Engine, ModelInfo, plan_tiles
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
@@ -119,8 +119,8 @@ def _round_up(value: int, step: int) -> int:
 
 
 def _padded(height: int, width: int, stride: int) -> tuple[int, int]:
-    """A window's sides padded to multiples of the stride, as segment_prepared pads it."""
-    return -(-height // stride) * stride, -(-width // stride) * stride
+    """A window's sides as segment_prepared pads it (`pad_to_stride`): to MIN_INPUT_PX, then the stride."""
+    return tuple(-(-max(side, MIN_INPUT_PX) // stride) * stride for side in (height, width))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "logits_to_probabilities",
         ),
         "tiling": (
+            "MIN_INPUT_PX",
             "Tile",
             "axis_layout",
             "fit_to_stain",

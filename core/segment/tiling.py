@@ -23,6 +23,10 @@ import cv2
 import numpy as np
 
 PLASMA_FILL = 245  # padding colour: plasma after flat-field correction
+# Images smaller than this are padded with plasma to it, at the bottom and right: the model was trained on
+# 256 px tiles, and a 120 px crop with nothing but the convolutions' zeros around it had cells "seen" along
+# its edges (segmentation_wbc dataset2 test crops: Dice over all pixels 0.942 against 0.967 when padded).
+MIN_INPUT_PX = 256
 # Stain is looked for in blocks of this side; a block with fewer stained pixels than this is plain plasma
 # (a few stray pixels of camera noise or a speck of dust do not make a cell).
 STAIN_BLOCK_PX = 16
@@ -106,10 +110,13 @@ def plan_tiles(height: int, width: int, tile_px: int, overlap_px: int, stride: i
     ]
 
 
-def pad_to_stride(rgb: np.ndarray, stride: int, fill: int = PLASMA_FILL) -> np.ndarray:
-    """Pad an HWC image at the bottom/right to multiples of stride with plasma-coloured pixels."""
+def pad_to_stride(
+    rgb: np.ndarray, stride: int, fill: int = PLASMA_FILL, min_side: int = MIN_INPUT_PX
+) -> np.ndarray:
+    """Pad an HWC image at the bottom/right with plasma-coloured pixels to at least min_side, then to
+    multiples of stride."""
     h, w = rgb.shape[:2]
-    ph, pw = _round_up(h, stride) - h, _round_up(w, stride) - w
+    ph, pw = _round_up(max(h, min_side), stride) - h, _round_up(max(w, min_side), stride) - w
     if ph == 0 and pw == 0:
         return rgb
     return np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="constant", constant_values=fill)

@@ -59,11 +59,12 @@ def test_bad_tiling_parameters_are_refused():
         axis_layout(100, 64, 16, 8)
 
 
-def test_padding_reaches_the_stride_with_plasma():
-    out = pad_to_stride(np.zeros((50, 70, 3), np.uint8), 32)
+def test_padding_reaches_the_stride_and_the_smallest_side_with_plasma():
+    out = pad_to_stride(np.zeros((50, 70, 3), np.uint8), 32, min_side=0)
     assert out.shape == (64, 96, 3) and out[60, 90, 0] == 245 and out[10, 10, 0] == 0
-    img = np.zeros((64, 64, 3), np.uint8)
-    assert pad_to_stride(img, 32) is img
+    assert pad_to_stride(np.zeros((120, 300, 3), np.uint8), 8).shape == (256, 304, 3)  # a small crop: 256
+    img = np.zeros((256, 264, 3), np.uint8)
+    assert pad_to_stride(img, 8) is img
 
 
 def test_plain_plasma_tile_is_empty_and_a_cell_is_not():
