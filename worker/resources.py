@@ -74,7 +74,7 @@ class WorkerResources:
         engine, info = load_engine(model_path, kind=s.engine, device=s.device, cache_dir=s.engine_cache_dir)
         # The classifier is read once per process ("registry": the one promoted when the worker started).
         classifier = self._get("classifier", lambda: load_cell_classifier(classifier_file(s)))
-        return LoadedEngine(engine, info, pipeline_config(s), registry_version, classifier)
+        return LoadedEngine(engine, info, pipeline_config(s, info.sha256), registry_version, classifier)
 
     def _registry_engine(self) -> LoadedEngine:
         """The promoted version's engine, swapped when the promotion changed since the last slide."""

@@ -115,7 +115,8 @@ def model_identity(settings: Settings) -> ModelIdentity:
 
 def result_key_of(settings: Settings, model: ModelIdentity, path: str | Path, mpp: float | None) -> str:
     """The key a worker with these settings gives the file's result (core.pipeline.resultkey: the same function)."""
-    return file_result_key(path, mpp, pipeline_config(settings), model, whole_slide_config(settings))
+    config = pipeline_config(settings, model.sha256)
+    return file_result_key(path, mpp, config, model, whole_slide_config(settings))
 
 
 def send_job(app: BlastqCelery, job_id: str) -> None:

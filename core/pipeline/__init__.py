@@ -13,6 +13,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         "field": (
             "PipelineConfig",
             "SlideResult",
+            "config_for_engine",
             "pipeline_config",
             "prepare_image",
             "process_slide",

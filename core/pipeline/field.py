@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -45,6 +45,7 @@ from blastq.core.segment import (
     needed_blocks,
     pad_to_stride,
     plan_tiles,
+    planned_precision,
     to_model_input,
 )
 
@@ -72,6 +73,9 @@ class PipelineConfig:
     # A fitted blast caller (BLASTQ_BLAST_CALLER) decides which cells are blasts instead of the share
     # rule above; its coefficients enter the key.
     blast_caller: BlastCaller | None = None
+    # "int8" when the engine runs the quantised U-Net (BLASTQ_ENGINE=onnx-int8): its maps differ slightly
+    # from fp32's, so its results are keyed apart. "" (fp32, fp16) leaves keys as they were.
+    precision: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.blast_cell_threshold < 1:
@@ -91,6 +95,8 @@ class PipelineConfig:
         }
         if self.blast_caller is not None:  # absent otherwise: keys of results without one stay as they were
             params["blast_caller"] = self.blast_caller.key()
+        if not self.precision:  # likewise
+            del params["precision"]
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -260,6 +266,7 @@ def process_slide(
     """Segment one slide, measure its cells and, with a classifier, type them (the differential)."""
     start = time.perf_counter()
     check_slide(slide, info)
+    config = config_for_engine(config, engine)
     work = prepare_image(slide.rgb, slide.mpp, info)
     probs, n_tiles, n_run = segment_prepared(work, slide.rgb.shape[:2], engine, config, progress)
     maps = extract_cells(
@@ -297,8 +304,17 @@ def process_slide(
     )
 
 
-def pipeline_config(settings: Settings) -> PipelineConfig:
-    """The pipeline parameters these settings ask for; their key is part of a result's identity."""
+def config_for_engine(config: PipelineConfig, engine: Engine) -> PipelineConfig:
+    """`config` with the engine's precision where it changes results (int8), so its results key apart."""
+    precision = "int8" if getattr(engine, "precision", "fp32") == "int8" else ""
+    return config if config.precision == precision else replace(config, precision=precision)
+
+
+def pipeline_config(settings: Settings, model_sha256: str = "") -> PipelineConfig:
+    """The pipeline parameters these settings ask for; their key is part of a result's identity.
+
+    With the checkpoint's sha256, the precision its engine will run at (int8 where `auto` finds an int8 file
+    for it) is known before any engine loads: `blastq submit` keys results as the worker will."""
     return PipelineConfig(
         blast_caller=caller_setting(settings.blast_caller),
         tile_px=settings.tile_px,
@@ -308,4 +324,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         blast_cell_threshold=settings.blast_cell_threshold,
         min_white_cells=settings.min_white_cells,
         classifier=settings.classifier,
+        precision=planned_precision(
+            settings.engine, settings.device, model_sha256, settings.engine_cache_dir
+        ),
     )

@@ -64,7 +64,7 @@ class LocalRunner:
             device=settings.device,
             cache_dir=settings.engine_cache_dir,
         )
-        config = pipeline_config(settings)
+        config = pipeline_config(settings, info.sha256)
         store = store_from_settings(settings) if record else None
         db = connect(settings.database_url.get_secret_value()) if record else None
         classifier = load_cell_classifier(classifier_file(settings))

@@ -60,7 +60,7 @@ from blastq.core.image import (
     estimate_checked,
     preprocess,
 )
-from blastq.core.pipeline.field import PipelineConfig, segment_prepared
+from blastq.core.pipeline.field import PipelineConfig, config_for_engine, segment_prepared
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key, whole_slide_result_key
 from blastq.core.pipeline.scratch import new_scratch_folder
 from blastq.core.segment import MIN_INPUT_PX, Engine, ModelInfo, plan_tiles
@@ -299,6 +299,7 @@ def process_whole_slide(
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    config = config_for_engine(config, engine)
     slide_mpp, mpp_source, mpp_confidence = resolve_mpp(reader, mpp)
     scale = slide_mpp / info.mpp  # model pixels per slide pixel
     height, width = max(1, round(reader.height * scale)), max(1, round(reader.width * scale))

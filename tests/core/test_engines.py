@@ -134,7 +134,7 @@ def test_onnx_file_from_another_checkpoint_is_refused(onnx_engine):
 
 def test_auto_on_cpu_takes_onnx_runtime_and_torch_without_it(cache_dir, monkeypatch):
     engine, _ = load_engine(kind="auto", cache_dir=cache_dir)
-    assert engine.name == "onnx-cpu"
+    assert engine.name == "onnx-cpu-int8"  # the shipped model has an int8 file (tests/core/test_quantize.py)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,

@@ -11,7 +11,7 @@ import tifffile
 
 from blastq.core.cells.classify import load_cell_classifier
 from blastq.core.image.slide import read_slide
-from blastq.core.pipeline.field import PipelineConfig, process_slide
+from blastq.core.pipeline.field import PipelineConfig, config_for_engine, process_slide
 from blastq.core.pipeline.resultkey import (
     ModelIdentity,
     classifier_file_sha256,
@@ -102,7 +102,7 @@ def test_the_submitters_key_from_the_header_is_the_pipelines_from_the_slide(
         tifffile.imwrite(path, field.image, resolution=(1e4 / 0.2, 1e4 / 0.2), resolutionunit=3)
     else:
         path = _png(tmp_path / "field.png", field.image)
-    config = PipelineConfig()
+    config = config_for_engine(PipelineConfig(), engine)  # as the engine runs it (int8 keys apart)
     slide = read_slide(path, mpp=user_mpp)
     assert slide.mpp_source == how
     computed = process_slide(slide, engine, info, config, classifier=classifier).params_key

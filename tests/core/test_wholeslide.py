@@ -14,7 +14,7 @@ from blastq.core.common.errors import InvalidConfig, InvalidSlide, SlideTooLarge
 from blastq.core.image.slide import Slide
 from blastq.core.image.wsi import ArrayReader
 from blastq.core.outputs.tiffout import read_tiff_level, tiff_levels
-from blastq.core.pipeline.field import PipelineConfig, process_slide
+from blastq.core.pipeline.field import PipelineConfig, config_for_engine, process_slide
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key
 from blastq.core.pipeline.wholeslide import (
     DiskRaster,
@@ -121,8 +121,10 @@ def test_whole_slide_files_and_typing(shipped_engine, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["white_cells"] == len(result.cells)
     # Keyed like a small image (model, classifier, the metadata scale), then by the chunking.
-    image_key = result_key(
-        PipelineConfig(), ModelIdentity.of(info, classifier.info.sha256), scale_key(0.2, "metadata")
+    image_key = result_key(  # the config as the engine runs it (int8: keyed apart from fp32)
+        config_for_engine(PipelineConfig(), engine),
+        ModelIdentity.of(info, classifier.info.sha256),
+        scale_key(0.2, "metadata"),
     )
     assert summary["params_key"] == whole_slide_key(image_key, WholeSlideConfig(chunk_px=384))
     assert summary["analysis_mpp"] == info.mpp and summary["classifier_version"]

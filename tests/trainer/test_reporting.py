@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import cv2
 import numpy as np
@@ -212,7 +213,10 @@ def test_split_by_split_figures_combine_to_the_figures_of_all_images(wbc_root, s
     assert combined.cell_dice == pytest.approx(expected.cell_dice)
     assert combined.pixel_accuracy == pytest.approx(expected.pixel_accuracy)
     cases = keeper.result()
-    assert cases.best[0].dice >= cases.worst[0].dice and "(test)" in cases.best[0].name + cases.worst[0].name
+    assert cases.best[0].dice >= cases.worst[0].dice
+    assert all(
+        re.fullmatch(r"dataset1/\d{3}\.bmp \((train|val|test)\)", c.name) for c in cases.best + cases.worst
+    )
 
 
 def test_evaluate_writes_a_report_for_a_synth_folder(tmp_path, monkeypatch):

@@ -294,7 +294,7 @@ def expected_objects(settings, sha256s) -> list[str]:
     # Every slide of these tests is submitted with mpp 0.2: one key for all.
     model = model_identity(settings)
     model_version = model.version
-    params_key = result_key(pipeline_config(settings), model, scale_key(0.2, "user"))
+    params_key = result_key(pipeline_config(settings, model.sha256), model, scale_key(0.2, "user"))
     return sorted(
         [f"inputs/{sha}.png" for sha in sha256s]
         + [

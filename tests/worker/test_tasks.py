@@ -46,7 +46,8 @@ def queued_job(settings, db, store, data: bytes, name: str = "slide.png") -> str
     sha256 = hashlib.sha256(data).hexdigest()
     store.put(f"inputs/{sha256}.png", data)
     # The key the worker will give it (mpp 0.2 from the user: no file needed to know the scale).
-    params_key = result_key(pipeline_config(settings), model_identity(settings), scale_key(0.2, "user"))
+    model = model_identity(settings)
+    params_key = result_key(pipeline_config(settings, model.sha256), model, scale_key(0.2, "user"))
     job = create_job(
         db, batch_id=None, filename=name, input_key=f"inputs/{sha256}.png", sha256=sha256, mpp=0.2,
         params_key=params_key,
