@@ -295,3 +295,52 @@ def test_glcm_properties_are_those_of_skimage_graycoprops():
     for k, prop in enumerate(GLCM_PROPS):
         want = graycoprops(counts[:, :, None, :], prop)[0]
         np.testing.assert_allclose(got[k], want, rtol=1e-12, atol=1e-15)
+
+
+# --- the fast outline length and lobe peaks against skimage's, which they replace ---------------------
+
+
+def random_masks(seed: int, count: int):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        h, w = (int(v) for v in rng.integers(5, 90, 2))
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            axes = (int(rng.integers(2, 30)), int(rng.integers(2, 30)))
+            cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        if rng.random() < 0.3:  # ragged: holes and specks
+            mask[rng.random(mask.shape) < 0.05] ^= 1
+        yield mask
+
+
+def test_contour_length_is_the_length_of_skimages_contours():
+    import cv2
+    from skimage.measure import find_contours
+
+    from blastq.core.cells.features import contour_length
+
+    for mask in random_masks(0, 200):
+        smooth = cv2.GaussianBlur(np.pad(mask, 3).astype(np.float32), (0, 0), 1.0)
+        want = sum(float(np.hypot(*np.diff(c, axis=0).T).sum()) for c in find_contours(smooth, 0.5))
+        assert contour_length(smooth, 0.5) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    flat = np.full((6, 6), 0.5, np.float32)  # touching the level everywhere, crossing it nowhere
+    assert contour_length(flat, 0.5) == 0.0 == sum(len(c) for c in find_contours(flat, 0.5))
+
+
+def test_h_maxima_marks_the_same_pixels_as_skimages():
+    import cv2
+    from skimage.morphology import h_maxima as skimage_h_maxima
+
+    from blastq.core.cells.features import h_maxima
+
+    rng = np.random.default_rng(1)
+    for mask in random_masks(1, 150):
+        distance = cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        for h in (0.5, 1.5, 3.0):
+            assert np.array_equal(h_maxima(distance, h), skimage_h_maxima(distance, h))
+    noise = rng.random((40, 40)).astype(np.float32) * 5  # many maxima of every height
+    for h in (0.2, 1.0, 10.0):
+        assert np.array_equal(h_maxima(noise, h), skimage_h_maxima(noise, h))
