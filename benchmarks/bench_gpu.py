@@ -29,7 +29,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from blastq.core.segment import (
     cached_onnx,
     default_model_path,
     logits_to_probabilities,
+    median_infer_seconds,
     tensorrt_available,
     to_model_input,
 )
@@ -136,18 +136,6 @@ def candidates(
     return out
 
 
-def time_engine(engine: Engine, x: np.ndarray, rounds: int, warmup: int) -> float:
-    """Median seconds per batch."""
-    for _ in range(warmup):
-        engine.infer(x)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        engine.infer(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_candidates(
     factories: dict[str, Callable[[], Engine]],
     reference: Engine,
@@ -158,7 +146,7 @@ def run_candidates(
     """The table's engine rows (fp32 first) and the engines that agreed, by name."""
     n, _, h, w = x.shape
     ref_probs = logits_to_probabilities(reference.infer(x))
-    seconds = time_engine(reference, x, rounds, warmup)
+    seconds = median_infer_seconds(reference, x, rounds, warmup)
     rows = [
         Row(
             "torch fp32",
@@ -190,7 +178,7 @@ def run_candidates(
                 )
             )
             continue
-        seconds = time_engine(engine, x, rounds, warmup)
+        seconds = median_infer_seconds(engine, x, rounds, warmup)
         rows.append(
             Row(
                 name,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from blastq.core.segment import (
     OnnxEngine,
     UNet,
     load_engine,
+    median_infer_seconds,
     pad_to_stride,
     quantize_int8,
     to_model_input,
@@ -115,13 +115,7 @@ def tile_seconds(engine: Engine, info: ModelInfo, rounds: int = 5) -> float:
     """Median seconds of one 1024 px synthetic tile."""
     field = generate_field(2048, 1024, 1024, mpp=info.mpp, blast_fraction=0.3)
     x = to_model_input(prepare_image(field.image, info.mpp, info)[None])
-    engine.infer(x)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        engine.infer(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return median_infer_seconds(engine, x, rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "int8_cache_path",
             "planned_precision",
             "load_engine",
+            "median_infer_seconds",
             "tensorrt_available",
         ),
         "quantize": ("quantize_int8",),

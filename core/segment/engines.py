@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -478,6 +479,19 @@ def process_cache_dir() -> Path:
     if not _PROCESS_CACHE:
         _PROCESS_CACHE.append(tempfile.TemporaryDirectory(prefix="blastq-engines-"))
     return Path(_PROCESS_CACHE[0].name)
+
+
+def median_infer_seconds(engine: Engine, batch: np.ndarray, rounds: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of `engine.infer(batch)` over `rounds` calls after `warmup` untimed ones (the
+    answer comes back as a host array, so every call is complete when timed)."""
+    for _ in range(warmup):
+        engine.infer(batch)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        engine.infer(batch)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def cpu_cores() -> int:
