@@ -278,7 +278,7 @@ class ShapeProfile:
     """The NCHW input shapes a TensorRT engine is built for: any shape between min and max runs."""
 
     min: tuple[int, int, int, int] = (1, 3, 64, 64)
-    opt: tuple[int, int, int, int] = (8, 3, 256, 256)  # the pipeline's default batch and tile
+    opt: tuple[int, int, int, int] = (8, 3, 1024, 1024)  # the pipeline's tile; the batch bench_gpu.py times
     max: tuple[int, int, int, int] = (32, 3, 1024, 1024)
 
     def admits(self, shape: tuple[int, ...]) -> bool:

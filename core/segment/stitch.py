@@ -42,11 +42,23 @@ class Stitcher:
         self.add_own(tile, probs[(slice(None), *tile.own_in_tile)])
 
     def add_logits(self, tile: Tile, logits: np.ndarray) -> None:
-        """Add one tile's CHW logits: turned into probabilities over its own pixels only."""
+        """Add one tile's CHW logits: turned into probabilities over its own pixels only, written in place
+        (the same numbers as `logits_to_probabilities`, without its three copies of the tile)."""
         if logits.shape[1:] != tile.shape:
             raise ValueError(f"tile {tile.shape} got logits of shape {logits.shape[1:]}")
+        if self.map is None:
+            raise RuntimeError("Stitcher.add() after result(): the map was handed over already")
         own = logits[(slice(None), *tile.own_in_tile)]
-        self.add_own(tile, logits_to_probabilities(own[None])[0])
+        out = self.map[(slice(None), *tile.own_slices)]
+        cls, rest = out[:N_CLASSES], out[N_CLASSES:]
+        np.subtract(own[:N_CLASSES], own[:N_CLASSES].max(axis=0, keepdims=True), out=cls)
+        np.exp(cls, out=cls)
+        cls /= cls.sum(axis=0, keepdims=True)
+        np.negative(own[N_CLASSES:], out=rest)
+        np.clip(rest, -30, 30, out=rest)  # the bounds are symmetric: -clip(x) == clip(-x)
+        np.exp(rest, out=rest)
+        rest += 1.0
+        np.reciprocal(rest, out=rest)
 
     def add_own(self, tile: Tile, probs: np.ndarray) -> None:
         """Add the CHW probabilities of the pixels the tile owns (shape: its own region)."""
