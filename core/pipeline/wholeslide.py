@@ -63,7 +63,7 @@ from blastq.core.image import (
 from blastq.core.pipeline.field import PipelineConfig, config_for_engine, segment_prepared
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key, whole_slide_result_key
 from blastq.core.pipeline.scratch import new_scratch_folder
-from blastq.core.segment import MIN_INPUT_PX, Engine, ModelInfo, plan_tiles
+from blastq.core.segment import Engine, ModelInfo, padded_shape, plan_tiles
 
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
@@ -116,11 +116,6 @@ class WholeSlideConfig:
 
 def _round_up(value: int, step: int) -> int:
     return max(step, -(-value // step) * step)
-
-
-def _padded(height: int, width: int, stride: int) -> tuple[int, int]:
-    """A window's sides as segment_prepared pads it (`pad_to_stride`): to MIN_INPUT_PX, then the stride."""
-    return tuple(-(-max(side, MIN_INPUT_PX) // stride) * stride for side in (height, width))
 
 
 @dataclass(frozen=True)
@@ -318,7 +313,7 @@ def process_whole_slide(
     tiles_per_chunk = [
         len(
             plan_tiles(
-                *_padded(w[1] - w[0], w[3] - w[2], engine.stride),
+                *padded_shape(w[1] - w[0], w[3] - w[2], engine.stride),
                 config.tile_px,
                 config.overlap_px,
                 engine.stride,

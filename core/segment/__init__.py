@@ -41,6 +41,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "iter_batches",
             "needed_blocks",
             "pad_to_stride",
+            "padded_shape",
             "plan_tiles",
             "stained_pixels",
         ),

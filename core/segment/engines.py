@@ -16,6 +16,7 @@ reference on one batch before handing it out, and falls back to torch when they 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -619,11 +620,22 @@ def int8_onnx(info: ModelInfo, cache_dir: Path) -> Path:
 
 
 def _onnx_source(path: Path) -> str:
-    """The checkpoint sha256 an ONNX file says it was made from ("" when it says none or is unreadable)."""
+    """The checkpoint sha256 an ONNX file says it was made from ("" when it says none or is unreadable).
+
+    Read once per file version: `blastq submit` asks for every file it keys (`planned_precision`)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    return _onnx_source_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _onnx_source_of(path: str, _size: int, _mtime_ns: int) -> str:
     try:
         import onnx
 
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     except Exception:  # a truncated or foreign file is simply not this checkpoint's
         return ""
     return meta.get("blastq.checkpoint_sha256", "")

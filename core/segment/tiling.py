@@ -110,13 +110,18 @@ def plan_tiles(height: int, width: int, tile_px: int, overlap_px: int, stride: i
     ]
 
 
+def padded_shape(height: int, width: int, stride: int, min_side: int = MIN_INPUT_PX) -> tuple[int, int]:
+    """The (height, width) `pad_to_stride` gives an image of this size: at least min_side, then multiples
+    of stride."""
+    return _round_up(max(height, min_side), stride), _round_up(max(width, min_side), stride)
+
+
 def pad_to_stride(
     rgb: np.ndarray, stride: int, fill: int = PLASMA_FILL, min_side: int = MIN_INPUT_PX
 ) -> np.ndarray:
-    """Pad an HWC image at the bottom/right with plasma-coloured pixels to at least min_side, then to
-    multiples of stride."""
+    """Pad an HWC image at the bottom/right with plasma-coloured pixels to `padded_shape`."""
     h, w = rgb.shape[:2]
-    ph, pw = _round_up(max(h, min_side), stride) - h, _round_up(max(w, min_side), stride) - w
+    ph, pw = (side - old for side, old in zip(padded_shape(h, w, stride, min_side), (h, w), strict=True))
     if ph == 0 and pw == 0:
         return rgb
     return np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="constant", constant_values=fill)
