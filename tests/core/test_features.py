@@ -344,3 +344,37 @@ def test_h_maxima_marks_the_same_pixels_as_skimages():
     noise = rng.random((40, 40)).astype(np.float32) * 5  # many maxima of every height
     for h in (0.2, 1.0, 10.0):
         assert np.array_equal(h_maxima(noise, h), skimage_h_maxima(noise, h))
+
+
+def test_sorted_percentiles_are_numpys_bit_for_bit():
+    from blastq.core.cells.features import sorted_percentiles
+
+    rng = np.random.default_rng(5)
+    for n in [*range(1, 30), 257, 3000]:
+        for dtype in (np.float32, np.float64):
+            rows = (rng.random((9, n)) * rng.choice([1.0, 100.0, 360.0])).astype(dtype)
+            if n % 3 == 0:
+                rows = np.round(rows)  # ties
+            got = sorted_percentiles(np.sort(rows, axis=1), (10.0, 50.0, 90.0))
+            assert np.array_equal(got, np.percentile(rows, (10.0, 50.0, 90.0), axis=1))
+
+
+def test_colour_statistics_are_those_of_each_regions_pixels():
+    """Every colour feature against its definition computed here from the region's own pixels."""
+    import cv2
+
+    rng = np.random.default_rng(6)
+    cell, nucleus = disc(60, 66, 31), disc(55, 60, 14) | disc(70, 75, 9)
+    rgb = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    f = cell_features(crop_of(cell, nucleus, rgb=rgb))
+    rgb01 = rgb.astype(np.float32) / 255
+    hsv = cv2.cvtColor(rgb01, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0] - 120) % 360
+    channels = np.concatenate([rgb01 * 255, hsv, cv2.cvtColor(rgb01, cv2.COLOR_RGB2Lab)], axis=2)
+    names = ("r", "g", "b", "h", "s", "v", "l", "a", "lab_b")
+    for region, mask in (("cell", cell), ("nucleus", nucleus & cell), ("cytoplasm", cell & ~nucleus)):
+        pixels = channels[mask].astype(np.float64)
+        for c, name in enumerate(names):
+            want = [pixels[:, c].mean(), pixels[:, c].std(), *np.percentile(channels[mask][:, c], (10, 50, 90))]
+            got = [f[INDEX[f"{region}_{name}_{stat}"]] for stat in ("mean", "std", "p10", "p50", "p90")]
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (region, name)
