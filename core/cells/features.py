@@ -310,7 +310,9 @@ def _colour(rgb: np.ndarray, cell: np.ndarray, nucleus: np.ndarray) -> np.ndarra
         delta = mean_b - mean_a
         whole = (n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n))
     out = []
-    for values, (count, mean, m2) in zip((cell_values, nucleus_values, cytoplasm_values), [whole, *parts]):
+    for values, (count, mean, m2) in zip(
+        (cell_values, nucleus_values, cytoplasm_values), [whole, *parts], strict=True
+    ):
         if count == 0:
             out.append(np.zeros(len(_CHANNELS) * len(_STATS)))
             continue

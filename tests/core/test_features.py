@@ -375,6 +375,10 @@ def test_colour_statistics_are_those_of_each_regions_pixels():
     for region, mask in (("cell", cell), ("nucleus", nucleus & cell), ("cytoplasm", cell & ~nucleus)):
         pixels = channels[mask].astype(np.float64)
         for c, name in enumerate(names):
-            want = [pixels[:, c].mean(), pixels[:, c].std(), *np.percentile(channels[mask][:, c], (10, 50, 90))]
+            want = [
+                pixels[:, c].mean(),
+                pixels[:, c].std(),
+                *np.percentile(channels[mask][:, c], (10, 50, 90)),
+            ]
             got = [f[INDEX[f"{region}_{name}_{stat}"]] for stat in ("mean", "std", "p10", "p50", "p90")]
             assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (region, name)
