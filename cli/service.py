@@ -513,7 +513,69 @@ def _print_watch_event(event) -> None:
         click.echo(f"WARNING {event.path}: {event.reason} (retrying)", err=True)
 
 
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object instead.")
+@click.option(
+    "--only",
+    metavar="CHECKS",
+    help="Comma-separated checks to run (database, broker, store, model, classifier, engine, gpu, disk, clock).",
+)
+@click.option("--gpu", is_flag=True, help="Also require a visible CUDA GPU (implied by BLASTQ_DEVICE=cuda).")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=20.0,
+    show_default=True,
+    help="Seconds each check may take (model and engine checks: up to 15 min, an engine may be built first).",
+)
+@click.option(
+    "--min-free-gb",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Free space the data, engine-cache and scratch folders need (GiB).",
+)
+def doctor(as_json: bool, only: str | None, gpu: bool, timeout_s: float, min_free_gb: float) -> None:
+    """Check that this machine, with these settings, can process slides: the database, broker and store
+    answer, the model and classifier load and are the files they should be, the engine runs a tile and
+    agrees with torch, the disks have room and the clocks agree.
+
+    \b
+    One line per check (ok or FAIL, the verdict) and, for a failure, the fix. Exit status 0 when every
+    check passed, 1 otherwise. Run it after installing, after changing a setting, and from a health
+    probe (--json for machines):
+      blastq doctor
+      blastq doctor --only database,broker,store --json
+    """
+    from blastq.core.adapters import load_settings
+    from blastq.worker.doctor import results_json, run_checks
+
+    settings = load_settings()
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+
+    def show(result) -> None:
+        if as_json:
+            return
+        click.echo(f"{'ok' if result.ok else 'FAIL':<5} {result.name:<10} {result.verdict}")
+        if not result.ok:
+            click.echo(f"{'':<5} {'':<10} fix: {result.fix}")
+
+    results = run_checks(
+        settings, only=names, gpu=gpu, timeout_s=timeout_s, min_free_gib=min_free_gb, on_result=show
+    )
+    failed = [r.name for r in results if not r.ok]
+    if as_json:
+        click.echo(results_json(results))
+    else:
+        click.echo(
+            f"{len(results) - len(failed)} of {len(results)} checks passed"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )
+    sys.exit(1 if failed else 0)
+
+
 def register(main: click.Group) -> None:
     """Add the service commands to the `blastq` group."""
-    for command in (submit, worker, status, results, requeue, db, watch):
+    for command in (submit, worker, status, results, requeue, db, watch, doctor):
         main.add_command(command)

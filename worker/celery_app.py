@@ -234,6 +234,13 @@ def run_worker(
         model = Path(app.settings.model) if app.settings.model else default_model_path()
         if not model.is_file():
             raise ModelNotFound(f"model file not found: {model}")
+    # A model, classifier or engine that does not load (a damaged file, a wrong format, an engine that
+    # disagrees with torch) stops the worker here with the reason, rather than a ready worker failing
+    # every job it takes. Checked in a fresh interpreter: not in this parent of the fork (above).
+    if SLIDES_QUEUE in queues:
+        from blastq.worker.preflight import preflight
+
+        preflight(app.settings)
     worker_process_init.connect(_load_in_child, weak=False, dispatch_uid="blastq-load-resources")
     app.loads_engine = SLIDES_QUEUE in queues
     app.set_current()

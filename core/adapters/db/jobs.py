@@ -216,6 +216,13 @@ def job_counts(engine: Engine) -> dict[str, int]:
         return dict(conn.execute(select(jobs_table.c.state, func.count()).group_by(jobs_table.c.state)).all())
 
 
+def oldest_queued_job(engine: Engine) -> datetime | None:
+    """When the longest-waiting queued job was queued (UTC); None when nothing waits."""
+    with reachable(engine), engine.connect() as conn:
+        oldest = conn.scalar(select(func.min(jobs_table.c.created_at)).where(jobs_table.c.state == "queued"))
+    return None if oldest is None else as_utc(oldest)
+
+
 def recent_batches(engine: Engine, limit: int = 10) -> list[BatchStatus]:
     """The newest batches with their job counts, newest first."""
     with reachable(engine), engine.connect() as conn:
