@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -33,6 +34,7 @@ from blastq.core.adapters import (
     authenticate,
     complete_review,
     connect,
+    job_counts,
     list_users,
     lone_images,
     note_in_audit,
@@ -59,6 +61,7 @@ from blastq.web.auth import (
     sign_in,
 )
 from blastq.web.lis import cells_csv, hl7_message
+from blastq.worker.metrics import QueueCollector
 
 HERE = Path(__file__).parent
 # One key per class in the gallery, as on a differential counter's keypad.
@@ -175,7 +178,25 @@ def create_app(settings: Settings, *, db=None, store: ObjectStore | None = None)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> PlainTextResponse:
+        """Liveness: the process answers."""
         return PlainTextResponse("ok")
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> PlainTextResponse:
+        """Readiness: the database answers (every page needs it)."""
+        try:
+            job_counts(app.state.db)
+        except BlastqError as exc:
+            return PlainTextResponse(f"not ready: {exc}", status_code=503)
+        return PlainTextResponse("ready")
+
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(QueueCollector(app.state.db))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus: the jobs in the database (blastq_jobs, the oldest queued job's wait, database up)."""
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/login", include_in_schema=False)
     def login_page(request: Request, next: str = "/") -> HTMLResponse:

@@ -248,16 +248,42 @@ def run_worker(
     # Share the cores among the pool processes: each torch process defaults to all cores, and N of them
     # oversubscribe the machine (2 workers on 2 cores: 72 slides/min with 2 threads each, 134 with 1).
     app.torch_threads = max(1, (os.cpu_count() or 1) // processes) if pool == "prefork" else 0
-    worker = app.Worker(
-        hostname=f"blastq-{os.getpid()}@{socket.gethostname()}",
-        queues=list(queues),
-        concurrency=processes,
-        pool_cls=get_implementation(pool),
-        loglevel=loglevel,
-        without_gossip=True,
-        without_mingle=True,
-        without_heartbeat=True,
-    )
-    with _announce(app.settings, queues):
+    with _announce(app.settings, queues), _metrics_endpoint(app.settings, list(queues)):
+        worker = app.Worker(
+            hostname=f"blastq-{os.getpid()}@{socket.gethostname()}",
+            queues=list(queues),
+            concurrency=processes,
+            pool_cls=get_implementation(pool),
+            loglevel=loglevel,
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+        )
         worker.start()
     return worker.exitcode or 0
+
+
+@contextmanager
+def _metrics_endpoint(settings: Settings, queues: list[str]) -> Iterator[None]:
+    """While inside, with BLASTQ_METRICS_PORT set: the pool processes count into a fresh multiprocess
+    folder and this process serves /metrics, /healthz and /readyz (worker.metrics)."""
+    if not settings.metrics_port:
+        yield
+        return
+    from celery.signals import worker_ready, worker_shutting_down
+
+    from blastq.worker.metrics import WorkerState, multiprocess_folder, serve_metrics
+
+    state = WorkerState(queues)
+    with multiprocess_folder(settings):
+        worker_ready.connect(lambda **_: state.set_ready(), weak=False, dispatch_uid="blastq-metrics-ready")
+        worker_shutting_down.connect(
+            lambda **_: state.set_stopping(), weak=False, dispatch_uid="blastq-metrics-stopping"
+        )
+        server = serve_metrics(settings, state)
+        log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+        try:
+            yield
+        finally:
+            server.shutdown()
+            server.server_close()

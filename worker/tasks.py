@@ -13,6 +13,7 @@ task never raises into Celery except to retry, so one slide cannot stop the work
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePath
@@ -21,16 +22,18 @@ from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
 from blastq.core.adapters import add_to_sample, claim_job, fail_job, finish_job
-from blastq.core.common import BlastqError, TransientError
+from blastq.core.common import BlastqError, StageTimes, TransientError, recording, stage
 from blastq.core.image import decode_slide, is_whole_slide, open_slide_reader
 from blastq.core.outputs import render_artifacts
 from blastq.core.pipeline import (
     WholeSlideConfig,
+    WholeSlideResult,
     persist_result,
     process_slide,
     process_whole_slide,
     whole_slide_config,
 )
+from blastq.worker import metrics
 from blastq.worker.retry import RETRY_POLICY, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"
@@ -40,59 +43,100 @@ log = get_task_logger(__name__)
 
 
 def run_job(task: Task, job_id: str) -> str | None:
-    """The body of `blastq.process_slide`; returns the job's final state, or None if it was not run."""
+    """The body of `blastq.process_slide`; returns the job's final state, or None if it was not run.
+
+    Counted in the worker's metrics (worker.metrics): the outcome, the cells, the seconds of each stage."""
     app = task.app
     settings, resources = app.settings, app.resources
     retries = task.request.retries or 0
+    start = time.perf_counter()
+    loaded = None
     try:
-        db = resources.db()
-        # Each transient retry is one more claim of the row: allow for those, so that `max_attempts`
-        # still counts only the deliveries whose worker died.
-        job = claim_job(db, job_id, worker_name(), settings.max_attempts + retries)
-        if job is None:
-            log.info("job %s: not run (unknown, finished, or out of attempts)", job_id)
-            return None
-        store = resources.store()
-        # The input is streamed to a file (a whole-slide scan is gigabytes), never held as bytes first.
-        copy = PurePath(job.filename).name or "slide"
-        with (
-            tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp,
-            _naming(job.filename, Path(tmp) / copy),
-        ):
-            path = Path(tmp) / copy
-            try:
-                store.get_file(job.input_key, path)
-            except FileNotFoundError:
-                _fail(resources, job_id, f"{job.filename}: input {job.input_key} is missing from {store.url}")
-                return "failed"
-            loaded = resources.engine()
-            if is_whole_slide(path):
-                result_id = _run_whole_slide(db, store, loaded, job, path, whole_slide_config(settings))
+        with recording() as times:
+            db = resources.db()
+            # Each transient retry is one more claim of the row: allow for those, so that `max_attempts`
+            # still counts only the deliveries whose worker died.
+            with stage("database"):
+                job = claim_job(db, job_id, worker_name(), settings.max_attempts + retries)
+            if job is None:
+                log.info("job %s: not run (unknown, finished, or out of attempts)", job_id)
+                return None
+            store = resources.store()
+            # The input is streamed to a file (a whole-slide scan is gigabytes), never held as bytes first.
+            copy = PurePath(job.filename).name or "slide"
+            with (
+                tempfile.TemporaryDirectory(prefix="blastq-job-") as tmp,
+                _naming(job.filename, Path(tmp) / copy),
+            ):
+                path = Path(tmp) / copy
+                try:
+                    with stage("read"):
+                        store.get_file(job.input_key, path)
+                except FileNotFoundError:
+                    _fail(
+                        resources,
+                        job_id,
+                        f"{job.filename}: input {job.input_key} is missing from {store.url}",
+                    )
+                    metrics.slide_failed("missing_input")
+                    return "failed"
+                loaded = resources.engine()
+                if is_whole_slide(path):
+                    result_id, result = _run_whole_slide(
+                        db, store, loaded, job, path, whole_slide_config(settings)
+                    )
+                    with stage("database"):
+                        _finish(db, job, result_id)
+                    log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
+                    _count_success(loaded, result.stats, times, start)
+                    return "succeeded"
+                with stage("read"):
+                    data = path.read_bytes()
+            with stage("read"):
+                slide = decode_slide(
+                    data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels
+                )
+            result = process_slide(
+                slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier
+            )
+            artifacts = render_artifacts(result, slide.rgb)
+            result_id = persist_result(result, store=store, db=db, artifacts=artifacts)
+            with stage("database"):
                 _finish(db, job, result_id)
-                log.info("job %s: whole slide %s succeeded (result %s)", job_id, job.filename, result_id)
-                return "succeeded"
-            data = path.read_bytes()
-        slide = decode_slide(data, PurePath(job.filename).name, mpp=job.mpp, max_pixels=settings.max_pixels)
-        result = process_slide(slide, loaded.engine, loaded.info, loaded.config, classifier=loaded.classifier)
-        result_id = persist_result(result, store=store, db=db, artifacts=render_artifacts(result, slide.rgb))
-        _finish(db, job, result_id)
-        log.info("job %s: %s succeeded (result %s)", job_id, job.filename, result_id)
-        return "succeeded"
+            log.info("job %s: %s succeeded (result %s)", job_id, job.filename, result_id)
+            _count_success(loaded, result.stats, times, start)
+            return "succeeded"
     except TransientError as exc:
         if retries < settings.task_retry_max:  # else Celery would give up: fail the row here
             log.warning("job %s: %s; retry %d of %d", job_id, exc, retries + 1, settings.task_retry_max)
+            metrics.retried()
             raise  # Celery retries it (RETRY_POLICY: backoff with jitter)
         _fail(resources, job_id, f"{exc} (gave up after {retries} retries)")
+        reason = "transient"
     except BlastqError as exc:  # the input's fault (bad image, bad mpp, model): retrying cannot help
         _fail(resources, job_id, str(exc))
+        reason = "input"
     except Exception as exc:  # noqa: BLE001 - a bug must fail one job, not the worker
         log.exception("job %s: internal error", job_id)
         _fail(resources, job_id, f"internal error: {type(exc).__name__}: {exc}")
+        reason = "internal"
+    engine, model = (loaded.engine.name, loaded.info.version) if loaded is not None else ("", "")
+    metrics.slide_failed(reason, engine, model)
     return "failed"
 
 
-def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) -> int:
-    """A whole slide, chunk by chunk (core.pipeline.wholeslide): files to the store, the result row; its id.
+def _count_success(loaded, stats, times: StageTimes, start: float) -> None:
+    metrics.slide_succeeded(
+        loaded.engine.name, loaded.info.version, stats.white_cells, stats.blasts, time.perf_counter() - start
+    )
+    metrics.stages_done(times)
+
+
+def _run_whole_slide(
+    db, store, loaded, job, path: Path, wsi: WholeSlideConfig
+) -> tuple[int, WholeSlideResult]:
+    """A whole slide, chunk by chunk (core.pipeline.wholeslide): files to the store, the result row; (its
+    id, the result).
 
     The job's sha256 is the content's (submit hashed it; the input key is named by it): a scan of
     gigabytes is not read once more to hash it again."""
@@ -108,7 +152,7 @@ def _run_whole_slide(db, store, loaded, job, path: Path, wsi: WholeSlideConfig) 
             wsi=wsi,
             classifier=loaded.classifier,
         )
-    return persist_result(result, store=store, db=db)
+    return persist_result(result, store=store, db=db), result
 
 
 def _finish(db, job, result_id: int) -> None:

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # jitter, so 6 retries wait about 31 s in all on average (the 1+2+4+8+16 s of 5 retries without jitter).
     task_retry_max: int = Field(6, ge=0)
     worker_concurrency: int = Field(1, ge=1)  # worker processes per `blastq worker`, each with its own engine
+    # `blastq worker`: Prometheus metrics and health on this port (/metrics, /healthz, /readyz); 0: none.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # the address it listens on; 0.0.0.0 for a Prometheus on another host
     # `blastq watch`: a file unchanged this long is complete (no marker).
     watch_settle_s: float = Field(10.0, ge=0, **_CHECKED)
     watch_interval_s: float = Field(2.0, ge=0.01, **_CHECKED)  # `blastq watch`: seconds between scans

@@ -27,7 +27,7 @@ from blastq.core.cells.cellcrops import (
     normalised_views,
 )
 from blastq.core.cells.instances import LABEL_BLAST, CellMaps, failure_reason, joined_reasons
-from blastq.core.common import ModelInvalid, ModelNotFound, atomic_write
+from blastq.core.common import ModelInvalid, ModelNotFound, atomic_write, timed
 from blastq.core.image import resample_to_shape
 from blastq.core.segment import load_plain
 
@@ -396,6 +396,7 @@ def default_classifier_path() -> Path:
     return Path(__file__).parents[1] / "weights" / "blastq-cells-default.pt"
 
 
+@timed("typing")
 def type_cells(
     maps: CellMaps,
     work: np.ndarray,

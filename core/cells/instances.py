@@ -10,6 +10,7 @@ from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
 from blastq.core.cells.blastcall import BlastCaller, features_of
+from blastq.core.common import timed
 from blastq.core.segment import MARKER_CHANNEL, NUCLEUS_CHANNEL
 
 LABEL_WHITE_CELL = "white_cell"
@@ -163,6 +164,7 @@ def drop_cells_without_nucleus(instances: np.ndarray, nuclei: np.ndarray, mpp: f
     return lut[instances]
 
 
+@timed("cells")
 def extract_cells(
     probs: np.ndarray,
     rgb: np.ndarray,

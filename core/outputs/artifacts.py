@@ -31,7 +31,7 @@ from blastq.core.cells import (
     SampleResult,
     SlideStats,
 )
-from blastq.core.common import BlastqError
+from blastq.core.common import BlastqError, timed
 from blastq.core.outputs.pages import render_page
 
 
@@ -315,6 +315,7 @@ def sample_artifacts(sample: SampleResult) -> list[Artifact]:
     ]
 
 
+@timed("artifacts")
 def render_artifacts(result: FieldResult, rgb: np.ndarray) -> list[Artifact]:
     """All output files of one slide, in ARTIFACT_NAMES order."""
     maps = result.maps

@@ -36,6 +36,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         ),
         "wholeslide": (
             "WholeSlideConfig",
+            "WholeSlideResult",
             "process_whole_slide",
             "whole_slide_config",
         ),

@@ -31,7 +31,7 @@ from blastq.core.cells import (
     slide_stats,
     type_cells,
 )
-from blastq.core.common import InvalidConfig, SlideTooLarge
+from blastq.core.common import InvalidConfig, SlideTooLarge, StageTimes, current_times, timed
 from blastq.core.image import PreprocessConfig, Slide, preprocess, resample, resampled_shape
 from blastq.core.pipeline.resultkey import ModelIdentity, result_key, scale_key
 from blastq.core.segment import (
@@ -137,6 +137,7 @@ def check_slide(slide: Slide, info: ModelInfo) -> None:
         )
 
 
+@timed("preprocess")
 def prepare_image(rgb: np.ndarray, mpp: float, info: ModelInfo) -> np.ndarray:
     """The image the model sees: resampled to its scale and preprocessed as it was trained (HWC uint8)."""
     work = resample(rgb, mpp, info.mpp)
@@ -212,20 +213,33 @@ def _run_batches(
     batches = list(iter_batches(todo, batch_size))
     if not batches:
         return
+    # Stage times (core.common.timing), handed to the cutting and stitching threads explicitly.
+    times = current_times() or StageTimes()
 
     def cut(batch: list[Tile]) -> np.ndarray:
-        return to_model_input(np.stack([work[t.slices] for t in batch]))
+        start = time.perf_counter()
+        x = to_model_input(np.stack([work[t.slices] for t in batch]))
+        times.add("stitch", time.perf_counter() - start)
+        return x
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        logits = engine.infer(x)
+        times.add("engine", time.perf_counter() - start)
+        return logits
 
     def stitch(batch: list[Tile], logits: np.ndarray) -> int:
         if len(logits) != len(batch):
             raise ValueError(f"the engine gave {len(logits)} outputs for a batch of {len(batch)} tiles")
+        start = time.perf_counter()
         for tile, tile_logits in zip(batch, logits, strict=True):
             stitcher.add_logits(tile, tile_logits)
+        times.add("stitch", time.perf_counter() - start)
         return len(batch)
 
     if not _engine_on_gpu(engine):
         for batch in batches:
-            yield stitch(batch, engine.infer(cut(batch)))
+            yield stitch(batch, infer(cut(batch)))
         return
 
     cutter = ThreadPoolExecutor(1, thread_name_prefix="blastq-cut")
@@ -237,7 +251,7 @@ def _run_batches(
             x = next_input.result()
             if i + 1 < len(batches):
                 next_input = cutter.submit(cut, batches[i + 1])
-            logits = engine.infer(x)
+            logits = infer(x)
             # Queued before waiting for the previous one: the stitch thread goes on while progress reports.
             behind.append(stitching.submit(stitch, batch, logits))
             if len(behind) > 1:

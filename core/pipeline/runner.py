@@ -32,6 +32,7 @@ from blastq.core.cells import (
     load_cell_classifier,
     sample_result,
 )
+from blastq.core.common import stage
 from blastq.core.image import read_slide
 from blastq.core.outputs import Artifact, render_artifacts, sample_artifacts, summary_dict
 from blastq.core.pipeline.field import PipelineConfig, SlideResult, pipeline_config, process_slide
@@ -168,14 +169,18 @@ def persist_result(
             raise ValueError("a field's result is saved with its rendered artifacts")
         cells = result.maps.cells
         if store is not None:
-            for artifact in artifacts:
-                store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)
+            with stage("store"):
+                for artifact in artifacts:
+                    store.put(f"{prefix}/{artifact.name}", artifact.data, artifact.content_type)
     else:
         cells = result.cells
         if store is not None:
-            store_files(store, prefix, result.files)
-    result_id = record_result(db, summary_dict(result), cells, prefix) if db is not None else None
-    return result_id
+            with stage("store"):
+                store_files(store, prefix, result.files)
+    if db is None:
+        return None
+    with stage("database"):
+        return record_result(db, summary_dict(result), cells, prefix)
 
 
 CONTENT_TYPES = {

@@ -24,6 +24,7 @@ so that cells.geojson lands on the slide in a viewer.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from blastq.core.cells import (
     slide_stats,
     type_cells,
 )
-from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge
+from blastq.core.common import InvalidConfig, InvalidSlide, SlideTooLarge, stage
 from blastq.core.image import (
     MppSource,
     PreprocessConfig,
@@ -340,8 +341,10 @@ def process_whole_slide(
     def load(chunk: Chunk) -> tuple[np.ndarray, np.ndarray] | None:
         if has_data is not None and not has_data(*source_region(chunk.window, scale)):
             return None  # no scanned tile under the window (a sparse TIFF): plasma, nothing to decode
-        raw = read_window(reader, chunk.window, scale)
-        return raw, preprocess(raw, info.mpp, pre)
+        with stage("read"):
+            raw = read_window(reader, chunk.window, scale)
+        with stage("preprocess"):
+            return raw, preprocess(raw, info.mpp, pre)
 
     try:
         instances = DiskRaster(scratch / "instances.raw", height, width, np.uint32)
@@ -349,11 +352,12 @@ def process_whole_slide(
         # The next chunk is read and preprocessed while this one is segmented (decoding and
         # preprocessing release the GIL for most of their time).
         with ThreadPoolExecutor(1, thread_name_prefix="blastq-read") as pool:
-            pending = pool.submit(load, chunks[0])
+            # In a copy of this context: the reading thread's stages count in this slide's stage times.
+            pending = pool.submit(contextvars.copy_context().run, load, chunks[0])
             for k, chunk in enumerate(chunks):
                 loaded = pending.result()
                 if k + 1 < len(chunks):
-                    pending = pool.submit(load, chunks[k + 1])
+                    pending = pool.submit(contextvars.copy_context().run, load, chunks[k + 1])
                 if loaded is None:  # background: its tiles count as done, none is run
                     tiles_before += tiles_per_chunk[k]
                     if progress:

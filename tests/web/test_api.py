@@ -13,12 +13,17 @@ from hl7apy.parser import parse_message
 from webkit import PASSWORDS, sign_in
 
 
-def test_nothing_but_health_answers_without_sign_in(client, station, app):
+def test_nothing_but_health_and_metrics_answers_without_sign_in(client, station, app):
     sample_id, _ = station.new_sample()
     assert client.get("/healthz").text == "ok"
+    assert client.get("/readyz").text == "ready"
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and "blastq_database_up 1.0" in metrics.text
+    # Counts of jobs only: no sample, image or patient in what a scraper may read.
+    assert "blastq_jobs{state=" in metrics.text and "sample" not in metrics.text
     for route in app.routes:
         path = getattr(route, "path", "")
-        if path.startswith("/static") or path in ("/healthz", "/login", "/logout"):
+        if path.startswith("/static") or path in ("/healthz", "/readyz", "/metrics", "/login", "/logout"):
             continue
         url = path.format(sample_id=sample_id, result_id=station.result_id, cell_id=1)
         url += "?sample=1" if path.endswith("/view") else ""
@@ -28,6 +33,18 @@ def test_nothing_but_health_answers_without_sign_in(client, station, app):
                 assert response.status_code == 401, (method, url)
             else:
                 assert response.status_code == 303 and response.headers["location"].startswith("/login"), url
+
+
+def test_readiness_and_metrics_say_when_the_database_is_gone(app, client):
+    real = app.state.db
+    try:
+        from sqlalchemy import create_engine
+
+        app.state.db = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.text.startswith("not ready: database")
+    finally:
+        app.state.db = real
 
 
 def test_a_wrong_password_signs_nobody_in(client):
