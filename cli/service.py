@@ -220,8 +220,26 @@ def status(job_id: str | None, batch_id: str | None) -> None:
             )
             for batch in recent_batches(db):
                 click.echo(_batch_line(batch))
+            _show_workers(db, load_settings().worker_dead_after_s)
     finally:
         db.dispose()
+
+
+def _show_workers(db, dead_after_s: float) -> None:
+    """The processes that took jobs in the last hour: alive (heard of within dead_after_s) or not."""
+    from datetime import UTC, timedelta
+
+    from blastq.core.adapters import list_workers
+
+    workers = list_workers(db, timedelta(seconds=dead_after_s))
+    alive = [w for w in workers if w.alive]
+    click.echo(f"workers: {len(alive)} alive, {len(workers) - len(alive)} stopped or dead in the last hour")
+    now = datetime.now(UTC)
+    for w in workers:
+        heard = f"heard of {(now - w.heartbeat_at).total_seconds():.0f} s ago"
+        state = "alive" if w.alive else ("stopped" if w.stopped_at is not None else "DEAD")
+        parent = f" (of {w.parent})" if w.parent and w.parent != w.name else ""
+        click.echo(f"  {w.name:<28} {state:<8} {w.queues:<12} {heard}{parent}")
 
 
 def _batch_ids(db, ref: str) -> list[str]:
@@ -413,18 +431,21 @@ def _show(value) -> str:
     help="Seconds a queued or running job has not changed (default: BLASTQ_VISIBILITY_TIMEOUT_S).",
 )
 def requeue(older_than_s: float | None) -> None:
-    """Send again the jobs stuck in queued or running (the database rebuilds the broker's queue).
+    """Send again the jobs a dead worker left running, and those stuck in queued or running (the
+    database rebuilds the broker's queue).
 
-    A job still being processed when it is sent again runs twice (its result is recorded once):
-    keep --older-than above the longest slide unless the workers are stopped.
+    A worker is dead when its heartbeat stopped (no beat for 3 x BLASTQ_HEARTBEAT_S + 5 s): its running
+    jobs are sent at once. Otherwise a job is sent when its row has not changed for --older-than
+    seconds; a job still being processed when it is sent again runs twice (its result is recorded
+    once): keep --older-than above the longest slide unless the workers are stopped.
     """
     from blastq.core.adapters import load_settings
     from blastq.worker.submit import requeue as requeue_jobs
 
     settings = load_settings()
     sent = requeue_jobs(settings, settings.visibility_timeout_s if older_than_s is None else older_than_s)
-    for job_id in sent:
-        click.echo(f"requeued job {job_id}")
+    for job in sent:
+        click.echo(f"requeued job {job.job_id}" + (f" ({job.why})" if job.why else ""))
     click.echo(f"{len(sent)} job(s) requeued")
 
 

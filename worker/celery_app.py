@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Queue
 from kombu.transport import sqlalchemy as sqla_transport
 
 from blastq.core.adapters import REGISTRY_MODEL, Settings
 from blastq.worker.resources import WorkerResources
+from blastq.worker.retry import worker_name
 
 SLIDES_QUEUE = "slides"
 TRAIN_QUEUE = "train"
@@ -45,6 +46,9 @@ class BlastqCelery(Celery):
         self.resources = WorkerResources(settings)
         self.torch_threads = 0  # per pool process; 0: torch's default (set by run_worker)
         self.loads_engine = True  # False for a trainer (train queue only): it needs no inference engine
+        self.queues_taken: list[str] = []  # set by run_worker: what its heartbeat says it takes
+        self.parent_name: str | None = None  # the `blastq worker` process (hostname/pid) of a pool process
+        self.heartbeat = None  # this process's worker.heartbeat.Heartbeat while it takes jobs
 
 
 class EmbeddedTransport(sqla_transport.Transport):
@@ -202,6 +206,25 @@ def _load_in_child(**_) -> None:
                 app.resources.store()
         except Exception as exc:  # noqa: BLE001 - the task meets it again and fails the job with it
             log.error("blastq worker process %s could not load its resources: %s", os.getpid(), exc)
+        _start_heartbeat(app)
+
+
+def _start_heartbeat(app: BlastqCelery) -> None:
+    """This process takes jobs: its heartbeat (worker.heartbeat) from now until it stops."""
+    from blastq.worker.heartbeat import Heartbeat
+
+    app.heartbeat = Heartbeat(
+        app.resources.db, app.queues_taken, app.settings.heartbeat_s, app.parent_name
+    ).start()
+
+
+def _stop_heartbeat(**_) -> None:
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    if isinstance(app, BlastqCelery) and app.heartbeat is not None:
+        app.heartbeat.stop()
+        app.heartbeat = None
 
 
 def run_worker(
@@ -242,6 +265,9 @@ def run_worker(
 
         preflight(app.settings)
     worker_process_init.connect(_load_in_child, weak=False, dispatch_uid="blastq-load-resources")
+    worker_process_shutdown.connect(_stop_heartbeat, weak=False, dispatch_uid="blastq-stop-heartbeat")
+    app.queues_taken = list(queues)
+    app.parent_name = worker_name()
     app.loads_engine = SLIDES_QUEUE in queues
     app.set_current()
     processes = concurrency or app.settings.worker_concurrency
@@ -259,7 +285,12 @@ def run_worker(
             without_mingle=True,
             without_heartbeat=True,
         )
-        worker.start()
+        if pool == "solo":  # this process claims the jobs itself
+            _start_heartbeat(app)
+        try:
+            worker.start()
+        finally:
+            _stop_heartbeat()
     return worker.exitcode or 0
 
 

@@ -24,6 +24,7 @@ from blastq.core.adapters import (
     create_batch,
     create_job,
     create_training_run,
+    dead_workers_jobs,
     ensure_sample,
     find_result,
     finish_job,
@@ -272,28 +273,51 @@ def wait_for_batch(
             app.close()
 
 
-def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None = None) -> list[str]:
-    """Send again the jobs queued or running whose row has not changed for `older_than_s` seconds.
+@dataclass(frozen=True)
+class Requeued:
+    """A job sent again, and why: its worker is dead (`why` says which and since when), or "" when its
+    row had not changed for the time asked."""
 
-    The database is the truth: this rebuilds a broker that lost its messages. Each job's updated_at is
-    bumped first, so it is not sent again until it has been stale that long once more, and two
-    requeues at once send it once. A job still being processed would be run twice (with one result):
-    choose `older_than_s` above the longest slide for running jobs.
+    job_id: str
+    why: str = ""
+
+
+def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None = None) -> list[Requeued]:
+    """Send again the jobs a dead worker left running, and those queued or running whose row has not
+    changed for `older_than_s` seconds.
+
+    A worker is dead when its heartbeat is older than settings.worker_dead_after_s (or it stopped): its
+    running jobs go at once, whatever their age. The database is the truth: this also rebuilds a broker
+    that lost its messages. Each job's updated_at is bumped first, so it is not sent again until it has
+    been stale that long once more, and two requeues at once send it once. A job still being processed
+    would be run twice (with one result): choose `older_than_s` above the longest slide for running jobs.
     """
     own_app = app is None
     app = make_app(settings) if own_app else app
     db = connect(settings.database_url.get_secret_value())
-    sent = []
+    sent: list[Requeued] = []
     try:
-        for job in stale_jobs(db, timedelta(seconds=older_than_s)):
+        for job, worker in dead_workers_jobs(db, timedelta(seconds=settings.worker_dead_after_s)):
             if touch_job(db, job):
                 send_job(app, job.id)
-                sent.append(job.id)
+                sent.append(Requeued(job.id, f"its worker {worker.name} {_silence(worker)}"))
+        done = {r.job_id for r in sent}
+        for job in stale_jobs(db, timedelta(seconds=older_than_s)):
+            if job.id not in done and touch_job(db, job):
+                send_job(app, job.id)
+                sent.append(Requeued(job.id))
     finally:
         db.dispose()
         if own_app:
             app.close()
     return sent
+
+
+def _silence(worker) -> str:
+    if worker.stopped_at is not None:
+        return f"stopped at {worker.stopped_at:%Y-%m-%d %H:%M:%S} UTC"
+    seconds = (datetime.now(UTC) - worker.heartbeat_at).total_seconds()
+    return f"was last heard of {seconds:.0f} s ago"
 
 
 def submit_training(settings: Settings, cfg: TrainConfig) -> str:

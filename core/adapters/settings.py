@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # jitter, so 6 retries wait about 31 s in all on average (the 1+2+4+8+16 s of 5 retries without jitter).
     task_retry_max: int = Field(6, ge=0)
     worker_concurrency: int = Field(1, ge=1)  # worker processes per `blastq worker`, each with its own engine
+    # Each process that takes jobs writes a heartbeat this often; one not heard of for 3 heartbeats and 5 s
+    # is dead, and `blastq requeue` sends the jobs it left running again at once.
+    heartbeat_s: float = Field(10.0, ge=0.5, le=600, **_CHECKED)
     # `blastq worker`: Prometheus metrics and health on this port (/metrics, /healthz, /readyz); 0: none.
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # the address it listens on; 0.0.0.0 for a Prometheus on another host
@@ -169,6 +172,11 @@ class Settings(BaseSettings):
 
             caller_setting(self.blast_caller)  # a file that is not a caller stops every command up front
         return self
+
+    @property
+    def worker_dead_after_s(self) -> float:
+        """Seconds without a heartbeat after which a worker counts as dead (3 heartbeats and 5 s)."""
+        return 3 * self.heartbeat_s + 5
 
     def updated(self, **changes: Any) -> Settings:
         """These settings with `changes`, checked as any others (InvalidConfig naming the setting)."""

@@ -98,4 +98,4 @@ def test_a_database_from_before_migrations_is_adopted_as_it_is(empty_url):
 def test_the_migrations_folder_ships_its_environment_and_one_initial_revision():
     folder = migrations_dir()
     assert (folder / "env.py").is_file() and (folder / "script.py.mako").is_file()
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"

@@ -10,6 +10,7 @@
     training   the trainer service's runs
     review     the review station: reclassified cells, completion, sign-off, amendments, the audit trail
     users      its local accounts and roles
+    workers    the heartbeats of the processes that take jobs, and the jobs dead ones left running
 
 A result is keyed by (slide sha256, model version, result key; core.pipeline.resultkey): recording the same
 slide again replaces its row and its cells, never duplicates them. A job is a row before it is a message:
@@ -145,6 +146,14 @@ from blastq.core.adapters.db.users import (
     list_users,
     set_user,
 )
+from blastq.core.adapters.db.workers import (
+    WorkerInfo,
+    beat,
+    dead_workers_jobs,
+    forget_workers,
+    list_workers,
+    stop_beating,
+)
 
 __all__ = [
     "AuditEntry",
@@ -257,4 +266,10 @@ __all__ = [
     "utcnow",
     "watched_files",
     "worklist",
+    "WorkerInfo",
+    "beat",
+    "dead_workers_jobs",
+    "forget_workers",
+    "list_workers",
+    "stop_beating",
 ]

@@ -384,7 +384,25 @@ class AuditRow(Base):
     note: Mapped[str | None] = mapped_column(Text)
 
 
+class WorkerRow(Base):
+    """A process that takes jobs (a pool process of `blastq worker`, or the worker itself with the solo pool)
+    and when it was last heard of: it writes heartbeat_at every BLASTQ_HEARTBEAT_S while it lives."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # hostname/pid, as jobs.worker records
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    parent: Mapped[str | None] = mapped_column(String(200))  # the `blastq worker` it belongs to: hostname/pid
+    queues: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(40))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a clean stop
+
+
 users_table = UserRow.__table__
+workers_table = WorkerRow.__table__
 reviews_table = ReviewRow.__table__
 labels_table = CellLabelRow.__table__
 audit_table = AuditRow.__table__
