@@ -430,7 +430,13 @@ def _show(value) -> str:
     type=click.FloatRange(0),
     help="Seconds a queued or running job has not changed (default: BLASTQ_VISIBILITY_TIMEOUT_S).",
 )
-def requeue(older_than_s: float | None) -> None:
+@click.option(
+    "--failed-transient",
+    is_flag=True,
+    help="Also send again the jobs that failed because the database or the store stayed away longer than "
+    "BLASTQ_TRANSIENT_WAIT_S (their reason starts with 'transient:').",
+)
+def requeue(older_than_s: float | None, failed_transient: bool) -> None:
     """Send again the jobs a dead worker left running, and those stuck in queued or running (the
     database rebuilds the broker's queue).
 
@@ -443,7 +449,11 @@ def requeue(older_than_s: float | None) -> None:
     from blastq.worker.submit import requeue as requeue_jobs
 
     settings = load_settings()
-    sent = requeue_jobs(settings, settings.visibility_timeout_s if older_than_s is None else older_than_s)
+    sent = requeue_jobs(
+        settings,
+        settings.visibility_timeout_s if older_than_s is None else older_than_s,
+        failed_transient=failed_transient,
+    )
     for job in sent:
         click.echo(f"requeued job {job.job_id}" + (f" ({job.why})" if job.why else ""))
     click.echo(f"{len(sent)} job(s) requeued")

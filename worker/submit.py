@@ -29,6 +29,7 @@ from blastq.core.adapters import (
     find_result,
     finish_job,
     hide_secrets,
+    reopen_transient_failures,
     stale_jobs,
     store_from_settings,
     touch_job,
@@ -282,7 +283,13 @@ class Requeued:
     why: str = ""
 
 
-def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None = None) -> list[Requeued]:
+def requeue(
+    settings: Settings,
+    older_than_s: float,
+    *,
+    failed_transient: bool = False,
+    app: BlastqCelery | None = None,
+) -> list[Requeued]:
     """Send again the jobs a dead worker left running, and those queued or running whose row has not
     changed for `older_than_s` seconds.
 
@@ -291,6 +298,7 @@ def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None
     that lost its messages. Each job's updated_at is bumped first, so it is not sent again until it has
     been stale that long once more, and two requeues at once send it once. A job still being processed
     would be run twice (with one result): choose `older_than_s` above the longest slide for running jobs.
+    With `failed_transient`, also the jobs failed because the database or the store stayed away too long.
     """
     own_app = app is None
     app = make_app(settings) if own_app else app
@@ -301,6 +309,10 @@ def requeue(settings: Settings, older_than_s: float, *, app: BlastqCelery | None
             if touch_job(db, job):
                 send_job(app, job.id)
                 sent.append(Requeued(job.id, f"its worker {worker.name} {_silence(worker)}"))
+        if failed_transient:
+            for job in reopen_transient_failures(db):
+                send_job(app, job.id)
+                sent.append(Requeued(job.id, f"it failed: {job.error}"))
         done = {r.job_id for r in sent}
         for job in stale_jobs(db, timedelta(seconds=older_than_s)):
             if job.id not in done and touch_job(db, job):

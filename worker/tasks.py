@@ -5,23 +5,27 @@ claim the row -> read the input from the store -> decode -> core.pipeline.field 
 result row -> job succeeded. Delivery is at least once, so every step is safe to repeat: the claim
 refuses a finished job, the store keys and the result row are keyed by (sha256, model, parameters).
 
-Failures: a transient fault (database, store) retries with exponential backoff, then fails the job;
-bad input fails the job at once with the reason; anything else fails it as an internal error. The
-task never raises into Celery except to retry, so one slide cannot stop the worker's loop.
+Failures: a transient fault (database, store) retries with exponential backoff for BLASTQ_TRANSIENT_WAIT_S,
+then fails the job marked "transient: " (`blastq requeue --failed-transient` sends it again; a failure that
+cannot even be written keeps retrying, so the job is never left running with no message); bad input fails
+the job at once with the reason; anything else fails it as an internal error. The task never raises into
+Celery except to retry, so one slide cannot stop the worker's loop.
 """
 
 from __future__ import annotations
 
+import random
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path, PurePath
 
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
-from blastq.core.adapters import add_to_sample, claim_job, fail_job, finish_job
+from blastq.core.adapters import TRANSIENT_FAILURE, add_to_sample, claim_job, fail_job, finish_job
 from blastq.core.common import BlastqError, StageTimes, TransientError, recording, stage
 from blastq.core.image import decode_slide, is_whole_slide, open_slide_reader
 from blastq.core.outputs import render_artifacts
@@ -34,7 +38,7 @@ from blastq.core.pipeline import (
     whole_slide_config,
 )
 from blastq.worker import metrics
-from blastq.worker.retry import RETRY_POLICY, worker_name
+from blastq.worker.retry import MAX_BACKOFF_S, RETRY_POLICY, worker_name
 
 PROCESS_SLIDE = "blastq.process_slide"
 TRAIN_MODEL = "blastq.train_model"  # its body: blastq.worker.training.run_training_job
@@ -42,10 +46,11 @@ TRAIN_MODEL = "blastq.train_model"  # its body: blastq.worker.training.run_train
 log = get_task_logger(__name__)
 
 
-def run_job(task: Task, job_id: str) -> str | None:
+def run_job(task: Task, job_id: str, transient_since: float | None = None) -> str | None:
     """The body of `blastq.process_slide`; returns the job's final state, or None if it was not run.
 
-    Counted in the worker's metrics (worker.metrics): the outcome, the cells, the seconds of each stage."""
+    Counted in the worker's metrics (worker.metrics): the outcome, the cells, the seconds of each stage.
+    `transient_since`: when the first transient fault of this job's retries happened (epoch seconds)."""
     app = task.app
     settings, resources = app.settings, app.resources
     retries = task.request.retries or 0
@@ -54,10 +59,16 @@ def run_job(task: Task, job_id: str) -> str | None:
     try:
         with recording() as times:
             db = resources.db()
-            # Each transient retry is one more claim of the row: allow for those, so that `max_attempts`
-            # still counts only the deliveries whose worker died.
+            # A retry by this process (the row's holder) is not an attempt; a delivery of a job another live
+            # worker holds is not run; `max_attempts` counts the starts whose worker died.
             with stage("database"):
-                job = claim_job(db, job_id, worker_name(), settings.max_attempts + retries)
+                job = claim_job(
+                    db,
+                    job_id,
+                    worker_name(),
+                    settings.max_attempts,
+                    timedelta(seconds=settings.worker_dead_after_s),
+                )
             if job is None:
                 log.info("job %s: not run (unknown, finished, or out of attempts)", job_id)
                 return None
@@ -107,11 +118,24 @@ def run_job(task: Task, job_id: str) -> str | None:
             _count_success(loaded, result.stats, times, start)
             return "succeeded"
     except TransientError as exc:
-        if retries < settings.task_retry_max:  # else Celery would give up: fail the row here
-            log.warning("job %s: %s; retry %d of %d", job_id, exc, retries + 1, settings.task_retry_max)
+        since = time.time() if transient_since is None else transient_since
+        waited = time.time() - since
+        if waited < settings.transient_wait_s and retries < settings.task_retry_max:
+            log.warning(
+                "job %s: %s; retry %d (%.0f of %.0f s waited)",
+                job_id,
+                exc,
+                retries + 1,
+                waited,
+                settings.transient_wait_s,
+            )
             metrics.retried()
-            raise  # Celery retries it (RETRY_POLICY: backoff with jitter)
-        _fail(resources, job_id, f"{exc} (gave up after {retries} retries)")
+            raise _retry(task, job_id, since, exc, retries) from exc
+        reason = f"{TRANSIENT_FAILURE}{exc} (gave up after {retries} retries in {waited:.0f} s)"
+        if not _fail(resources, job_id, reason):
+            # Not even the failure could be written (the database is what is away): keep the message, so
+            # the job is neither lost nor left running with nothing queued to finish it.
+            raise _retry(task, job_id, since, exc, retries) from exc
         reason = "transient"
     except BlastqError as exc:  # the input's fault (bad image, bad mpp, model): retrying cannot help
         _fail(resources, job_id, str(exc))
@@ -123,6 +147,20 @@ def run_job(task: Task, job_id: str) -> str | None:
     engine, model = (loaded.engine.name, loaded.info.version) if loaded is not None else ("", "")
     metrics.slide_failed(reason, engine, model)
     return "failed"
+
+
+def _retry(task: Task, job_id: str, since: float, exc: Exception, retries: int) -> Exception:
+    """The job again after a backoff (1, 2, 4... s up to MAX_BACKOFF_S, full jitter), carrying when its
+    transient faults began: Celery's Retry, to raise."""
+    countdown = random.uniform(0, min(MAX_BACKOFF_S, 2**retries))
+    return task.retry(
+        args=[job_id],
+        kwargs={"transient_since": since},
+        exc=exc,
+        countdown=countdown,
+        max_retries=None,
+        throw=False,
+    )
 
 
 def _count_success(loaded, stats, times: StageTimes, start: float) -> None:
@@ -183,13 +221,16 @@ def _naming(filename: str, copy: Path) -> Iterator[None]:
         raise
 
 
-def _fail(resources, job_id: str, reason: str) -> None:
+def _fail(resources, job_id: str, reason: str) -> bool:
+    """Fail the job with `reason` (one line); False when even that could not be written."""
     reason = " ".join(reason.split())  # one line, as the CLI prints it
     log.warning("job %s failed: %s", job_id, reason)
     try:
         fail_job(resources.db(), job_id, reason)
-    except Exception as exc:  # noqa: BLE001 - the row stays running; `blastq requeue` picks it up later
+    except Exception as exc:  # noqa: BLE001 - the caller decides: retry (transient) or leave it to requeue
         log.error("job %s: could not record its failure (%s): %s", job_id, reason, exc)
+        return False
+    return True
 
 
 def register_tasks(app: Celery) -> None:
@@ -202,11 +243,10 @@ def register_tasks(app: Celery) -> None:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
-        max_retries=app.settings.task_retry_max,
-        **RETRY_POLICY,
+        max_retries=None,  # run_job retries transient faults itself, for BLASTQ_TRANSIENT_WAIT_S
     )
-    def process_slide_task(self: Task, job_id: str) -> str | None:
-        return run_job(self, job_id)
+    def process_slide_task(self: Task, job_id: str, transient_since: float | None = None) -> str | None:
+        return run_job(self, job_id, transient_since)
 
     @app.task(
         name=TRAIN_MODEL,

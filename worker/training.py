@@ -18,6 +18,7 @@ import io
 import json
 import shutil
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +65,10 @@ def run_training_job(task: Task, run_id: str) -> str | None:
     log = _Log(run_id)
     try:
         db = resources.db()
-        # As for slides: transient retries are claims too, so max_attempts counts dead trainers only.
-        run = claim_training_run(db, run_id, worker_name(), settings.max_attempts + retries)
+        # As for slides: a retry by the holder is not an attempt, so max_attempts counts dead trainers only.
+        run = claim_training_run(
+            db, run_id, worker_name(), settings.max_attempts, timedelta(seconds=settings.worker_dead_after_s)
+        )
         if run is None:
             log.info("not run (unknown, finished, or out of attempts)")
             return None

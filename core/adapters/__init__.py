@@ -35,6 +35,8 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "finish_training_run",
             "get_sample",
             "job_counts",
+            "TRANSIENT_FAILURE",
+            "reopen_transient_failures",
             "WorkerInfo",
             "beat",
             "dead_workers_jobs",

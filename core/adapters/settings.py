@@ -96,9 +96,14 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     # Redis redelivers an unacknowledged job after this: more than the longest slide takes.
     visibility_timeout_s: int = Field(3600, ge=1)
-    # Retries of a job hit by a transient fault (database, store): Celery backs off 1, 2, 4... s with full
-    # jitter, so 6 retries wait about 31 s in all on average (the 1+2+4+8+16 s of 5 retries without jitter).
-    task_retry_max: int = Field(6, ge=0)
+    # A slide hit by a transient fault (the database or the store did not answer) is retried, backing off
+    # 1, 2, 4... s up to 60 s with full jitter, until this long after its first fault; then it fails marked
+    # "transient:" (`blastq requeue --failed-transient` sends such jobs again). An hour rides out a
+    # server's restart or a network cut; the former 6 retries gave up after ~31 s on average.
+    transient_wait_s: float = Field(3600.0, ge=0, **_CHECKED)
+    # At most this many retries of one task (slides: a safety cap under transient_wait_s; training runs:
+    # their only bound), the same backoff.
+    task_retry_max: int = Field(1000, ge=0)
     worker_concurrency: int = Field(1, ge=1)  # worker processes per `blastq worker`, each with its own engine
     # Each process that takes jobs writes a heartbeat this often; one not heard of for 3 heartbeats and 5 s
     # is dead, and `blastq requeue` sends the jobs it left running again at once.

@@ -28,7 +28,9 @@ def test_the_app_is_json_only_late_acking_one_message_at_a_time(tmp_path):
 
 def test_the_task_has_its_explicit_name_and_policy(tmp_path):
     task = make_app(load_settings({"BLASTQ_DATA_DIR": str(tmp_path)})).tasks[PROCESS_SLIDE]
-    assert task.acks_late and task.reject_on_worker_lost and task.max_retries == 6
+    assert (
+        task.acks_late and task.reject_on_worker_lost and task.max_retries is None
+    )  # run_job bounds retries
 
 
 def test_two_apps_keep_their_own_settings(tmp_path):
@@ -48,7 +50,11 @@ def test_service_settings_are_read_as_integers_and_checked(tmp_path):
     env = {"BLASTQ_DATA_DIR": str(tmp_path), "BLASTQ_MAX_ATTEMPTS": "5", "BLASTQ_WORKER_CONCURRENCY": "2"}
     settings = load_settings(env)
     assert (settings.max_attempts, settings.worker_concurrency) == (5, 2)
-    assert (settings.visibility_timeout_s, settings.task_retry_max) == (3600, 6)
+    assert (settings.visibility_timeout_s, settings.task_retry_max, settings.transient_wait_s) == (
+        3600,
+        1000,
+        3600,
+    )
     with pytest.raises(InvalidConfig, match="max_attempts"):
         load_settings({**env, "BLASTQ_MAX_ATTEMPTS": "0"})
     with pytest.raises(InvalidConfig, match="visibility_timeout_s"):

@@ -447,7 +447,7 @@ def test_a_job_retries_with_backoff_through_a_few_seconds_without_its_service_an
         job_id = outcome.jobs[0].job_id
         wait_for_job(lab.db, job_id, lambda j: j.state == "running", "the worker to start the slide")
 
-        retried = re.compile(rf"job {job_id}: .*; retry 1 of ")
+        retried = re.compile(rf"job {job_id}: .*; retry 1 \(")
         with cut_off.proxies[away].cut():
             cut_at = time.monotonic()
             wait_until(lambda: retried.search(cut_off.worker.output), 60, f"a retry while the {away} is away")
@@ -457,10 +457,29 @@ def test_a_job_retries_with_backoff_through_a_few_seconds_without_its_service_an
         job = job_status(lab.db, job_id)
 
         assert (status.succeeded, job.error) == (1, None), cut_off.worker.output[-3000:]
-        assert job.attempts >= 2  # the first claim, and the retry's that got through
+        assert job.attempts == 1  # retries by the worker holding it are not attempts
         (result,) = results_of(lab.db, job.sha256)
         assert result.id == job.result_id
         assert cell_count(lab.db, result.id) == result.white_cells
+        assert objects_of(lab.store, [job.sha256]) == expected_objects(lab.settings, [job.sha256])
+
+
+def test_a_store_away_longer_than_the_former_retry_window_is_waited_out(cut_off, make_slide, monkeypatch):
+    """70 s without the store: the former 6 retries (~31 s on average, 63 s at most) failed such a job;
+    it now waits up to BLASTQ_TRANSIENT_WAIT_S (an hour) and succeeds once the store is back."""
+    with lab_of(cut_off.service, monkeypatch) as lab:
+        outcome = submit(lab.settings, [make_slide(1403, size=HELD_SLIDE_PX)], mpp=0.2)
+        job_id = outcome.jobs[0].job_id
+        wait_for_job(lab.db, job_id, lambda j: j.state == "running", "the worker to start the slide")
+        with cut_off.proxies["store"].cut():
+            time.sleep(70)
+        status = wait_for_batch(lab.settings, outcome.batch_id, timeout_s=180)
+        job = job_status(lab.db, job_id)
+        assert (status.succeeded, job.error, job.attempts) == (1, None, 1), cut_off.worker.output[-3000:]
+        assert re.search(
+            rf"job {job_id}: .*; retry (?:[4-9]|[1-9]\d+) \(", cut_off.worker.output
+        )  # past 3 retries
+        (result,) = results_of(lab.db, job.sha256)
         assert objects_of(lab.store, [job.sha256]) == expected_objects(lab.settings, [job.sha256])
 
 

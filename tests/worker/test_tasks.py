@@ -55,14 +55,15 @@ def queued_job(settings, db, store, data: bytes, name: str = "slide.png") -> str
     return job.id
 
 
-def test_both_tasks_retry_transient_faults_through_celery_with_capped_jittered_backoff(local):
+def test_training_retries_transient_faults_through_celery_and_slides_by_their_own_clock(local):
     from blastq.core.common import TransientError
 
     _, app, _ = local
-    for name in (PROCESS_SLIDE, TRAIN_MODEL):
-        task = app.tasks[name]
-        assert task.autoretry_for == (TransientError,) and task.max_retries == 3
-        assert (task.retry_backoff, task.retry_backoff_max, task.retry_jitter) == (1, 60, True)
+    task = app.tasks[TRAIN_MODEL]
+    assert task.autoretry_for == (TransientError,) and task.max_retries == 3
+    assert (task.retry_backoff, task.retry_backoff_max, task.retry_jitter) == (1, 60, True)
+    slides = app.tasks[PROCESS_SLIDE]  # run_job retries for BLASTQ_TRANSIENT_WAIT_S (capped by the count)
+    assert not getattr(slides, "autoretry_for", ()) and slides.max_retries is None
 
 
 def test_a_store_that_comes_back_is_retried_and_the_job_succeeds(local, make_slide):
@@ -73,7 +74,7 @@ def test_a_store_that_comes_back_is_retried_and_the_job_succeeds(local, make_sli
     app.tasks[PROCESS_SLIDE].apply(args=[job_id])
     job = job_status(db, job_id)
     assert job.state == "succeeded", job.error
-    assert job.attempts == 3  # two retries, each one claim of the row
+    assert job.attempts == 1  # two retries by the worker holding it: not attempts
 
 
 def test_a_store_that_stays_down_fails_the_job_after_the_retries(local):
@@ -84,8 +85,66 @@ def test_a_store_that_stays_down_fails_the_job_after_the_retries(local):
     app.tasks[PROCESS_SLIDE].apply(args=[job_id])
     job = job_status(db, job_id)
     assert job.state == "failed"
-    assert "no answer" in job.error and "gave up after 3 retries" in job.error
+    assert job.error.startswith("transient: ") and "no answer" in job.error
+    assert "gave up after 3 retries" in job.error  # BLASTQ_TASK_RETRY_MAX caps the retries
     assert store.reads == 4
+
+
+def test_a_transient_fault_past_the_wait_fails_marked_transient_and_requeue_sends_it_again(
+    tmp_path, make_slide
+):
+    from blastq.core.adapters.db import fail_job, reopen_transient_failures
+
+    env = {"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TRANSIENT_WAIT_S": "0"}
+    settings = load_settings(env)
+    app = make_app(settings)
+    db = connect(settings.database_url.get_secret_value())
+    try:
+        store = FlakyStore(settings.data_dir / "store", failures=1)
+        app.resources.provide(store=store)
+        job_id = queued_job(settings, db, store, make_slide(302).read_bytes())
+        app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+        job = job_status(db, job_id)
+        assert (job.state, store.reads) == ("failed", 1)  # no wait allowed: failed at the first fault
+        assert job.error.startswith("transient: ") and "gave up after 0 retries in 0 s" in job.error
+        other = queued_job(settings, db, FileStore(settings.data_dir / "store"), b"other", name="o.png")
+        fail_job(db, other, "o.png: not a PNG")  # the input's fault: not reopened
+        (reopened,) = reopen_transient_failures(db)
+        assert reopened.id == job_id and reopen_transient_failures(db) == []
+        again = job_status(db, job_id)
+        assert (again.state, again.error, again.attempts) == ("queued", None, 1)
+        app.tasks[PROCESS_SLIDE].apply(args=[job_id])  # the store answers now
+        assert (job_status(db, job_id).state, job_status(db, job_id).attempts) == ("succeeded", 2)
+        assert job_status(db, other).state == "failed"
+    finally:
+        app.resources.close()
+        db.dispose()
+
+
+def test_a_failure_that_cannot_be_written_keeps_the_job_for_a_retry(tmp_path, make_slide, monkeypatch):
+    from blastq.core.common import DatabaseUnavailable
+    from blastq.worker import tasks
+
+    settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TRANSIENT_WAIT_S": "0"})
+    app = make_app(settings)
+    db = connect(settings.database_url.get_secret_value())
+    try:
+        store = FlakyStore(settings.data_dir / "store", failures=100)
+        app.resources.provide(store=store)
+        job_id = queued_job(settings, db, store, make_slide(303).read_bytes())
+
+        def database_away(*_args):
+            raise DatabaseUnavailable("database not reachable: the test cut it")
+
+        retried = []
+        monkeypatch.setattr(tasks, "fail_job", database_away)
+        monkeypatch.setattr(tasks, "_retry", lambda *args: retried.append(args[1]) or RuntimeError("retried"))
+        outcome = app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+        assert retried == [job_id] and str(outcome.result) == "retried"
+        assert job_status(db, job_id).state == "running"  # not failed, not acknowledged as done
+    finally:
+        app.resources.close()
+        db.dispose()
 
 
 def test_bad_input_fails_at_once_without_retry(local):

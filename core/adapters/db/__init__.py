@@ -33,6 +33,7 @@ from blastq.core.adapters.db.engine import (
     utcnow,
 )
 from blastq.core.adapters.db.jobs import (
+    TRANSIENT_FAILURE,
     BatchStatus,
     JobInfo,
     batch_jobs,
@@ -48,6 +49,7 @@ from blastq.core.adapters.db.jobs import (
     jobs_for_file,
     oldest_queued_job,
     recent_batches,
+    reopen_transient_failures,
     stale_jobs,
     touch_job,
 )
@@ -272,4 +274,6 @@ __all__ = [
     "forget_workers",
     "list_workers",
     "stop_beating",
+    "TRANSIENT_FAILURE",
+    "reopen_transient_failures",
 ]

@@ -117,14 +117,20 @@ def create_job(
     return JobInfo(**values)
 
 
-def claim_job(engine: Engine, job_id: str, worker: str, max_attempts: int) -> JobInfo | None:
+def claim_job(
+    engine: Engine, job_id: str, worker: str, max_attempts: int, alive_after: timedelta | None = None
+) -> JobInfo | None:
     """Move a queued (or redelivered running) job to running for `worker`; None when it must not run.
 
     None when the job is unknown or already finished (a redelivered message must not redo it), when
-    another worker claimed it at the same moment, or when it has been started `max_attempts` times
-    already: the worker died each time, so the job is failed rather than handed to the next victim.
+    another worker claimed it at the same moment or another live worker holds it (with `alive_after`:
+    lifecycle.claim_row), or when it has been started `max_attempts` times already: the worker died
+    each time, so the job is failed rather than handed to the next victim. With `alive_after`, a retry
+    by the worker that holds the job is not another attempt.
     """
-    row = claim_row(engine, jobs_table, job_id, worker, max_attempts, "the worker died each time")
+    row = claim_row(
+        engine, jobs_table, job_id, worker, max_attempts, "the worker died each time", alive_after
+    )
     return None if row is None else JobInfo.from_row(row)
 
 
@@ -137,6 +143,33 @@ def finish_job(engine: Engine, job_id: str, result_id: int) -> None:
 def fail_job(engine: Engine, job_id: str, error: str) -> None:
     """Mark a job failed with the reason (lifecycle.fail_row: a succeeded job stays succeeded)."""
     fail_row(engine, jobs_table, job_id, "job", error)
+
+
+# The start of the reason of a job failed by a fault outside it (the database or the store away longer
+# than BLASTQ_TRANSIENT_WAIT_S): `reopen_transient_failures` finds them by it.
+TRANSIENT_FAILURE = "transient: "
+
+
+def reopen_transient_failures(engine: Engine) -> list[JobInfo]:
+    """Jobs failed by a transient fault back to queued (reason cleared, attempts kept), oldest first: the
+    caller sends them again. A job reopened by another caller meanwhile is left to that one."""
+    now = utcnow()
+    reopened = []
+    with reachable(engine), engine.begin() as conn:
+        rows = conn.execute(
+            select(jobs_table)
+            .where(jobs_table.c.state == "failed", jobs_table.c.error.like(f"{TRANSIENT_FAILURE}%"))
+            .order_by(jobs_table.c.updated_at)
+        ).all()
+        for row in rows:
+            done = conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.id == row.id, jobs_table.c.state == "failed")
+                .values(state="queued", error=None, finished_at=None, updated_at=now)
+            )
+            if done.rowcount == 1:
+                reopened.append(JobInfo.from_row(row))
+    return reopened
 
 
 def stale_jobs(engine: Engine, older_than: timedelta) -> list[JobInfo]:

@@ -1,32 +1,57 @@
 """A job's and a training run's life: queued -> running -> succeeded | failed, the same rules for both.
 
 A claim moves a queued (or redelivered running) row to running for one worker, compare-and-set on
-its attempts; past `max_attempts` the row is failed instead. A succeeded row stays succeeded: a late
-duplicate's failure does not undo it."""
+its attempts. `attempts` counts the starts a worker did not live through, not the retries: a claim by
+the process that already holds the row (a retry after a transient fault) leaves it as it is; a claim of
+a row another live process holds is refused (a duplicate message: the row is in hand); a claim of a row
+whose holder died counts one more attempt, and past `max_attempts` the row is failed instead. A
+succeeded row stays succeeded: a late duplicate's failure does not undo it."""
 
 from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
 
 from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from blastq.core.adapters.db.engine import reachable, utcnow
-from blastq.core.adapters.db.schema import MAX_ERROR_CHARS
+from blastq.core.adapters.db.engine import as_utc, reachable, utcnow
+from blastq.core.adapters.db.schema import MAX_ERROR_CHARS, workers_table
 from blastq.core.common import InvalidConfig, NotFound
 
 
-def claim_row(engine: Engine, table, row_id: str, worker: str, max_attempts: int, why: str):
-    """The claim shared by jobs and training runs: the claimed row, or None when it must not run."""
+def claim_row(
+    engine: Engine,
+    table,
+    row_id: str,
+    worker: str,
+    max_attempts: int,
+    why: str,
+    alive_after: timedelta | None = None,
+):
+    """The claim shared by jobs and training runs: the claimed row, or None when it must not run.
+
+    `alive_after`: how recent a heartbeat keeps a holder on another machine alive (a holder on this
+    machine is alive while its process is); None: every claim is an attempt (no holder is asked after)."""
     if max_attempts < 1:
         raise InvalidConfig(f"max_attempts must be at least 1, got {max_attempts}")
     now = utcnow()
     with reachable(engine), engine.begin() as conn:
-        seen = conn.execute(select(table.c.state, table.c.attempts).where(table.c.id == row_id)).first()
+        seen = conn.execute(
+            select(table.c.state, table.c.attempts, table.c.worker).where(table.c.id == row_id)
+        ).first()
         if seen is None or seen.state not in ("queued", "running"):
             return None
-        if seen.attempts >= max_attempts:
+        held = seen.state == "running" and seen.worker and alive_after is not None
+        if held and seen.worker == worker:  # the holder again: a retry, not a new start
+            values = {"state": "running", "attempts": seen.attempts, "worker": worker}
+        elif held and holder_alive(conn, seen.worker, alive_after):
+            return None  # another live process has it in hand: this delivery is a duplicate
+        elif seen.state == "running" and seen.attempts >= max_attempts:  # its holders died each time
             values = {
                 "state": "failed",
                 "error": f"gave up after {seen.attempts} attempts ({why})",
@@ -48,6 +73,24 @@ def claim_row(engine: Engine, table, row_id: str, worker: str, max_attempts: int
         if claimed.rowcount != 1 or values["state"] == "failed":
             return None
         return conn.execute(select(table).where(table.c.id == row_id)).one()
+
+
+def holder_alive(conn: Connection, name: str, alive_after: timedelta) -> bool:
+    """Whether the process `name` (hostname/pid, as a claim records it) is alive: on this machine, its
+    process exists; elsewhere, its heartbeat is at most `alive_after` old and it has not stopped."""
+    host, _, pid = name.rpartition("/")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: alive
+            return True
+        return True
+    row = conn.execute(
+        select(workers_table.c.heartbeat_at, workers_table.c.stopped_at).where(workers_table.c.name == name)
+    ).first()
+    return row is not None and row.stopped_at is None and as_utc(row.heartbeat_at) >= utcnow() - alive_after
 
 
 def finish_row(engine: Engine, table, row_id: str, what: str, **values) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import uuid4
 
 from sqlalchemy import (
@@ -75,13 +75,18 @@ def create_training_run(engine: Engine, *, config: dict, version: str) -> Traini
     return TrainingRunInfo(**{**values, "config": config, "history": []})
 
 
-def claim_training_run(engine: Engine, run_id: str, worker: str, max_attempts: int) -> TrainingRunInfo | None:
+def claim_training_run(
+    engine: Engine, run_id: str, worker: str, max_attempts: int, alive_after: timedelta | None = None
+) -> TrainingRunInfo | None:
     """Move a queued (or redelivered running) run to running for `worker`; None when it must not run.
 
     The rules of `claim_job`: None for an unknown or finished run, for a claim lost to another worker
-    at the same moment, and past `max_attempts` deliveries (the run is failed instead).
+    at the same moment or held by another live trainer, and past `max_attempts` starts its trainer did
+    not live through (the run is failed instead).
     """
-    row = claim_row(engine, runs_table, run_id, worker, max_attempts, "the trainer died each time")
+    row = claim_row(
+        engine, runs_table, run_id, worker, max_attempts, "the trainer died each time", alive_after
+    )
     return None if row is None else TrainingRunInfo.from_row(row)
 
 
