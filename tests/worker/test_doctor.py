@@ -128,12 +128,7 @@ def test_a_store_whose_bucket_is_missing_fails(cli, lab_service, monkeypatch):
 
 
 def test_a_model_that_is_not_a_checkpoint_fails_and_the_engine_is_not_tried(cli, tmp_path, monkeypatch):
-    bad = tmp_path / "model.pt"
-    bad.write_bytes(b"PK\x03\x04 not a checkpoint")
-    use_service(
-        monkeypatch,
-        Service({"BLASTQ_DATA_DIR": str(tmp_path / "d"), "BLASTQ_MODEL": str(bad)}, tmp_path / "d"),
-    )
+    bad = with_a_bad_model(tmp_path, monkeypatch)
     result = cli("doctor", "--json", "--only", "model,engine")
     assert result.exit_code == 1
     checks = by_name(result)
@@ -177,12 +172,7 @@ def test_an_unknown_check_is_one_line(cli):
 def test_a_worker_whose_model_does_not_load_refuses_to_start(cli, tmp_path, monkeypatch):
     from blastq.worker import celery_app
 
-    bad = tmp_path / "model.pt"
-    bad.write_bytes(b"not a checkpoint at all")
-    use_service(
-        monkeypatch,
-        Service({"BLASTQ_DATA_DIR": str(tmp_path / "d"), "BLASTQ_MODEL": str(bad)}, tmp_path / "d"),
-    )
+    bad = with_a_bad_model(tmp_path, monkeypatch)
     started = []
     monkeypatch.setattr(celery_app.BlastqCelery, "Worker", lambda *a, **k: started.append(1), raising=False)
     result = cli("worker", "--pool", "solo")
@@ -191,6 +181,15 @@ def test_a_worker_whose_model_does_not_load_refuses_to_start(cli, tmp_path, monk
     assert line.startswith("blastq: error: this worker cannot run its model: ") and str(bad) in line
     assert "(fix: set BLASTQ_MODEL" in line and len(result.output.strip().splitlines()) == 1
     assert started == []
+
+
+def with_a_bad_model(tmp_path, monkeypatch):
+    """BLASTQ_MODEL names a file that is not a checkpoint; its path."""
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"PK\x03\x04 not a checkpoint")
+    env = {"BLASTQ_DATA_DIR": str(tmp_path / "d"), "BLASTQ_MODEL": str(bad)}
+    use_service(monkeypatch, Service(env, tmp_path / "d"))
+    return bad
 
 
 def free_port() -> int:

@@ -32,14 +32,24 @@ class FlakyStore(FileStore):
         super().get_file(key, path)
 
 
-@pytest.fixture
-def local(tmp_path):
-    settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TASK_RETRY_MAX": "3"})
+def local_app(tmp_path, **env: str):
+    settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data"), **env})
     app = make_app(settings)
     db = connect(settings.database_url.get_secret_value())
     yield settings, app, db
     app.resources.close()
     db.dispose()
+
+
+@pytest.fixture
+def local(tmp_path):
+    yield from local_app(tmp_path, BLASTQ_TASK_RETRY_MAX="3")
+
+
+@pytest.fixture
+def no_wait(tmp_path):
+    """A worker app whose slides wait out no transient fault (BLASTQ_TRANSIENT_WAIT_S=0)."""
+    yield from local_app(tmp_path, BLASTQ_TRANSIENT_WAIT_S="0")
 
 
 def queued_job(settings, db, store, data: bytes, name: str = "slide.png") -> str:
@@ -91,60 +101,47 @@ def test_a_store_that_stays_down_fails_the_job_after_the_retries(local):
 
 
 def test_a_transient_fault_past_the_wait_fails_marked_transient_and_requeue_sends_it_again(
-    tmp_path, make_slide
+    no_wait, make_slide
 ):
     from blastq.core.adapters.db import fail_job, reopen_transient_failures
 
-    env = {"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TRANSIENT_WAIT_S": "0"}
-    settings = load_settings(env)
-    app = make_app(settings)
-    db = connect(settings.database_url.get_secret_value())
-    try:
-        store = FlakyStore(settings.data_dir / "store", failures=1)
-        app.resources.provide(store=store)
-        job_id = queued_job(settings, db, store, make_slide(302).read_bytes())
-        app.tasks[PROCESS_SLIDE].apply(args=[job_id])
-        job = job_status(db, job_id)
-        assert (job.state, store.reads) == ("failed", 1)  # no wait allowed: failed at the first fault
-        assert job.error.startswith("transient: ") and "gave up after 0 retries in 0 s" in job.error
-        other = queued_job(settings, db, FileStore(settings.data_dir / "store"), b"other", name="o.png")
-        fail_job(db, other, "o.png: not a PNG")  # the input's fault: not reopened
-        (reopened,) = reopen_transient_failures(db)
-        assert reopened.id == job_id and reopen_transient_failures(db) == []
-        again = job_status(db, job_id)
-        assert (again.state, again.error, again.attempts) == ("queued", None, 1)
-        app.tasks[PROCESS_SLIDE].apply(args=[job_id])  # the store answers now
-        assert (job_status(db, job_id).state, job_status(db, job_id).attempts) == ("succeeded", 2)
-        assert job_status(db, other).state == "failed"
-    finally:
-        app.resources.close()
-        db.dispose()
+    settings, app, db = no_wait
+    store = FlakyStore(settings.data_dir / "store", failures=1)
+    app.resources.provide(store=store)
+    job_id = queued_job(settings, db, store, make_slide(302).read_bytes())
+    app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+    job = job_status(db, job_id)
+    assert (job.state, store.reads) == ("failed", 1)  # no wait allowed: failed at the first fault
+    assert job.error.startswith("transient: ") and "gave up after 0 retries in 0 s" in job.error
+    other = queued_job(settings, db, FileStore(settings.data_dir / "store"), b"other", name="o.png")
+    fail_job(db, other, "o.png: not a PNG")  # the input's fault: not reopened
+    (reopened,) = reopen_transient_failures(db)
+    assert reopened.id == job_id and reopen_transient_failures(db) == []
+    again = job_status(db, job_id)
+    assert (again.state, again.error, again.attempts) == ("queued", None, 1)
+    app.tasks[PROCESS_SLIDE].apply(args=[job_id])  # the store answers now
+    assert (job_status(db, job_id).state, job_status(db, job_id).attempts) == ("succeeded", 2)
+    assert job_status(db, other).state == "failed"
 
 
-def test_a_failure_that_cannot_be_written_keeps_the_job_for_a_retry(tmp_path, make_slide, monkeypatch):
+def test_a_failure_that_cannot_be_written_keeps_the_job_for_a_retry(no_wait, make_slide, monkeypatch):
     from blastq.core.common import DatabaseUnavailable
     from blastq.worker import tasks
 
-    settings = load_settings({"BLASTQ_DATA_DIR": str(tmp_path / "data"), "BLASTQ_TRANSIENT_WAIT_S": "0"})
-    app = make_app(settings)
-    db = connect(settings.database_url.get_secret_value())
-    try:
-        store = FlakyStore(settings.data_dir / "store", failures=100)
-        app.resources.provide(store=store)
-        job_id = queued_job(settings, db, store, make_slide(303).read_bytes())
+    settings, app, db = no_wait
+    store = FlakyStore(settings.data_dir / "store", failures=100)
+    app.resources.provide(store=store)
+    job_id = queued_job(settings, db, store, make_slide(303).read_bytes())
 
-        def database_away(*_args):
-            raise DatabaseUnavailable("database not reachable: the test cut it")
+    def database_away(*_args):
+        raise DatabaseUnavailable("database not reachable: the test cut it")
 
-        retried = []
-        monkeypatch.setattr(tasks, "fail_job", database_away)
-        monkeypatch.setattr(tasks, "_retry", lambda *args: retried.append(args[1]) or RuntimeError("retried"))
-        outcome = app.tasks[PROCESS_SLIDE].apply(args=[job_id])
-        assert retried == [job_id] and str(outcome.result) == "retried"
-        assert job_status(db, job_id).state == "running"  # not failed, not acknowledged as done
-    finally:
-        app.resources.close()
-        db.dispose()
+    retried = []
+    monkeypatch.setattr(tasks, "fail_job", database_away)
+    monkeypatch.setattr(tasks, "_retry", lambda *args: retried.append(args[1]) or RuntimeError("retried"))
+    outcome = app.tasks[PROCESS_SLIDE].apply(args=[job_id])
+    assert retried == [job_id] and str(outcome.result) == "retried"
+    assert job_status(db, job_id).state == "running"  # not failed, not acknowledged as done
 
 
 def test_bad_input_fails_at_once_without_retry(local):
