@@ -5,7 +5,7 @@ What the slide tasks record, in the pool process that ran the slide:
   blastq_cells_total{engine, model}             white cells found; blastq_blasts_total the blasts among them
   blastq_slide_seconds{engine, model}           a slide's seconds in the worker, end to end (histogram)
   blastq_stage_seconds{stage}                   seconds per stage of a slide (core.common.timing.STAGES)
-  blastq_failures_total{reason}                 failed jobs: input, missing_input, transient, internal
+  blastq_failures_total{reason}                 failed jobs: input, missing_input, transient, time_limit, internal
   blastq_retries_total                          transient faults retried (the database or store did not answer)
 What the worker's main process adds when scraped, from the database every worker shares:
   blastq_jobs{state}                            jobs per state (queued, running, succeeded, failed)

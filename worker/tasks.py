@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path, PurePath
 
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from blastq.core.adapters import TRANSIENT_FAILURE, add_to_sample, claim_job, fail_job, finish_job
@@ -137,6 +138,12 @@ def run_job(task: Task, job_id: str, transient_since: float | None = None) -> st
             # the job is neither lost nor left running with nothing queued to finish it.
             raise _retry(task, job_id, since, exc, retries) from exc
         reason = "transient"
+    except SoftTimeLimitExceeded:
+        limit = settings.slide_time_limit_s
+        _fail(
+            resources, job_id, f"stopped after {limit} s: longer than BLASTQ_SLIDE_TIME_LIMIT_S ({limit} s)"
+        )
+        reason = "time_limit"
     except BlastqError as exc:  # the input's fault (bad image, bad mpp, model): retrying cannot help
         _fail(resources, job_id, str(exc))
         reason = "input"
@@ -244,6 +251,10 @@ def register_tasks(app: Celery) -> None:
         reject_on_worker_lost=True,
         ignore_result=True,
         max_retries=None,  # run_job retries transient faults itself, for BLASTQ_TRANSIENT_WAIT_S
+        # A stuck slide: SoftTimeLimitExceeded in the task (its job failed with the reason), and its pool
+        # process killed 30 s later if that did not stop it (a death: the job's attempts count it).
+        soft_time_limit=app.settings.slide_time_limit_s or None,
+        time_limit=app.settings.slide_time_limit_s + 30 if app.settings.slide_time_limit_s else None,
     )
     def process_slide_task(self: Task, job_id: str, transient_since: float | None = None) -> str | None:
         return run_job(self, job_id, transient_since)

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     # Redis redelivers an unacknowledged job after this: more than the longest slide takes.
     visibility_timeout_s: int = Field(3600, ge=1)
+    # A slide still running after this long is stopped and its job failed with the reason (prefork pool;
+    # 30 s later its process is killed if it did not stop). 0: no limit. The default is the visibility
+    # timeout: a slide longer than that would be delivered twice by Redis anyway.
+    slide_time_limit_s: int = Field(3600, ge=0)
     # A slide hit by a transient fault (the database or the store did not answer) is retried, backing off
     # 1, 2, 4... s up to 60 s with full jitter, until this long after its first fault; then it fails marked
     # "transient:" (`blastq requeue --failed-transient` sends such jobs again). An hour rides out a

@@ -1,5 +1,6 @@
 """Worker heartbeats: `blastq status` shows who is alive, and `blastq requeue` sends the job a dead worker
-left running at once (not after --older-than), on the real PostgreSQL, Redis and S3 server."""
+left running at once (not after --older-than); a slide past BLASTQ_SLIDE_TIME_LIMIT_S is stopped and its
+job failed with the reason. On the real PostgreSQL, Redis and S3 server."""
 
 from __future__ import annotations
 
@@ -109,5 +110,24 @@ def test_requeue_sends_a_killed_workers_job_at_once_and_it_completes_once(
         job = job_status(db, job_id)
         assert (batch.succeeded, job.state, job.attempts) == (1, "succeeded", 2)
         assert cli("requeue").output.endswith("0 job(s) requeued\n")  # nothing left behind
+    finally:
+        db.dispose()
+
+
+def test_a_slide_past_the_time_limit_is_stopped_and_failed_with_the_reason(
+    lab_service, start_worker, make_slide, monkeypatch
+):
+    service = Service({**lab_service.env, "BLASTQ_SLIDE_TIME_LIMIT_S": "1"}, lab_service.data_dir)
+    use_service(monkeypatch, service)
+    settings = service.settings()
+    db = connect(settings.database_url.get_secret_value())
+    try:
+        worker = start_worker(service, "--pool", "prefork", "--concurrency", "1")
+        outcome = submit(settings, [make_slide(181, size=2048)], mpp=0.2)  # several seconds of work
+        batch = wait_for_batch(settings, outcome.batch_id, timeout_s=120)
+        job = job_status(db, outcome.jobs[0].job_id)
+        assert (batch.failed, job.state, job.attempts) == (1, "failed", 1), worker.output[-3000:]
+        assert job.error == "stopped after 1 s: longer than BLASTQ_SLIDE_TIME_LIMIT_S (1 s)"
+        assert worker.proc.poll() is None  # the worker goes on
     finally:
         db.dispose()
