@@ -154,11 +154,13 @@ class WorkerState:
 
 class QueueCollector:
     """The gauges read when scraped from the database every worker shares: jobs per state, the oldest
-    queued job's wait, whether the database answered. `db`: an engine, or a callable that makes one
-    (and is disposed after each scrape, so an idle scraper holds no connection)."""
+    queued job's wait, whether the database answered. `db`: an engine, or a callable that makes one: made
+    (and its schema checked) on the first scrape that reaches the database, kept, and disposed after each
+    scrape, so an idle scraper holds no connection (nor hands one to a pool process forked later)."""
 
     def __init__(self, db: Any) -> None:
-        self.db = db
+        self.make = db if callable(db) else None
+        self.db = None if callable(db) else db
 
     def collect(self):
         from datetime import UTC, datetime
@@ -169,12 +171,13 @@ class QueueCollector:
 
         up = GaugeMetricFamily("blastq_database_up", "1 when the database answered this scrape")
         try:
-            db = self.db() if callable(self.db) else self.db
+            if self.db is None:
+                self.db = self.make()
             try:
-                counts, oldest = job_counts(db), oldest_queued_job(db)
+                counts, oldest = job_counts(self.db), oldest_queued_job(self.db)
             finally:
-                if callable(self.db):
-                    db.dispose()
+                if self.make is not None:
+                    self.db.dispose()
         except Exception:  # noqa: BLE001 - a scrape reports the database down, it does not fail
             up.add_metric([], 0)
             yield up

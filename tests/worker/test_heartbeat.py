@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from servicekit import Service, use_service, wait_until
@@ -65,6 +67,19 @@ def test_a_running_job_belongs_to_a_dead_worker_once_it_stops_beating(migrated_d
     assert dead_workers_jobs(db, minute) == []
 
 
+@contextmanager
+def lab_with(lab_service, monkeypatch, **env: str) -> Iterator[tuple[Service, object, object]]:
+    """The lab services with these settings in this process: (service, settings, database engine)."""
+    service = Service({**lab_service.env, **env}, lab_service.data_dir)
+    use_service(monkeypatch, service)
+    settings = service.settings()
+    db = connect(settings.database_url.get_secret_value())
+    try:
+        yield service, settings, db
+    finally:
+        db.dispose()
+
+
 def finish_job_row(db, job_id: str) -> None:
     from sqlalchemy import update
 
@@ -77,11 +92,7 @@ def finish_job_row(db, job_id: str) -> None:
 def test_requeue_sends_a_killed_workers_job_at_once_and_it_completes_once(
     lab_service, start_worker, cli, make_slide, monkeypatch
 ):
-    service = Service({**lab_service.env, "BLASTQ_HEARTBEAT_S": "1"}, lab_service.data_dir)
-    use_service(monkeypatch, service)
-    settings = service.settings()
-    db = connect(settings.database_url.get_secret_value())
-    try:
+    with lab_with(lab_service, monkeypatch, BLASTQ_HEARTBEAT_S="1") as (service, settings, db):
         worker = start_worker(service, "--pool", "prefork", "--concurrency", "1")
         status = wait_until(
             lambda: "workers: 1 alive" in (out := cli("status").output) and out, 30, "a heartbeat"
@@ -110,18 +121,12 @@ def test_requeue_sends_a_killed_workers_job_at_once_and_it_completes_once(
         job = job_status(db, job_id)
         assert (batch.succeeded, job.state, job.attempts) == (1, "succeeded", 2)
         assert cli("requeue").output.endswith("0 job(s) requeued\n")  # nothing left behind
-    finally:
-        db.dispose()
 
 
 def test_a_slide_past_the_time_limit_is_stopped_and_failed_with_the_reason(
     lab_service, start_worker, make_slide, monkeypatch
 ):
-    service = Service({**lab_service.env, "BLASTQ_SLIDE_TIME_LIMIT_S": "1"}, lab_service.data_dir)
-    use_service(monkeypatch, service)
-    settings = service.settings()
-    db = connect(settings.database_url.get_secret_value())
-    try:
+    with lab_with(lab_service, monkeypatch, BLASTQ_SLIDE_TIME_LIMIT_S="1") as (service, settings, db):
         worker = start_worker(service, "--pool", "prefork", "--concurrency", "1")
         outcome = submit(settings, [make_slide(181, size=2048)], mpp=0.2)  # several seconds of work
         batch = wait_for_batch(settings, outcome.batch_id, timeout_s=120)
@@ -129,5 +134,3 @@ def test_a_slide_past_the_time_limit_is_stopped_and_failed_with_the_reason(
         assert (batch.failed, job.state, job.attempts) == (1, "failed", 1), worker.output[-3000:]
         assert job.error == "stopped after 1 s: longer than BLASTQ_SLIDE_TIME_LIMIT_S (1 s)"
         assert worker.proc.poll() is None  # the worker goes on
-    finally:
-        db.dispose()
