@@ -459,6 +459,76 @@ def requeue(older_than_s: float | None, failed_transient: bool) -> None:
     click.echo(f"{len(sent)} job(s) requeued")
 
 
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--older-than",
+    "older_than_h",
+    type=click.FloatRange(0),
+    metavar="HOURS",
+    default=24.0,
+    show_default=True,
+    help="Hours an object no row names must be old to go. Keep it above the longest slide plus "
+    "BLASTQ_TRANSIENT_WAIT_S: a slide's outputs are written before its row. 0 only with every worker stopped.",
+)
+@click.option("--dry-run", is_flag=True, help="Count and list what would go; remove nothing.")
+@click.option("--no-broker", is_flag=True, help="Leave the broker's messages alone; only the store.")
+@click.option("-v", "--verbose", is_flag=True, help="Name every store object removed (or, dry, to remove).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object instead.")
+def gc(older_than_h: float, dry_run: bool, no_broker: bool, verbose: bool, as_json: bool) -> None:
+    """Remove what no row needs any more: store objects no job, result, model or training run names,
+    writes a killed process left half-done, and broker messages of finished jobs (and the embedded
+    broker's delivered ones, which it otherwise keeps forever).
+
+    \b
+    Results, their cells, inputs of existing jobs and registered models are never removed; neither is
+    anything in the store outside blastq's folders (inputs/, slides/, models/, training/, doctor/).
+    Safe to run while workers run (from cron, say):
+      blastq gc --dry-run -v
+      blastq gc
+    """
+    from datetime import timedelta
+
+    from blastq.core.adapters import load_settings
+    from blastq.worker.gc import collect_garbage
+
+    settings = load_settings()
+    report = collect_garbage(
+        settings, grace=timedelta(hours=older_than_h), dry_run=dry_run, broker=not no_broker
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    verb = "would remove" if dry_run else "removed"
+    if verbose:
+        for obj in report.orphans:
+            click.echo(f"{verb} {obj.key} ({obj.size} bytes, written {obj.modified:%Y-%m-%d %H:%M} UTC)")
+    click.echo(
+        f"store {report.store_url}: {report.objects} object(s) in blastq's folders; "
+        f"{verb} {len(report.orphans)} no row names ({_size(report.orphan_bytes)})"
+        + (f"; kept {report.young_orphans} younger than {older_than_h:g} h" if report.young_orphans else "")
+        + (f"; left alone {report.outside} outside its folders" if report.outside else "")
+    )
+    click.echo(f"abandoned writes: {verb} {report.abandoned_writes}")
+    broker = report.broker
+    if broker is None:
+        return
+    if not broker.looked:
+        click.echo(f"broker ({broker.kind}): not looked into (gc knows the embedded broker and Redis)")
+        return
+    click.echo(
+        f"broker ({broker.kind}): {verb} {broker.finished} message(s) of finished jobs"
+        + (f", {broker.delivered} delivered message(s)" if broker.kind == "embedded" else "")
+    )
+
+
+def _size(n: float) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB")
+    step = 0
+    while n >= 1024 and step < len(units) - 1:
+        n, step = n / 1024, step + 1
+    return f"{n:.0f} bytes" if step == 0 else f"{n:.1f} {units[step]}"
+
+
 @click.group(context_settings=CONTEXT)
 def db() -> None:
     """The database schema."""
@@ -608,5 +678,5 @@ def doctor(as_json: bool, only: str | None, gpu: bool, timeout_s: float, min_fre
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `blastq` group."""
-    for command in (submit, worker, status, results, requeue, db, watch, doctor):
+    for command in (submit, worker, status, results, requeue, gc, db, watch, doctor):
         main.add_command(command)

@@ -91,6 +91,11 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "set_user",
             "ROLES",
             "watched_files",
+            "STORE_FOLDERS",
+            "StoreReferences",
+            "open_job_ids",
+            "open_training_run_ids",
+            "store_references",
         ),
         "registry": (
             "DEFAULT_METRIC",
@@ -115,6 +120,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
         "store": (
             "ObjectStore",
             "S3Store",
+            "StoredObject",
             "slide_prefix",
             "store_from_settings",
         ),

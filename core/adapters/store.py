@@ -14,11 +14,14 @@ import hashlib
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 from blastq.core.common import (
+    PART_SUFFIX,
     InvalidConfig,
     StoreUnavailable,
     atomic_path,
@@ -44,6 +47,16 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    # Retention (`blastq gc`): what is stored and since when, and writes a killed process left behind.
+    def objects(self, prefix: str = "") -> list[StoredObject]: ...
+    def clear_abandoned_writes(self, before: datetime, *, dry_run: bool = False) -> int: ...
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int  # bytes
+    modified: datetime  # UTC: when it was last written
 
 
 def _check_key(key: str) -> str:
@@ -126,6 +139,36 @@ class FileStore:
             raise StoreUnavailable(
                 f"cannot list {prefix or '/'} in {self.url}: {exc.strerror or exc}"
             ) from exc
+
+    def objects(self, prefix: str = "") -> list[StoredObject]:
+        """The objects under the folder `prefix`, with their sizes and modification times, sorted by key."""
+        found = []
+        for key in self.list(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot read {key} in {self.url}: {exc.strerror or exc}") from exc
+            found.append(StoredObject(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
+        return found
+
+    def clear_abandoned_writes(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Remove the temporary files of writes begun before `before` (a process killed mid-write leaves
+        one); returns how many there were."""
+        cutoff = before.timestamp()
+        count = 0
+        try:
+            for path in self.root.rglob(f".*{PART_SUFFIX}"):
+                if is_part_file(path.name) and path.is_file() and path.stat().st_mtime < cutoff:
+                    count += 1
+                    if not dry_run:
+                        path.unlink(missing_ok=True)
+        except FileNotFoundError:  # the root (or a file) went meanwhile: nothing more to clear there
+            pass
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot clear old writes in {self.url}: {exc.strerror or exc}") from exc
+        return count
 
 
 def _copy_into(source: Path, path: Path, key: str, url: str) -> None:
@@ -417,6 +460,51 @@ class S3Store:
         return sorted(
             n[len(root) :] for n in self._call(f"list {prefix or '/'} in", names) if not n.endswith("/")
         )
+
+    def objects(self, prefix: str = "") -> list[StoredObject]:
+        """The objects under the folder `prefix`, with their sizes and modification times, sorted by key."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        search = f"{root}{_check_prefix(prefix)}/" if _check_prefix(prefix) else root
+
+        def listed() -> list[dict[str, Any]]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=search)
+            return [obj for page in pages for obj in page.get("Contents", [])]
+
+        return sorted(
+            (
+                StoredObject(o["Key"][len(root) :], int(o["Size"]), o["LastModified"].astimezone(UTC))
+                for o in self._call(f"list {prefix or '/'} in", listed)
+                if not o["Key"].endswith("/")
+            ),
+            key=lambda o: o.key,
+        )
+
+    def clear_abandoned_writes(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Abort the multipart uploads begun before `before` under this store's prefix (a process killed
+        while uploading a large file leaves one, and the server keeps its parts); returns how many."""
+        search = f"{self.prefix}/" if self.prefix else ""
+
+        def uploads() -> list[dict[str, Any]]:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=search
+            )
+            return [u for page in pages for u in page.get("Uploads", [])]
+
+        def abort(upload: dict[str, Any]) -> None:
+            from botocore.exceptions import ClientError
+
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+            except ClientError as exc:
+                if _code(exc) != "NoSuchUpload":  # aborted or completed meanwhile: fine
+                    raise
+
+        old = [u for u in self._call("list the uploads in", uploads) if u["Initiated"] < before]
+        for upload in [] if dry_run else old:
+            self._call("abort an upload in", lambda u=upload: abort(u))
+        return len(old)
 
 
 def _code(exc: Any) -> str:

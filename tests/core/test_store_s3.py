@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from services import S3Server
@@ -155,6 +156,56 @@ def test_list_returns_the_keys_under_a_folder_sorted(store):
         store.list("slides") + ["slides-old/x"]
     )  # 'slides' is a folder, not a string prefix
     assert store.list("nothing/here") == []
+
+
+def test_objects_give_each_keys_size_and_when_it_was_written(store):
+    before = datetime.now(UTC) - timedelta(seconds=2)  # the server's clock may lag ours a little
+    store.put("slides/s1/v1/mask.png", b"12345")
+    store.put("slides/s1/v1/cells.csv", b"")
+    store.put("inputs/a.png", b"xy")
+    after = datetime.now(UTC) + timedelta(seconds=2)
+    objects = store.objects("slides")
+    assert [(o.key, o.size) for o in objects] == [("slides/s1/v1/cells.csv", 0), ("slides/s1/v1/mask.png", 5)]
+    assert all(before <= o.modified <= after and o.modified.tzinfo is not None for o in objects)
+    assert [o.key for o in store.objects()] == store.list()
+    assert store.objects("nothing/here") == []
+
+
+def test_a_half_written_file_is_cleared_only_once_older_than_asked(tmp_path):
+    store = FileStore(tmp_path / "store")
+    store.put("slides/s1/mask.png", b"done")
+    folder = tmp_path / "store" / "slides" / "s1"
+    old, young = folder / ".cells.csv.k1.part", folder / ".summary.json.k2.part"  # as atomic_path names them
+    old.write_bytes(b"half")
+    young.write_bytes(b"half")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    cutoff = datetime.now(UTC) - timedelta(minutes=30)
+    assert store.clear_abandoned_writes(cutoff, dry_run=True) == 1
+    assert old.exists()
+    assert store.clear_abandoned_writes(cutoff) == 1
+    assert not old.exists() and young.exists()
+    assert store.get("slides/s1/mask.png") == b"done"
+    assert FileStore(tmp_path / "never-made").clear_abandoned_writes(cutoff) == 0
+
+
+def test_an_unfinished_multipart_upload_is_aborted_only_once_older_than_asked(s3_store):
+    client, name = s3_store.client, f"{s3_store.prefix}/inputs/big.tiff"
+    upload = client.create_multipart_upload(Bucket=s3_store.bucket, Key=name)["UploadId"]
+    client.upload_part(Bucket=s3_store.bucket, Key=name, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    other = client.create_multipart_upload(Bucket=s3_store.bucket, Key="elsewhere/big.tiff")["UploadId"]
+
+    def open_uploads() -> set[str]:
+        return {u["UploadId"] for u in client.list_multipart_uploads(Bucket=s3_store.bucket).get("Uploads", [])}
+
+    # A cutoff before any upload began keeps them all (moto reports one fixed initiation time, in 2010,
+    # for every upload, so a cutoff between "an hour ago" and now cannot be told apart here).
+    assert s3_store.clear_abandoned_writes(datetime(2001, 1, 1, tzinfo=UTC)) == 0
+    assert s3_store.clear_abandoned_writes(datetime.now(UTC) + timedelta(minutes=1), dry_run=True) == 1
+    assert open_uploads() == {upload, other}
+    assert s3_store.clear_abandoned_writes(datetime.now(UTC) + timedelta(minutes=1)) == 1
+    assert open_uploads() == {other}  # outside the store's prefix: not its upload
+    assert not s3_store.exists("inputs/big.tiff")
 
 
 def test_delete_removes_the_object_and_deleting_again_is_harmless(store):

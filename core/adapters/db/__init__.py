@@ -11,6 +11,7 @@
     review     the review station: reclassified cells, completion, sign-off, amendments, the audit trail
     users      its local accounts and roles
     workers    the heartbeats of the processes that take jobs, and the jobs dead ones left running
+    retention  the store keys and folders rows name, and the jobs and runs still open (`blastq gc`)
 
 A result is keyed by (slide sha256, model version, result key; core.pipeline.resultkey): recording the same
 slide again replaces its row and its cells, never duplicates them. A job is a row before it is a message:
@@ -78,6 +79,13 @@ from blastq.core.adapters.db.results import (
     list_results,
     list_samples,
     record_result,
+)
+from blastq.core.adapters.db.retention import (
+    STORE_FOLDERS,
+    StoreReferences,
+    open_job_ids,
+    open_training_run_ids,
+    store_references,
 )
 from blastq.core.adapters.db.review import (
     SAMPLE_STATES,
@@ -181,6 +189,11 @@ __all__ = [
     "ReviewState",
     "ReviewedCell",
     "SAMPLE_STATES",
+    "STORE_FOLDERS",
+    "StoreReferences",
+    "open_job_ids",
+    "open_training_run_ids",
+    "store_references",
     "SampleResultRow",
     "SampleReview",
     "SampleRow",
