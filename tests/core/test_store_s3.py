@@ -196,7 +196,9 @@ def test_an_unfinished_multipart_upload_is_aborted_only_once_older_than_asked(s3
     other = client.create_multipart_upload(Bucket=s3_store.bucket, Key="elsewhere/big.tiff")["UploadId"]
 
     def open_uploads() -> set[str]:
-        return {u["UploadId"] for u in client.list_multipart_uploads(Bucket=s3_store.bucket).get("Uploads", [])}
+        return {
+            u["UploadId"] for u in client.list_multipart_uploads(Bucket=s3_store.bucket).get("Uploads", [])
+        }
 
     # A cutoff before any upload began keeps them all (moto reports one fixed initiation time, in 2010,
     # for every upload, so a cutoff between "an hour ago" and now cannot be told apart here).
