@@ -337,9 +337,7 @@ def _named_file(found: _Found, kind: str) -> tuple[Path, str, str]:
 def _engine(found: _Found) -> str:
     import numpy as np
 
-    from blastq.core.pipeline import prepare_image
-    from blastq.core.segment import N_CLASSES, load_engine, to_model_input
-    from blastq.core.synth import generate_field
+    from blastq.core.segment import N_CLASSES, load_engine, probe_batch
 
     settings = found.settings
     found.needs("model")
@@ -352,9 +350,8 @@ def _engine(found: _Found) -> str:
             model, kind=settings.engine, device=settings.device, cache_dir=settings.engine_cache_dir
         )
     reference, _ = load_engine(model, kind="torch", device="cpu")
-    side = 256  # a synthetic smear tile at the model's scale, preprocessed as every slide is
-    smear = generate_field(20_261_207, side, side, mpp=info.mpp, blast_fraction=0.3)
-    batch = to_model_input(prepare_image(smear.image, info.mpp, info)[None])
+    batch = probe_batch()  # a synthetic smear field with white cells, prepared as every slide is
+    side = batch.shape[-1]
     start = time.monotonic()
     got = np.asarray(engine.infer(batch), np.float32)
     seconds = time.monotonic() - start

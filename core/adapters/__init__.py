@@ -16,6 +16,8 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "BatchStatus",
             "ResultInfo",
             "ResultRow",
+            "CellRow",
+            "JobRow",
             "add_to_sample",
             "batch_jobs",
             "batch_status",

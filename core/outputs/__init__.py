@@ -10,6 +10,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
     __name__,
     {
         "artifacts": (
+            "ARTIFACT_NAMES",
             "Artifact",
             "COLOUR_BLAST",
             "COLOUR_WHITE_CELL",

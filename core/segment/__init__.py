@@ -24,6 +24,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "planned_precision",
             "load_engine",
             "median_infer_seconds",
+            "probe_batch",
             "tensorrt_available",
         ),
         "quantize": ("quantize_int8",),
