@@ -441,9 +441,11 @@ def requeue(older_than_s: float | None, failed_transient: bool) -> None:
     database rebuilds the broker's queue).
 
     A worker is dead when its heartbeat stopped (no beat for 3 x BLASTQ_HEARTBEAT_S + 5 s): its running
-    jobs are sent at once. Otherwise a job is sent when its row has not changed for --older-than
-    seconds; a job still being processed when it is sent again runs twice (its result is recorded
-    once): keep --older-than above the longest slide unless the workers are stopped.
+    jobs are sent at once. So is a queued job whose message waits in no queue of the broker (Redis or the
+    embedded one) for that long: a worker took it and died before starting it, or the broker lost it.
+    Otherwise a job is sent when its row has not changed for --older-than seconds; a job still being
+    processed when it is sent again runs twice (its result is recorded once): keep --older-than above
+    the longest slide unless the workers are stopped.
     """
     from blastq.core.adapters import load_settings
     from blastq.worker.submit import requeue as requeue_jobs

@@ -21,6 +21,7 @@ from kombu import Queue
 from kombu.transport import sqlalchemy as sqla_transport
 
 from blastq.core.adapters import REGISTRY_MODEL, Settings
+from blastq.core.common import pid_running
 from blastq.worker.resources import WorkerResources
 from blastq.worker.retry import worker_name
 
@@ -171,21 +172,11 @@ def _announced_workers(folder: Path) -> list[tuple[str, list[str]]]:
             host, pid, queues = str(entry["host"]), int(entry["pid"]), list(entry["queues"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written, or not ours
-        if host == socket.gethostname() and not _alive(pid):
+        if host == socket.gethostname() and not pid_running(pid):
             marker.unlink(missing_ok=True)  # a worker killed before it could remove its marker
             continue
         found.append((f"blastq-{pid}@{host}", queues))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _load_in_child(**_) -> None:

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,12 +29,8 @@ from blastq.core.adapters import (
     store_from_settings,
     store_references,
 )
-from blastq.worker.celery_app import QUEUES
+from blastq.worker.messages import broker_kind, delivered_messages, remove_waiting, waiting_messages
 from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
-
-# Kombu's Redis transport keeps a message of priority p > 0 in the list `<queue>\x06\x16<p>`.
-_REDIS_PRIORITY_SEP = "\x06\x16"
-_REDIS_PRIORITIES = (3, 6, 9)
 
 
 @dataclass
@@ -123,89 +117,21 @@ def collect_garbage(
     return report
 
 
-def message_target(payload: str | bytes) -> tuple[str, str] | None:
-    """(task name, job or run id) of a Celery message as kombu stores it; None if it is not one of ours."""
-    try:
-        message = json.loads(payload)
-        task = message["headers"]["task"]
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    if task not in (PROCESS_SLIDE, TRAIN_MODEL) or not args or not isinstance(args[0], str):
-        return None
-    return task, args[0]
-
-
-def _finished(db, targets: list[tuple[str, str] | None]) -> list[bool]:
-    """For each message target: whether its job or run is finished or unknown (None: not ours, kept)."""
-    jobs = open_job_ids(db, [t[1] for t in targets if t and t[0] == PROCESS_SLIDE])
-    runs = open_training_run_ids(db, [t[1] for t in targets if t and t[0] == TRAIN_MODEL])
-    return [t is not None and t[1] not in (jobs if t[0] == PROCESS_SLIDE else runs) for t in targets]
-
-
 def _broker_garbage(settings: Settings, db, dry_run: bool) -> BrokerGarbage:
-    url = settings.broker_url.get_secret_value()
-    if url.startswith("sqla+"):
-        return _embedded_garbage(url.removeprefix("sqla+"), db, dry_run)
-    if url.startswith(("redis://", "rediss://")):
-        return _redis_garbage(url, db, dry_run)
-    return BrokerGarbage(url.split(":", 1)[0], looked=False)
-
-
-def _embedded_garbage(url: str, db, dry_run: bool) -> BrokerGarbage:
-    from sqlalchemy import MetaData, Table, create_engine, func, inspect, select
-    from sqlalchemy.pool import NullPool
-
-    found = BrokerGarbage("embedded")
-    options = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    engine = create_engine(url, poolclass=NullPool, **options)
-    try:
-        if not inspect(engine).has_table("kombu_message"):
-            return found  # no message was ever sent through it
-        messages = Table("kombu_message", MetaData(), autoload_with=engine)
-        delivered = messages.c.visible.is_(False)
-        with engine.begin() as conn:
-            waiting = conn.execute(
-                select(messages.c.id, messages.c.payload).where(messages.c.visible.is_(True))
-            )
-            waiting = list(waiting)
-            finished = [
-                row.id
-                for row, done in zip(
-                    waiting, _finished(db, [message_target(r.payload) for r in waiting]), strict=True
-                )
-                if done
-            ]
-            found.delivered = conn.execute(select(func.count()).where(delivered)).scalar_one()
-            found.finished = len(finished)
-            if not dry_run:
-                conn.execute(messages.delete().where(delivered))
-                for start in range(0, len(finished), 500):
-                    chunk = finished[start : start + 500]
-                    conn.execute(messages.delete().where(messages.c.id.in_(chunk)))
-    finally:
-        engine.dispose()
-    return found
-
-
-def _redis_garbage(url: str, db, dry_run: bool) -> BrokerGarbage:
-    import redis
-
-    found = BrokerGarbage("redis")
-    client = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=30)
-    try:
-        for queue in QUEUES:
-            for name in (queue, *(f"{queue}{_REDIS_PRIORITY_SEP}{p}" for p in _REDIS_PRIORITIES)):
-                waiting = client.lrange(name, 0, -1)
-                for payload, done in zip(
-                    waiting, _finished(db, [message_target(p) for p in waiting]), strict=True
-                ):
-                    if done:
-                        # One copy, by value: a worker may have taken it meanwhile (then nothing goes).
-                        found.finished += 1 if dry_run else client.lrem(name, 1, payload)
-    finally:
-        client.close()
+    found = BrokerGarbage(broker_kind(settings))
+    waiting = waiting_messages(settings)
+    if waiting is None:
+        found.looked = False
+        return found
+    slides = open_job_ids(db, [m.target[1] for m in waiting if m.target and m.target[0] == PROCESS_SLIDE])
+    runs = open_training_run_ids(
+        db, [m.target[1] for m in waiting if m.target and m.target[0] == TRAIN_MODEL]
+    )
+    finished = [
+        m
+        for m in waiting
+        if m.target is not None and m.target[1] not in (slides if m.target[0] == PROCESS_SLIDE else runs)
+    ]
+    found.finished = len(finished) if dry_run else remove_waiting(settings, finished)
+    found.delivered = delivered_messages(settings, remove=not dry_run)
     return found

@@ -47,6 +47,7 @@ from blastq.core.pipeline import (
 )
 from blastq.core.segment import UNet, default_model_path
 from blastq.worker.celery_app import SLIDES_QUEUE, TRAIN_QUEUE, BlastqCelery, make_app, workers_on_queue
+from blastq.worker.messages import waiting_messages
 from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 
 if TYPE_CHECKING:
@@ -290,39 +291,64 @@ def requeue(
     failed_transient: bool = False,
     app: BlastqCelery | None = None,
 ) -> list[Requeued]:
-    """Send again the jobs a dead worker left running, and those queued or running whose row has not
-    changed for `older_than_s` seconds.
+    """Send again the jobs a dead worker left running, the queued jobs whose message waits in no queue, and
+    those queued or running whose row has not changed for `older_than_s` seconds.
 
     A worker is dead when its heartbeat is older than settings.worker_dead_after_s (or it stopped): its
-    running jobs go at once, whatever their age. The database is the truth: this also rebuilds a broker
-    that lost its messages. Each job's updated_at is bumped first, so it is not sent again until it has
-    been stale that long once more, and two requeues at once send it once. A job still being processed
-    would be run twice (with one result): choose `older_than_s` above the longest slide for running jobs.
-    With `failed_transient`, also the jobs failed because the database or the store stayed away too long.
+    running jobs go at once, whatever their age. A queued job unchanged for that long whose message waits
+    in no queue of the broker went with a worker that took it and died before starting it (Redis keeps such
+    a message unacknowledged for BLASTQ_VISIBILITY_TIMEOUT_S; the embedded broker loses it), or with a
+    broker that lost it: it goes at once too. Where the broker can be read (Redis, the embedded one), a job
+    whose message already waits is not sent again: it is in the queue, behind the others. The database is
+    the truth: this also rebuilds a broker that lost its messages. Each job's updated_at is bumped first,
+    so it is not sent again until it has been stale that long once more, and two requeues at once send it
+    once. A job still being processed would be run twice (with one result): choose `older_than_s` above
+    the longest slide for running jobs. With `failed_transient`, also the jobs failed because the database
+    or the store stayed away too long.
     """
     own_app = app is None
     app = make_app(settings) if own_app else app
     db = connect(settings.database_url.get_secret_value())
     sent: list[Requeued] = []
+    # Read before the jobs: a job submitted meanwhile is then too new to be taken for one without a message.
+    waiting = _jobs_waiting(settings)
+
+    def send(job, why: str | None = None) -> None:
+        if job.id in {r.job_id for r in sent} or (waiting is not None and job.id in waiting):
+            return
+        if touch_job(db, job):
+            send_job(app, job.id)
+            sent.append(Requeued(job.id, why))
+
     try:
         for job, worker in dead_workers_jobs(db, timedelta(seconds=settings.worker_dead_after_s)):
-            if touch_job(db, job):
-                send_job(app, job.id)
-                sent.append(Requeued(job.id, f"its worker {worker.name} {_silence(worker)}"))
+            send(job, f"its worker {worker.name} {_silence(worker)}")
         if failed_transient:
             for job in reopen_transient_failures(db):
                 send_job(app, job.id)
                 sent.append(Requeued(job.id, f"it failed: {job.error}"))
-        done = {r.job_id for r in sent}
+        if waiting is not None:
+            for job in stale_jobs(db, timedelta(seconds=settings.worker_dead_after_s)):
+                if job.state == "queued":
+                    send(job, NO_MESSAGE)
         for job in stale_jobs(db, timedelta(seconds=older_than_s)):
-            if job.id not in done and touch_job(db, job):
-                send_job(app, job.id)
-                sent.append(Requeued(job.id))
+            send(job)
     finally:
         db.dispose()
         if own_app:
             app.close()
     return sent
+
+
+NO_MESSAGE = "queued, but its message is in no queue (a worker took it and died, or the broker lost it)"
+
+
+def _jobs_waiting(settings: Settings) -> set[str] | None:
+    """The jobs with a message waiting in the slides queue; None when the broker cannot be read."""
+    waiting = waiting_messages(settings)
+    if waiting is None:
+        return None
+    return {m.target[1] for m in waiting if m.target is not None and m.target[0] == PROCESS_SLIDE}
 
 
 def _silence(worker) -> str:

@@ -1,5 +1,5 @@
 """common: what every room shares: the error hierarchy (errors), files written whole with their sha256
-(files), and the seconds each stage of a slide took (timing)."""
+(files), whether a process still runs (processes), and the seconds each stage of a slide took (timing)."""
 
 from blastq.core import room_api
 
@@ -23,6 +23,7 @@ __all__, __getattr__, __dir__, _PUBLIC = room_api(
             "TransientError",
         ),
         "files": ("PART_SUFFIX", "atomic_path", "atomic_write", "file_sha256", "is_part_file"),
+        "processes": ("pid_running",),
         "timing": ("STAGES", "StageTimes", "current_times", "recording", "stage", "timed"),
     },
 )

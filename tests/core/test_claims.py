@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 from blastq.core.adapters.db import beat, claim_job, create_batch, create_job, job_status, stop_beating
 
@@ -80,3 +82,43 @@ def test_without_heartbeats_every_claim_is_an_attempt(migrated_db):
     assert [claim_job(migrated_db, job, me, 2).attempts for _ in range(2)] == [1, 2]
     assert claim_job(migrated_db, job, me, 2) is None
     assert job_status(migrated_db, job).state == "failed"
+
+
+def test_a_holder_here_orphaned_by_its_killed_worker_is_dead_and_one_that_only_went_quiet_is_not(migrated_db):
+    """A pool process whose worker was SIGKILLed is re-parented and never reports back: its job must not
+    wait for it (seen in the soak: a slide held 100 s). One still under its worker is alive even when its
+    heartbeat is old, as after a database outage that kept it from being written."""
+    me = f"{HERE}/{os.getpid()}"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with subprocess.Popen(sleeper) as quiet, subprocess.Popen(sleeper) as orphan:
+        try:
+            for child, parent in ((quiet, me), (orphan, f"{HERE}/{dead_pid()}")):  # orphan: its worker died
+                beat(migrated_db, f"{HERE}/{child.pid}", host=HERE, pid=child.pid, queues="slides", version="x",
+                     parent=parent)  # fmt: skip
+            held = {child: new_job(migrated_db) for child in (quiet, orphan)}
+            for child, job in held.items():
+                claim_job(migrated_db, job, f"{HERE}/{child.pid}", 3, MINUTE)
+            every_beat_old = timedelta(0)
+            assert claim_job(migrated_db, held[quiet], me, 3, every_beat_old) is None  # still our child
+            taken = claim_job(migrated_db, held[orphan], me, 3, MINUTE)
+            assert (taken.attempts, taken.worker) == (2, me)
+        finally:
+            quiet.kill()
+            orphan.kill()
+
+
+def test_a_zombie_holder_is_dead_though_its_pid_exists(migrated_db):
+    job = new_job(migrated_db)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, and is not waited for yet
+    try:
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        os.kill(zombie.pid, 0)  # the pid still exists
+        claim_job(migrated_db, job, f"{HERE}/{zombie.pid}", 3, MINUTE)  # no heartbeat row: the pid decides
+        taken = claim_job(migrated_db, job, f"{HERE}/{os.getpid()}", 3, MINUTE)
+        assert (taken.attempts, taken.worker) == (2, f"{HERE}/{os.getpid()}")
+    finally:
+        zombie.wait()

@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from faults import free_port
 from servicekit import Service, pg_schema, use_service
 
 from blastq.worker import doctor
@@ -190,12 +191,6 @@ def with_a_bad_model(tmp_path, monkeypatch):
     env = {"BLASTQ_DATA_DIR": str(tmp_path / "d"), "BLASTQ_MODEL": str(bad)}
     use_service(monkeypatch, Service(env, tmp_path / "d"))
     return bad
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text, update
 from blastq.core.adapters import connect, store_from_settings
 from blastq.core.adapters.db.schema import jobs_table
 from blastq.worker.celery_app import SLIDES_QUEUE, make_app
-from blastq.worker.gc import message_target
+from blastq.worker.messages import message_target
 from blastq.worker.tasks import PROCESS_SLIDE
 
 

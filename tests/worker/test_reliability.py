@@ -12,20 +12,18 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import redis
+from faults import PrivateRedis, TcpProxy
 from servicekit import (
     Service,
     WorkerProcess,
@@ -62,145 +60,6 @@ SUCCEEDED_LINE = re.compile(r"job ([0-9a-f-]{36}): .* succeeded \(result \d+\)")
 
 
 # --- faults -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TcpProxy:
-    """A TCP forwarder from a loopback port to `target`, to cut a service off from a worker.
-
-    While `cut()` lasts, the port is closed (connections are refused) and the open connections are
-    dropped, as when the server goes away; afterwards the same port forwards again.
-    """
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.port = 0
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._stop = threading.Event()
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self.open()
-
-    def open(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        listener.settimeout(0.1)  # the accept loop looks at the stop flag this often
-        self.port = listener.getsockname()[1]
-        self._stop.clear()
-        self._listener = listener
-        self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._listener is not None:
-            self._listener.close()
-        self._listener = self._thread = None
-        with self._lock:
-            dropped, self._connections = self._connections, set()
-        for conn in dropped:
-            with suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # wakes its pump, which closes it
-
-    @contextmanager
-    def cut(self) -> Iterator[None]:
-        self.close()
-        try:
-            yield
-        finally:
-            self.open()
-
-    def __enter__(self) -> TcpProxy:
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            with self._lock:
-                self._connections |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            with suppress(OSError):  # either side closing ends the pump
-                while data := src.recv(65536):
-                    dst.sendall(data)
-        finally:
-            for s in (src, dst):
-                with suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            src.close()
-            with self._lock:
-                self._connections.discard(src)
-
-
-class PrivateRedis:
-    """A redis-server of this test's own that keeps nothing on disk, to kill and start again."""
-
-    def __init__(self, folder: Path):
-        self.exe = shutil.which("redis-server")
-        if self.exe is None:
-            missing_service("redis-server is not installed")
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.client = redis.Redis(port=self.port, socket_connect_timeout=2)
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        with (self.folder / "redis.log").open("a") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--daemonize", "no", "--dir", str(self.folder)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-        def answers() -> bool:
-            if self.proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.proc.returncode}")
-            with suppress(redis.RedisError):
-                return self.client.ping()
-            return False
-
-        wait_until(answers, 20, "the private redis-server to answer")
-
-    def crash(self) -> None:
-        """SIGKILL, as a machine that loses power: whatever it held is gone."""
-        self.proc.kill()
-        self.proc.wait()
-        self.client.connection_pool.disconnect()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.crash()
-        self.client.close()
 
 
 # --- deployments and workers ----------------------------------------------------------------------
@@ -489,7 +348,10 @@ def test_a_store_away_longer_than_the_former_retry_window_is_waited_out(cut_off,
 def test_jobs_queued_when_the_broker_restarts_are_recovered_by_requeue_and_run_once(
     lab_service, make_slide, cli, tmp_path, monkeypatch
 ):
-    broker = PrivateRedis(tmp_path)
+    try:
+        broker = PrivateRedis(tmp_path)
+    except FileNotFoundError as exc:
+        missing_service(str(exc))
     try:
         with pg_schema() as db_url:  # a database of its own: requeue sends every stale job in it
             upgrade(db_url)

@@ -11,17 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from faults import free_port
 from servicekit import Service, WorkerProcess, use_service, wait_until
 
 from blastq.core.common import STAGES, recording
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, str]:

@@ -9,7 +9,6 @@ succeeded row stays succeeded: a late duplicate's failure does not undo it."""
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import timedelta
 
@@ -21,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from blastq.core.adapters.db.engine import as_utc, reachable, utcnow
 from blastq.core.adapters.db.schema import MAX_ERROR_CHARS, workers_table
-from blastq.core.common import InvalidConfig, NotFound
+from blastq.core.common import InvalidConfig, NotFound, pid_running
 
 
 def claim_row(
@@ -76,21 +75,24 @@ def claim_row(
 
 
 def holder_alive(conn: Connection, name: str, alive_after: timedelta) -> bool:
-    """Whether the process `name` (hostname/pid, as a claim records it) is alive: on this machine, its
-    process exists; elsewhere, its heartbeat is at most `alive_after` old and it has not stopped."""
+    """Whether the process `name` (hostname/pid, as a claim records it) is alive. On this machine the process
+    table says, at once and through a database outage that kept heartbeats from being written: it runs, is
+    not a zombie, and is still the child of the worker that started it (a pool process orphaned by its
+    killed worker never reports back); a process that stopped cleanly is dead. Elsewhere its heartbeat is at
+    most `alive_after` old and it has not stopped."""
+    row = conn.execute(
+        select(workers_table.c.heartbeat_at, workers_table.c.stopped_at, workers_table.c.parent).where(
+            workers_table.c.name == name
+        )
+    ).first()
+    if row is not None and row.stopped_at is not None:
+        return False
     host, _, pid = name.rpartition("/")
     if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's process: alive
-            return True
-        return True
-    row = conn.execute(
-        select(workers_table.c.heartbeat_at, workers_table.c.stopped_at).where(workers_table.c.name == name)
-    ).first()
-    return row is not None and row.stopped_at is None and as_utc(row.heartbeat_at) >= utcnow() - alive_after
+        parent_host, _, parent_pid = (row.parent or "").rpartition("/") if row is not None else ("", "", "")
+        here = parent_host == host and parent_pid.isdigit()
+        return pid_running(int(pid), int(parent_pid) if here else None)
+    return row is not None and as_utc(row.heartbeat_at) >= utcnow() - alive_after
 
 
 def finish_row(engine: Engine, table, row_id: str, what: str, **values) -> None:
