@@ -34,6 +34,7 @@ POOLS = ("prefork", "solo")
 # (blastq run: 5.1 s with its model loading), 0.7 s at 0.1 s. Each poll is one short SQLite
 # transaction: an idle worker costs 0.3% of a core at 1 s, 2.6% at 0.1 s, 5.6% at 0.05 s.
 EMBEDDED_POLL_S = 0.1
+PROCESS_START_TIMEOUT_S = 900.0  # as `blastq doctor`'s engine check: an engine may be built first
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ def make_app(settings: Settings) -> BlastqCelery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A new pool process loads its model, classifier and engine (worker_process_init) before it says it
+        # is up: 2-7 s on 2 CPU cores, minutes for a first TensorRT build. Celery's default, 4 s, killed
+        # such processes one after another on a loaded machine (a worker stuck for 100 s in the soak,
+        # benchmarks/soak.py, replacing a killed pool process 24 times).
+        worker_proc_alive_timeout=PROCESS_START_TIMEOUT_S,
         task_queues=[Queue(name, routing_key=name) for name in QUEUES],
         task_default_queue=SLIDES_QUEUE,
         task_create_missing_queues=False,

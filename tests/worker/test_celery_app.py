@@ -24,6 +24,9 @@ def test_the_app_is_json_only_late_acking_one_message_at_a_time(tmp_path):
     assert conf.broker_transport_options["visibility_timeout"] == 3600
     assert conf.broker_connection_retry_on_startup
     assert not conf.result_backend and conf.task_ignore_result
+    # A pool process loads its engine before it reports up (2-7 s on 2 cores): Celery's 4 s default
+    # killed new pool processes one after another on a loaded machine (the soak).
+    assert conf.worker_proc_alive_timeout >= 600
 
 
 def test_the_task_has_its_explicit_name_and_policy(tmp_path):
