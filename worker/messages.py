@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from blastq.core.adapters import Settings
@@ -23,6 +24,7 @@ from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 # Kombu's Redis transport keeps a message of priority p > 0 in the list `<queue>\x06\x16<p>`.
 _REDIS_PRIORITY_SEP = "\x06\x16"
 _REDIS_PRIORITIES = (3, 6, 9)
+_REDIS_UNACKED = "unacked"  # kombu's hash of the messages workers took and have not acknowledged
 _IN_CHUNKS = 500  # ids per DELETE ... IN (...)
 
 
@@ -34,20 +36,40 @@ class Waiting:
     target: tuple[str, str] | None  # (task name, job or run id)
 
 
-def message_target(payload: str | bytes) -> tuple[str, str] | None:
+def message_target(payload: str | bytes | dict) -> tuple[str, str] | None:
     """(task name, job or run id) of a Celery message as kombu stores it; None if it is not one of ours."""
+    message = _message(payload)
     try:
-        message = json.loads(payload)
         task = message["headers"]["task"]
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
     if task not in (PROCESS_SLIDE, TRAIN_MODEL) or not args or not isinstance(args[0], str):
         return None
     return task, args[0]
+
+
+def _message(payload: str | bytes | dict) -> dict | None:
+    if isinstance(payload, dict):
+        return payload
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _eta(payload: str | bytes | dict) -> datetime | None:
+    """When a message is to run (a retry's countdown), UTC; None when at once."""
+    message = _message(payload)
+    try:
+        eta = datetime.fromisoformat(message["headers"]["eta"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return eta if eta.tzinfo else eta.replace(tzinfo=UTC)
 
 
 def broker_kind(settings: Settings) -> str:
@@ -80,6 +102,35 @@ def waiting_messages(settings: Settings) -> list[Waiting] | None:
                 for payload in client.lrange(name, 0, -1)
             ]
     return None
+
+
+def held_for_later(settings: Settings) -> set[tuple[str, str]] | None:
+    """Targets of the messages a worker has taken and holds until their ETA, still ahead: a retry's
+    countdown (Celery keeps it in the worker, unacknowledged, not in the queue). None for a broker that
+    cannot be read. Redis: its hash of unacknowledged messages; the embedded broker: its delivered rows."""
+    kind = broker_kind(settings)
+    if kind == "embedded":
+        with _embedded(settings) as (engine, table):
+            if table is None:
+                return set()
+            from sqlalchemy import select
+
+            with engine.connect() as conn:
+                held = list(conn.execute(select(table.c.payload).where(table.c.visible.is_(False))).scalars())
+    elif kind == "redis":
+        with _redis(settings) as client:
+            held = []
+            for value in client.hvals(_REDIS_UNACKED):
+                try:
+                    held.append(json.loads(value)[0])  # [message, exchange, routing key]
+                except (ValueError, IndexError, TypeError):
+                    continue
+    else:
+        return None
+    now = datetime.now(UTC)
+    return {
+        t for m in held if (t := message_target(m)) is not None and (eta := _eta(m)) is not None and eta > now
+    }
 
 
 def remove_waiting(settings: Settings, messages: list[Waiting]) -> int:

@@ -47,7 +47,7 @@ from blastq.core.pipeline import (
 )
 from blastq.core.segment import UNet, default_model_path
 from blastq.worker.celery_app import SLIDES_QUEUE, TRAIN_QUEUE, BlastqCelery, make_app, workers_on_queue
-from blastq.worker.messages import waiting_messages
+from blastq.worker.messages import held_for_later, waiting_messages
 from blastq.worker.tasks import PROCESS_SLIDE, TRAIN_MODEL
 
 if TYPE_CHECKING:
@@ -344,11 +344,13 @@ NO_MESSAGE = "queued, but its message is in no queue (a worker took it and died,
 
 
 def _jobs_waiting(settings: Settings) -> set[str] | None:
-    """The jobs with a message waiting in the slides queue; None when the broker cannot be read."""
-    waiting = waiting_messages(settings)
-    if waiting is None:
+    """The jobs with a message waiting in the slides queue, or held by a worker for a retry whose countdown
+    is still running (after a database outage, most queued jobs are); None when the broker cannot be read."""
+    waiting, later = waiting_messages(settings), held_for_later(settings)
+    if waiting is None or later is None:
         return None
-    return {m.target[1] for m in waiting if m.target is not None and m.target[0] == PROCESS_SLIDE}
+    targets = {m.target for m in waiting if m.target is not None} | later
+    return {job_id for task, job_id in targets if task == PROCESS_SLIDE}
 
 
 def _silence(worker) -> str:
