@@ -104,10 +104,13 @@ def waiting_messages(settings: Settings) -> list[Waiting] | None:
     return None
 
 
-def held_for_later(settings: Settings) -> set[tuple[str, str]] | None:
-    """Targets of the messages a worker has taken and holds until their ETA, still ahead: a retry's
-    countdown (Celery keeps it in the worker, unacknowledged, not in the queue). None for a broker that
-    cannot be read. Redis: its hash of unacknowledged messages; the embedded broker: its delivered rows."""
+def held_for_later(settings: Settings, since: datetime) -> set[tuple[str, str]] | None:
+    """Targets of the messages a worker took to run at a set time (a retry's countdown), that time later than
+    `since`: Celery keeps such a message in the worker, unacknowledged, not in the queue, and a worker
+    often holds many (after a database outage, one per queued job) and runs them one by one past their
+    time. None for a broker that cannot be read. Redis: its hash of unacknowledged messages (given out
+    again after the visibility timeout if their worker died); the embedded broker: its delivered rows.
+    """
     kind = broker_kind(settings)
     if kind == "embedded":
         with _embedded(settings) as (engine, table):
@@ -127,9 +130,10 @@ def held_for_later(settings: Settings) -> set[tuple[str, str]] | None:
                     continue
     else:
         return None
-    now = datetime.now(UTC)
     return {
-        t for m in held if (t := message_target(m)) is not None and (eta := _eta(m)) is not None and eta > now
+        t
+        for m in held
+        if (t := message_target(m)) is not None and (eta := _eta(m)) is not None and eta > since
     }
 
 
