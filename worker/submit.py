@@ -344,12 +344,12 @@ NO_MESSAGE = "queued, but its message is in no queue (a worker took it and died,
 
 
 def _jobs_waiting(settings: Settings) -> set[str] | None:
-    """The jobs with a message waiting in the slides queue, or held by a worker for a retry (after a database
-    outage, most queued jobs are: a worker holds them and runs them one by one past their time); None when
-    the broker cannot be read. A retry held for longer than the visibility timeout no longer counts: Redis
-    would have given it out again had its worker died."""
-    since = datetime.now(UTC) - timedelta(seconds=settings.visibility_timeout_s)
-    waiting, later = waiting_messages(settings), held_for_later(settings, since)
+    """The jobs with a message waiting in the slides queue, or held by a worker for a retry whose time has
+    not come (after a database outage most queued jobs are); None when the broker cannot be read. Once
+    its time has passed, a held retry no longer counts: if its worker died meanwhile (with every retry it
+    held), Redis would give them out again only after the visibility timeout (the embedded broker never),
+    and a soak run that waited for that stalled for 110 s; a copy sent to a live worker's job is dropped."""
+    waiting, later = waiting_messages(settings), held_for_later(settings, datetime.now(UTC))
     if waiting is None or later is None:
         return None
     targets = {m.target for m in waiting if m.target is not None} | later
