@@ -10,7 +10,8 @@ proxy, so the database can be cut off from them while it keeps running for the f
 
 `--slides` distinct synthetic smears are submitted at once to `--workers` `blastq worker --concurrency 1`
 processes (prefork). While they work:
-- every `--kill-every` MIN,MAX seconds (uniform, seeded) one worker gets a SIGKILL: its pool process
+- as the slides start, and then every `--kill-every` MIN,MAX seconds (uniform, seeded), one worker gets a
+  SIGKILL: its pool process
   (Celery forks a new one and the message goes back to the queue) or its main process (the pool process
   is orphaned; the worker is started again), alternately at random;
 - at a quarter of the slides finished the broker restarts (SIGTERM, 5 s away, started again);
@@ -207,7 +208,7 @@ def soak(args) -> dict:
         db = connect(db_url)
         stack.callback(db.dispose)
 
-        next_kill = time.monotonic() + rng.uniform(kill_min, kill_max)
+        next_kill = time.monotonic()  # the first at once, while the first slides run; then every MIN-MAX s
         next_requeue = time.monotonic() + REQUEUE_EVERY_S
         next_report = time.monotonic() + 10
         broker_restarted = outage_done = False
